@@ -1,0 +1,210 @@
+"""Configuration dataclasses and presets.
+
+Every hyperparameter lives here. A run folder stores the whole :class:`RunConfig` as
+``config.json`` beside the safetensors weights; models are rebuilt from it, never
+unpickled.
+
+Example:
+    >>> cfg = preset("cpu")
+    >>> cfg.vqvae.codebook_size, cfg.grid_size
+    (64, 16)
+    >>> RunConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+MAP_KINDS = ("restored_vs_input", "restored_vs_direct")
+DISTANCES = ("l2", "ssim")
+SMOOTHINGS = ("gaussian", "bilateral", "none")
+SCORES = ("max", "topk_mean")
+RESAMPLERS = ("naive", "fast", "native")
+
+
+@dataclass
+class VQVAEConfig:
+    in_channels: int = 3
+    image_size: int = 128          # images are resized to image_size x image_size
+    downsample: int = 8            # f: a code per f x f pixels (power of two)
+    channels: int = 64             # conv channels at the lowest resolution
+    res_channels: int = 32         # hidden channels inside residual blocks
+    n_res_blocks: int = 2
+    embed_dim: int = 32            # D, codebook vector size
+    codebook_size: int = 64        # K
+    ema_decay: float = 0.99        # EMA codebook updates (0 disables EMA: codebook loss instead)
+    commitment_weight: float = 0.25
+    dead_code_threshold: float = 1.0   # EMA cluster size under which a code is restarted
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+
+@dataclass
+class PriorConfig:
+    codebook_size: int = 64
+    grid_size: int = 16
+    channels: int = 64
+    n_blocks: int = 2              # blocks, each n_res_blocks gated residual blocks + attention
+    n_res_blocks: int = 2
+    kernel_size: int = 5
+    n_heads: int = 4
+    attention: bool = True
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 16
+    val_fraction: float = 0.15     # held out of train/good: early stopping and tau calibration
+    num_threads: int = 0           # 0: torch default
+    # VQ-VAE
+    vqvae_epochs: int = 60
+    vqvae_lr: float = 1e-3
+    ssim_weight: float = 0.0       # optional SSIM term in the reconstruction loss
+    hflip: bool = True             # augmentations for the VQ-VAE
+    vflip: bool = True
+    # prior
+    prior_epochs: int = 60
+    prior_lr: float = 1e-3
+    prior_batch_size: int = 32
+    shift_augment: int = 4         # code grids per image: shifted by whole code cells
+    patience: int = 10             # early stopping on held-out NLL (epochs)
+    max_minutes: float = 0.0       # wall-clock cap per stage (0: none)
+
+
+@dataclass
+class DetectConfig:
+    tau: float | None = None       # set by calibration
+    tau_quantile: float = 0.05     # quantile of held-out code likelihoods
+    temperature: float = 1.0
+    resampler: str = "fast"
+    map_kind: str = "restored_vs_input"
+    distance: str = "l2"
+    smoothing: str = "gaussian"
+    sigma: float = 4.0             # Gaussian smoothing, in pixels of the model resolution
+    score: str = "max"
+    topk: int = 100                # pixels averaged for score="topk_mean"
+    restorations: int = 1
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    preset: str = "cpu"
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    version: int = 1
+
+    @property
+    def grid_size(self) -> int:
+        return self.vqvae.grid_size
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        v, p, d = self.vqvae, self.prior, self.detect
+        f = v.downsample
+        if f < 2 or f & (f - 1):
+            raise ValueError(f"vqvae.downsample must be a power of two >= 2, got {f}")
+        if v.image_size % f:
+            raise ValueError(f"vqvae.image_size {v.image_size} is not a multiple of downsample {f}")
+        if v.in_channels not in (1, 3):
+            raise ValueError(f"vqvae.in_channels must be 1 or 3, got {v.in_channels}")
+        if p.codebook_size != v.codebook_size or p.grid_size != v.grid_size:
+            raise ValueError(
+                f"prior (K={p.codebook_size}, grid={p.grid_size}) does not match the VQ-VAE "
+                f"(K={v.codebook_size}, grid={v.grid_size})")
+        if p.kernel_size < 2:
+            raise ValueError(f"prior.kernel_size must be >= 2, got {p.kernel_size}")
+        if p.channels % p.n_heads:
+            raise ValueError(f"prior.channels {p.channels} not divisible by n_heads {p.n_heads}")
+        for name, value, allowed in (("map_kind", d.map_kind, MAP_KINDS), ("distance", d.distance, DISTANCES),
+                                     ("smoothing", d.smoothing, SMOOTHINGS), ("score", d.score, SCORES),
+                                     ("resampler", d.resampler, RESAMPLERS)):
+            if value not in allowed:
+                raise ValueError(f"detect.{name} must be one of {allowed}, got {value!r}")
+        if d.temperature <= 0:
+            raise ValueError(f"detect.temperature must be > 0, got {d.temperature}")
+        if d.restorations < 1:
+            raise ValueError(f"detect.restorations must be >= 1, got {d.restorations}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        d = dict(d)
+        sub = {"vqvae": VQVAEConfig, "prior": PriorConfig, "train": TrainConfig, "detect": DetectConfig}
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            val = d.pop(f.name)
+            kwargs[f.name] = _build(sub[f.name], val) if f.name in sub else val
+        if d:
+            raise ValueError(f"unknown config keys: {sorted(d)}")
+        return cls(**kwargs)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """Return a copy with dotted-key overrides applied, e.g. {"train.seed": 3}."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            section, _, name = key.partition(".")
+            if not name or section not in d or not isinstance(d[section], dict) or name not in d[section]:
+                raise ValueError(f"unknown config key {key!r}")
+            d[section][name] = value
+        # keep prior shape consistent with the VQ-VAE when only the latter was overridden
+        d["prior"]["codebook_size"] = d["vqvae"]["codebook_size"]
+        d["prior"]["grid_size"] = d["vqvae"]["image_size"] // d["vqvae"]["downsample"]
+        return RunConfig.from_dict(d)
+
+
+def _build(cls, d: dict[str, Any]):
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**d)
+
+
+def preset(name: str, in_channels: int = 3) -> RunConfig:
+    """The named preset: ``cpu`` (2 CPU cores, <= 15 min per category), ``demo``
+    (smaller, for ``lsr demo``), ``paper`` (256 px, 32x32 codes, K = 512; for GPUs) and
+    ``tiny`` (tests)."""
+    if name == "cpu":
+        v = VQVAEConfig(in_channels=in_channels)
+        p = PriorConfig()
+        t = TrainConfig()
+    elif name == "demo":
+        v = VQVAEConfig(in_channels=in_channels, image_size=128, channels=48, res_channels=24,
+                        embed_dim=32, codebook_size=32)
+        p = PriorConfig(codebook_size=32, channels=48, n_blocks=2, n_heads=4)
+        t = TrainConfig(vqvae_epochs=40, prior_epochs=40, max_minutes=2.0)
+    elif name == "paper":
+        v = VQVAEConfig(in_channels=in_channels, image_size=256, downsample=8, channels=128,
+                        res_channels=64, n_res_blocks=2, embed_dim=64, codebook_size=512)
+        p = PriorConfig(codebook_size=512, grid_size=32, channels=128, n_blocks=4, n_res_blocks=2,
+                        kernel_size=5, n_heads=8, dropout=0.1)
+        t = TrainConfig(batch_size=32, vqvae_epochs=200, prior_epochs=200, prior_batch_size=64,
+                        vflip=False, hflip=False, patience=20)
+    elif name == "tiny":
+        v = VQVAEConfig(in_channels=in_channels, image_size=32, downsample=4, channels=16,
+                        res_channels=8, n_res_blocks=1, embed_dim=8, codebook_size=16)
+        p = PriorConfig(codebook_size=16, grid_size=8, channels=16, n_blocks=1, n_res_blocks=1,
+                        kernel_size=3, n_heads=2, dropout=0.0)
+        t = TrainConfig(batch_size=8, vqvae_epochs=2, prior_epochs=2, prior_batch_size=8,
+                        shift_augment=2, val_fraction=0.25)
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose cpu, demo, paper or tiny")
+    return RunConfig(preset=name, vqvae=v, prior=p, train=t, detect=DetectConfig())
+
+
+PRESETS = ("cpu", "demo", "paper", "tiny")
