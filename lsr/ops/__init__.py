@@ -1,0 +1,129 @@
+"""Ops with a native kernel (when the ``lsr._C`` extension is built) and a pure-PyTorch
+reference with the same signature.
+
+Each op here is a dispatch point: it calls the native kernel when the extension is
+loaded and the backend allows it, else the reference. :func:`backend` forces a path,
+e.g. ``with lsr.ops.backend("reference"):`` during ONNX export or in tests.
+
+Example:
+    >>> import torch, lsr.ops as ops
+    >>> ops.vq_nearest(torch.zeros(2, 3), torch.eye(3))
+    tensor([0, 0])
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_BACKENDS = ("auto", "native", "fast", "reference")
+_state = threading.local()
+_native_checked = False
+_native_ok = False
+_warned = False
+
+
+def native_available() -> bool:
+    """True when the compiled extension ``lsr._C`` was built and loads."""
+    global _native_checked, _native_ok
+    if not _native_checked:
+        _native_checked = True
+        try:
+            from lsr import _C  # noqa: F401  (registers torch.ops.lsr.*)
+            _native_ok = hasattr(torch.ops, "lsr") and hasattr(torch.ops.lsr, "vq_nearest")
+        except ImportError:
+            _native_ok = False
+    return _native_ok
+
+
+def current_backend() -> str:
+    return getattr(_state, "backend", "auto")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force an implementation: ``auto`` (native if built, else the fast PyTorch path),
+    ``native`` (error if not built), ``fast`` (pure PyTorch, fastest form, e.g. SDPA),
+    ``reference`` (pure PyTorch, plain form; used for export and as the test oracle)."""
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    if name == "native" and not native_available():
+        raise RuntimeError("the native extension lsr._C is not built; reinstall with "
+                           "`pip install --no-build-isolation .` (see README)")
+    old = current_backend()
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = old
+
+
+def _use_native() -> bool:
+    b = current_backend()
+    if b == "native":
+        return True
+    if b == "auto" and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export():
+        return native_available()
+    return False
+
+
+def vq_nearest(z: Tensor, codebook: Tensor) -> Tensor:
+    """Nearest codebook index per row: z (Tensor[N, D]), codebook (Tensor[K, D]) ->
+    Tensor[N] int64. Ties go to the lower index. See :func:`reference.vq_nearest`."""
+    if _use_native():
+        return torch.ops.lsr.vq_nearest(z, codebook)
+    return reference.vq_nearest(z, codebook)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Strictly causal attention: q, k, v (Tensor[B, h, T, d]) -> Tensor[B, h, T, d];
+    query t sees keys s < t, row 0 is zeros. See :func:`reference.causal_attention`."""
+    if _use_native():
+        return torch.ops.lsr.causal_attention(q, k, v)
+    if current_backend() == "reference" or torch.onnx.is_in_onnx_export():
+        return reference.causal_attention(q, k, v)
+    return reference.causal_attention_sdpa(q, k, v)
+
+
+__all__ = ["vq_nearest", "causal_attention", "backend", "current_backend", "native_available",
+           "reference"]
+
+
+from .resampling import (ResampleResult, flag_positions, gumbel_noise,  # noqa: E402
+                       resample_fast, resample_naive)
+
+RESAMPLERS = ("naive", "fast", "native")
+
+
+def resample(prior, codes: Tensor, noise: Tensor, tau: float, temperature: float = 1.0,
+             method: str = "fast") -> ResampleResult:
+    """Resample unlikely codes (dispatch point of the resampling loop).
+
+    Args:
+        prior: callable, codes (B, H, W) int64 -> logits (B, K, H, W).
+        codes (Tensor[B, H, W]): original codes.
+        noise (Tensor[B, H*W, K]): pre-drawn Gumbel noise (:func:`gumbel_noise`).
+        tau: likelihood threshold.
+        temperature: sampling temperature.
+        method: ``naive`` (H*W prior passes, the reference), ``fast`` (exact,
+            1 + changes passes) or ``native`` (C++ loop; not built yet).
+    """
+    if method == "naive":
+        return resample_naive(prior, codes, noise, tau, temperature)
+    if method == "fast":
+        return resample_fast(prior, codes, noise, tau, temperature)
+    if method == "native":
+        raise NotImplementedError(
+            "--resampler native is not available in this version of lsr: the C++ resampling "
+            "loop has not been built yet. Use --resampler fast (exact, same codes) instead.")
+    raise ValueError(f"resampler must be one of {RESAMPLERS}, got {method!r}")
+
+
+__all__ += ["resample", "ResampleResult", "flag_positions", "gumbel_noise", "resample_fast",
+            "resample_naive", "RESAMPLERS"]

@@ -1,0 +1,162 @@
+"""Latent-space resampling: the rule, the pre-drawn noise, and the loops.
+
+A position t = (i, j) of the code grid is *flagged* when its likelihood
+p_t = p(c_t | c_<t) is below tau AND at least one of its "bottom half" 8-neighbours
+that exists, (i, j+1), (i+1, j-1), (i+1, j), (i+1, j+1), is below tau too; a position
+with no such neighbour (the last one) is judged on its own likelihood.
+
+Positions are visited in raster order; a flagged position gets a new code drawn from
+p(. | c'_<t) with temperature T, using Gumbel noise fixed up front, so every loop gives
+identical codes from the same noise:
+
+* :func:`resample_naive` re-runs the prior before every position (H*W passes);
+* :func:`resample_fast` re-runs it only after a change (1 + changes passes), which is
+  exact because p_t depends on codes before t only (METHOD.md).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PriorFn = Callable[[Tensor], Tensor]   # codes (B, H, W) int64 -> logits (B, K, H, W)
+
+
+class ResampleResult(NamedTuple):
+    codes: Tensor          # (B, H, W) int64, the resampled grid c'
+    resampled: Tensor      # (B, H, W) bool, positions whose code was redrawn
+    likelihood: Tensor     # (B, H, W) p_t of the original codes (first prior pass)
+    prior_passes: Tensor   # (B,) int64, prior passes that included this image
+
+
+def flag_positions(p: Tensor, tau: float | Tensor) -> Tensor:
+    """The resampling rule on a likelihood grid.
+
+    Args:
+        p (Tensor[B, H, W]): likelihood of the current code at each position.
+        tau: threshold.
+
+    Returns:
+        Tensor[B, H, W] bool: positions meeting the rule.
+
+    Example:
+        >>> p = torch.tensor([[[0.0, 0.9], [0.9, 0.9]]])
+        >>> flag_positions(p, 0.5)            # (0, 0) is low but no bottom-half neighbour is
+        tensor([[[False, False],
+                 [False, False]]])
+        >>> p[0, 1, 1] = 0.0                  # the diagonal neighbour (1, 1) is now low
+        >>> flag_positions(p, 0.5)            # and (1, 1), the last position, counts alone
+        tensor([[[ True, False],
+                 [False,  True]]])
+    """
+    low = p < tau                                            # (B, H, W)
+    B, H, W = low.shape
+    lowf = low.unsqueeze(1).to(torch.float32)                # (B, 1, H, W)
+    # pad right by 1 and bottom by 1 (and left by 1 for (i+1, j-1)); missing neighbours are False
+    padded = F.pad(lowf, (1, 1, 0, 1))                       # (B, 1, H+1, W+2)
+    right = padded[:, :, :H, 2:]                             # (i, j+1)
+    below_left = padded[:, :, 1:, :W]                        # (i+1, j-1)
+    below = padded[:, :, 1:, 1:W + 1]                        # (i+1, j)
+    below_right = padded[:, :, 1:, 2:]                       # (i+1, j+1)
+    neighbour_low = (right + below_left + below + below_right).squeeze(1) > 0
+    idx_i = torch.arange(H, device=p.device).view(H, 1)
+    idx_j = torch.arange(W, device=p.device).view(1, W)
+    no_neighbour = (idx_i == H - 1) & (idx_j == W - 1)       # only the last position has none
+    return low & (neighbour_low | no_neighbour)
+
+
+def gumbel_noise(n: int, T: int, K: int, seeds: list[int] | Tensor, device=None) -> Tensor:
+    """Gumbel(0, 1) noise (n, T, K), one independent stream per chain from ``seeds[i]``,
+    so a chain's draws do not depend on the batch it runs in."""
+    out = torch.empty(n, T, K)
+    tiny = torch.finfo(torch.float32).tiny
+    for i in range(n):
+        g = torch.Generator().manual_seed(int(seeds[i]))
+        u = torch.rand(T, K, generator=g).clamp_(min=tiny, max=1.0 - 1e-7)
+        out[i] = -torch.log(-torch.log(u))
+    return out.to(device) if device is not None else out
+
+
+def _likelihood(logits: Tensor, codes: Tensor) -> Tensor:
+    """p(c_t) per position from logits (B, K, H, W) and codes (B, H, W)."""
+    return torch.softmax(logits.float(), dim=1).gather(1, codes.unsqueeze(1)).squeeze(1)
+
+
+def _draw(logits_t: Tensor, noise_t: Tensor, temperature: float) -> Tensor:
+    """Gumbel-max draw from softmax(logits / T): logits_t, noise_t (n, K) -> (n,)."""
+    return (logits_t.float() / temperature + noise_t).argmax(dim=-1)
+
+
+def resample_naive(prior: PriorFn, codes: Tensor, noise: Tensor, tau: float,
+                   temperature: float = 1.0) -> ResampleResult:
+    """Reference loop: re-run the prior before every position (H*W passes).
+
+    Args:
+        prior: codes (B, H, W) -> logits (B, K, H, W).
+        codes (Tensor[B, H, W]): original codes.
+        noise (Tensor[B, H*W, K]): Gumbel noise per position.
+        tau: likelihood threshold.
+        temperature: sampling temperature.
+    """
+    c = codes.clone()
+    B, H, W = c.shape
+    flat = c.view(B, H * W)
+    resampled = torch.zeros(B, H * W, dtype=torch.bool, device=c.device)
+    first = None
+    for t in range(H * W):
+        logits = prior(c)                                             # (B, K, H, W)
+        p = _likelihood(logits, c)
+        if first is None:
+            first = p
+        flag = flag_positions(p, tau).view(B, H * W)[:, t]             # (B,)
+        if flag.any():
+            lt = logits.flatten(2)[:, :, t]                            # (B, K)
+            new = _draw(lt, noise[:, t].to(lt.device), temperature)
+            flat[:, t] = torch.where(flag, new, flat[:, t])
+            resampled[:, t] |= flag
+    assert first is not None
+    passes = torch.full((B,), H * W, dtype=torch.long)
+    return ResampleResult(c, resampled.view(B, H, W), first, passes)
+
+
+def resample_fast(prior: PriorFn, codes: Tensor, noise: Tensor, tau: float,
+                  temperature: float = 1.0) -> ResampleResult:
+    """Exact fast loop (METHOD.md): 1 + (number of changed codes) prior passes per image.
+
+    One pass gives exact likelihoods for every position after the last change, so each
+    image keeps a pointer; each pass finds, per active image, the first flagged position
+    at or after its pointer, redraws that code, and moves the pointer past it. Only
+    images that changed are passed through the prior again.
+    """
+    c = codes.clone()
+    B, H, W = c.shape
+    T = H * W
+    flat = c.view(B, T)
+    resampled = torch.zeros(B, T, dtype=torch.bool, device=c.device)
+    passes = torch.ones(B, dtype=torch.long)
+    pointer = torch.zeros(B, dtype=torch.long, device=c.device)
+    positions = torch.arange(T, device=c.device)
+    active = torch.arange(B, device=c.device)
+    logits = prior(c)                                                  # (B, K, H, W)
+    first = _likelihood(logits, c)
+    p = first
+    while active.numel() > 0:
+        flag = flag_positions(p, tau).view(-1, T)                      # (A, T)
+        cand = flag & (positions.unsqueeze(0) >= pointer[active].unsqueeze(1))
+        has = cand.any(dim=1)
+        if not bool(has.any()):
+            break
+        t = cand.to(torch.int8).argmax(dim=1)                          # first flagged position
+        sel = has.nonzero().squeeze(1)                                 # rows of the active batch
+        rows, ts = active[sel], t[sel]
+        lt = logits.flatten(2)[sel, :, ts]                             # (n, K)
+        flat[rows, ts] = _draw(lt, noise[rows.cpu(), ts.cpu()].to(lt.device), temperature)
+        resampled[rows, ts] = True
+        pointer[rows] = ts + 1
+        active = rows                                                  # finished images drop out
+        passes[active.cpu()] += 1
+        logits = prior(c[active])
+        p = _likelihood(logits, c[active])
+    return ResampleResult(c, resampled.view(B, H, W), first, passes)
