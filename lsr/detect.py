@@ -1,0 +1,257 @@
+"""Detection: a trained run (VQ-VAE + prior + calibrated tau) applied to images.
+
+:class:`Detector` is the Python API; :func:`detect_images` is what ``lsr detect``
+runs. One call returns one fixed :class:`DetectionResult`, whatever the options.
+
+Example:
+    >>> det = Detector.load("runs/bottle")                       # doctest: +SKIP
+    >>> res = det.detect(torch.rand(2, 3, 128, 128))              # doctest: +SKIP
+    >>> res.score.shape, res.anomaly_map.shape                    # doctest: +SKIP
+    (torch.Size([2]), torch.Size([2, 128, 128]))
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import anomaly, ops
+from .checkpoint import load_into
+from .config import RunConfig
+from .data import DataError, image_size, list_images, load_image
+from .io import atomic_write, read_json, save_tiff
+from .models import VQVAE, PixelSNAIL
+
+
+class DetectionResult(NamedTuple):
+    """Per-batch detection output; every field has a leading batch dimension B."""
+    anomaly_map: Tensor          # (B, S, S) the configured map (map_kind)
+    score: Tensor                # (B,) image score of anomaly_map
+    nll_score: Tensor            # (B,) sum of -log p_t over codes with p_t < tau
+    map_restored_vs_input: Tensor   # (B, S, S)
+    map_restored_vs_direct: Tensor  # (B, S, S)
+    map_direct: Tensor           # (B, S, S) baseline |x - x_d| (no prior)
+    direct_score: Tensor         # (B,) image score of the baseline map
+    direct: Tensor               # (B, C, S, S) direct reconstruction x_d
+    restored: Tensor             # (B, C, S, S) restored image x_r (first restoration)
+    codes: Tensor                # (B, h, w) original codes
+    resampled_codes: Tensor      # (B, h, w) codes after resampling (first restoration)
+    resampled: Tensor            # (B, h, w) bool, redrawn positions (first restoration)
+    likelihood: Tensor           # (B, h, w) p_t of the original codes
+    n_resampled: Tensor          # (B,) float, redrawn codes per restoration (mean)
+    prior_passes: Tensor         # (B,) int64, prior passes over all restorations
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def chain_seed(seed: int, image_id: int, restoration: int) -> int:
+    """Noise seed of one resampling chain: independent of the batch it runs in."""
+    return ((seed * 1_000_003 + image_id) * 1_009 + restoration) % (2 ** 63 - 1)
+
+
+class Detector:
+    """A trained LSR model ready to detect.
+
+    Args:
+        vqvae: trained :class:`lsr.models.VQVAE`.
+        prior: trained :class:`lsr.models.PixelSNAIL`.
+        config: the run's :class:`lsr.config.RunConfig` (``config.detect.tau`` set).
+        device: where to run.
+    """
+
+    def __init__(self, vqvae: VQVAE, prior: PixelSNAIL, config: RunConfig,
+                 device: str | torch.device | None = None):
+        self.device = resolve_device(device)
+        self.vqvae = vqvae.to(self.device).eval()
+        self.prior = prior.to(self.device).eval()
+        self.config = config
+
+    @classmethod
+    def load(cls, run: str | os.PathLike, device: str | torch.device | None = None) -> "Detector":
+        """Load a run folder written by ``lsr train`` (config.json + safetensors weights)."""
+        run = Path(run)
+        if not run.is_dir():
+            raise FileNotFoundError(f"{run}: run folder not found")
+        config = RunConfig.from_dict(read_json(run / "config.json"))
+        if config.detect.tau is None:
+            raise ValueError(f"{run / 'config.json'}: tau is not calibrated (training did not finish); "
+                             f"re-run `lsr train` with the same --out to resume")
+        vqvae, prior = VQVAE(config.vqvae), PixelSNAIL(config.prior)
+        load_into(vqvae, run / "vqvae.safetensors")
+        load_into(prior, run / "prior.safetensors")
+        return cls(vqvae, prior, config, device)
+
+    def with_options(self, **options: Any) -> "Detector":
+        """A detector sharing the models, with detect options replaced (e.g. resampler)."""
+        options = {k: v for k, v in options.items() if v is not None}
+        cfg = dataclasses.replace(self.config, detect=dataclasses.replace(self.config.detect, **options))
+        cfg.validate()
+        return Detector(self.vqvae, self.prior, cfg, self.device)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vqvae.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.config.vqvae.in_channels
+
+    @torch.no_grad()
+    def detect(self, x: Tensor, image_ids: Sequence[int] | None = None) -> DetectionResult:
+        """Detect anomalies in a batch.
+
+        Args:
+            x (Tensor[B, C, S, S]): images in [0, 1] at the model's size and channels.
+            image_ids: one integer per image selecting its noise stream (default
+                0..B-1); the same id and seed give the same codes in any batch.
+        """
+        d = self.config.detect
+        B = x.shape[0]
+        S, C = self.image_size, self.channels
+        if x.dim() != 4 or tuple(x.shape[1:]) != (C, S, S):
+            raise ValueError(f"expected images (B, {C}, {S}, {S}), got {tuple(x.shape)}")
+        ids = list(range(B)) if image_ids is None else [int(i) for i in image_ids]
+        if len(ids) != B:
+            raise ValueError(f"got {len(ids)} image ids for {B} images")
+        x = x.to(self.device, torch.float32)
+        n = d.restorations
+
+        z = self.vqvae.encoder(x)
+        codes = self.vqvae.quantizer(z).indices                              # (B, h, w)
+        direct = self.vqvae.decode_indices(codes).clamp(0, 1)                # (B, C, S, S)
+        h, w = codes.shape[1:]
+        K = self.config.prior.codebook_size
+        seeds = [chain_seed(d.seed, i, r) for i in ids for r in range(n)]
+        noise = ops.gumbel_noise(B * n, h * w, K, seeds)
+        chains = codes.repeat_interleave(n, dim=0)                           # (B*n, h, w)
+        rs = ops.resample(self.prior, chains, noise, float(d.tau), d.temperature, d.resampler)
+        restored = self.vqvae.decode_indices(rs.codes).clamp(0, 1)           # (B*n, C, S, S)
+
+        def per_image(a: Tensor, b: Tensor) -> Tensor:
+            m = anomaly.anomaly_map(a, b, d.distance, d.smoothing, d.sigma)  # (B*n, S, S)
+            return m.view(B, n, S, S).mean(dim=1)
+
+        map_in = per_image(restored, x.repeat_interleave(n, dim=0))
+        map_rd = per_image(restored, direct.repeat_interleave(n, dim=0))
+        map_base = anomaly.anomaly_map(x, direct, d.distance, d.smoothing, d.sigma)
+        chosen = map_in if d.map_kind == "restored_vs_input" else map_rd
+        first = slice(None, None, n)
+        likelihood = rs.likelihood[first]
+        return DetectionResult(
+            anomaly_map=chosen,
+            score=anomaly.image_score(chosen, d.score, d.topk),
+            nll_score=anomaly.nll_score(likelihood, float(d.tau)),
+            map_restored_vs_input=map_in,
+            map_restored_vs_direct=map_rd,
+            map_direct=map_base,
+            direct_score=anomaly.image_score(map_base, d.score, d.topk),
+            direct=direct,
+            restored=restored[first],
+            codes=codes,
+            resampled_codes=rs.codes[first],
+            resampled=rs.resampled[first],
+            likelihood=likelihood,
+            n_resampled=rs.resampled.view(B, n, -1).sum(-1).float().mean(dim=1),
+            prior_passes=rs.prior_passes.view(B, n).sum(dim=1),
+        )
+
+    def load_batch(self, paths: Sequence[Path]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Images at the model's size and channels, plus each file's own (H, W)."""
+        sizes = [image_size(p) for p in paths]
+        arr = np.stack([load_image(p, self.channels, self.image_size) for p in paths])
+        return torch.from_numpy(arr), sizes
+
+    def detect_paths(self, paths: Sequence[Path], batch_size: int = 8, first_id: int = 0,
+                     progress: bool = False) -> Iterator[tuple[list[Path], list[tuple[int, int]], Tensor,
+                                                               DetectionResult, float]]:
+        """Detect files in batches; yields (paths, sizes, images, result, ms per image).
+        The image id of ``paths[i]`` is ``first_id + i``."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(paths), desc="detect", unit="img", disable=not progress, dynamic_ncols=True)
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start:start + batch_size])
+            x, sizes = self.load_batch(chunk)
+            t0 = time.perf_counter()
+            res = self.detect(x, range(first_id + start, first_id + start + len(chunk)))
+            ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)
+            bar.update(len(chunk))
+            bar.set_postfix(ms_per_img=f"{ms:.0f}")
+            yield chunk, sizes, x, res, ms
+        bar.close()
+
+
+def result_row(res: DetectionResult, i: int) -> dict[str, Any]:
+    """The JSON fields of image i of a batch result."""
+    return {
+        "score": float(res.score[i]),
+        "nll_score": float(res.nll_score[i]),
+        "direct_score": float(res.direct_score[i]),
+        "n_resampled": float(res.n_resampled[i]),
+        "prior_passes": int(res.prior_passes[i]),
+        "n_codes": int(res.codes[i].numel()),
+    }
+
+
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """File stems, made unique with a numeric suffix where two images share a name."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        stem = p.stem
+        k = seen.get(stem, 0)
+        seen[stem] = k + 1
+        out.append(stem if k == 0 else f"{stem}_{k}")
+    return out
+
+
+def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                  batch_size: int = 8, device: str | None = None, save_tiff_maps: bool = False,
+                  panels: bool = True, progress: bool = True, **options: Any) -> list[dict[str, Any]]:
+    """``lsr detect``: write a panel PNG per image, ``results.jsonl`` and (optionally)
+    raw float32 TIFF maps at each image's own size. Returns the result rows."""
+    from .report import save_panel
+
+    det = Detector.load(run, device).with_options(**options)
+    paths = list_images(list(inputs))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = unique_stems(paths)
+    rows: list[dict[str, Any]] = []
+    k = 0
+    for chunk, sizes, x, res, ms in det.detect_paths(paths, batch_size, progress=progress):
+        for i, (path, size) in enumerate(zip(chunk, sizes)):
+            stem = stems[k]
+            k += 1
+            row = {"image": str(path), **result_row(res, i), "time_ms": ms,
+                   "resampler": det.config.detect.resampler, "map": det.config.detect.map_kind}
+            if panels:
+                row["panel"] = str(out / f"{stem}.png")
+                save_panel(out / f"{stem}.png", x[i].numpy(), res.direct[i].cpu().numpy(),
+                           res.restored[i].cpu().numpy(), res.anomaly_map[i].cpu().numpy(),
+                           res.resampled[i].cpu().numpy(),
+                           title=f"{path.name}  score {row['score']:.4f}  nll {row['nll_score']:.1f}  "
+                                 f"resampled {row['n_resampled']:.0f}/{row['n_codes']}")
+            if save_tiff_maps:
+                full = anomaly.resize_maps(res.anomaly_map[i:i + 1].cpu(), size)[0].numpy()
+                save_tiff(out / "maps" / f"{stem}.tiff", full)
+                row["map_tiff"] = str(out / "maps" / f"{stem}.tiff")
+            rows.append(row)
+    import json
+    with atomic_write(out / "results.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return rows
+
+
+__all__ = ["Detector", "DetectionResult", "detect_images", "resolve_device", "chain_seed", "DataError"]

@@ -1,0 +1,358 @@
+"""Training: VQ-VAE, code extraction, PixelSNAIL prior, tau calibration.
+
+``train(DATA, RUN)`` runs the four stages in order. Each stage saves its state after
+every epoch under ``RUN/checkpoints``, so an interrupted run resumes where it stopped
+when called again with the same ``RUN`` and configuration. Progress bars show loss and
+images/s; every epoch is one line in ``RUN/train_log.jsonl``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import anomaly
+from .checkpoint import load_into, load_training_state, save_training_state, save_weights
+from .config import RunConfig, preset
+from .data import DataError, detect_channels, list_images, load_images, scan_mvtec, split_train_val
+from .detect import resolve_device
+from .io import append_jsonl, read_json, write_json
+from .models import VQVAE, PixelSNAIL
+
+
+class TrainResult(NamedTuple):
+    run: Path
+    config: RunConfig
+    tau: float
+    val_nll: float          # held-out prior NLL, nats per code
+    uniform_nll: float      # log K: what a uniform guess costs
+
+
+def train_images(data: str | os.PathLike) -> list[Path]:
+    """Training images: ``DATA/train/good`` of an MVTec AD category, else a plain folder."""
+    data = Path(data)
+    if (data / "train").is_dir():
+        return scan_mvtec(data, require_test=False).train
+    return list_images([data])
+
+
+def default_config(data: str | os.PathLike, preset_name: str | None = None,
+                   device: str | torch.device | None = None) -> RunConfig:
+    """The preset for this device (``paper`` on a GPU, ``cpu`` otherwise) with the
+    input channels read from the training images."""
+    dev = resolve_device(device)
+    name = preset_name or ("paper" if dev.type == "cuda" else "cpu")
+    return preset(name, in_channels=detect_channels(train_images(data)))
+
+
+def _cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs))))
+
+
+class _Stage:
+    """Shared bookkeeping of a training stage: progress bar, log, time cap."""
+
+    def __init__(self, name: str, run: Path, total_steps: int, progress: bool, max_minutes: float):
+        from tqdm.auto import tqdm
+
+        self.name, self.run = name, run
+        self.bar = tqdm(total=total_steps, desc=name, unit="batch", disable=not progress, dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+        self.max_seconds = max_minutes * 60.0
+
+    def out_of_time(self) -> bool:
+        return self.max_seconds > 0 and time.perf_counter() - self.t0 > self.max_seconds
+
+    def log(self, **fields: Any) -> None:
+        append_jsonl(self.run / "train_log.jsonl", {"stage": self.name, "time": time.time(), **fields})
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _augment(x: Tensor, hflip: bool, vflip: bool, g: torch.Generator) -> Tensor:
+    if hflip:
+        m = torch.rand(x.shape[0], generator=g) < 0.5
+        x = torch.where(m.view(-1, 1, 1, 1), x.flip(-1), x)
+    if vflip:
+        m = torch.rand(x.shape[0], generator=g) < 0.5
+        x = torch.where(m.view(-1, 1, 1, 1), x.flip(-2), x)
+    return x
+
+
+def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, run: Path,
+                device: torch.device, progress: bool = True) -> dict[str, float]:
+    t = cfg.train
+    g = torch.Generator().manual_seed(t.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=t.vqvae_lr)
+    state_path = run / "checkpoints" / "vqvae_state"
+    info = load_training_state(state_path, model, opt, g) or {"epoch": -1, "done": False}
+    model.to(device)
+    for st in opt.state.values():
+        for k, v in st.items():
+            if isinstance(v, Tensor) and k != "step":
+                st[k] = v.to(device)
+    if info.get("done"):
+        return info.get("metrics", {})
+    n = train_x.shape[0]
+    bs = min(t.batch_size, n)
+    steps = math.ceil(n / bs)
+    stage = _Stage("vqvae", run, steps * (t.vqvae_epochs - info["epoch"] - 1), progress, t.max_minutes)
+    if not bool(model.quantizer.initialised):
+        with torch.no_grad():
+            model.quantizer.init_from(model.encoder(train_x[:256].to(device)), generator=g)
+    metrics: dict[str, float] = {}
+    for epoch in range(info["epoch"] + 1, t.vqvae_epochs):
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(t.vqvae_lr, epoch, t.vqvae_epochs)
+        perm = torch.randperm(n, generator=g)
+        tot = rec_tot = 0.0
+        restarts = 0
+        t_ep = time.perf_counter()
+        for s in range(steps):
+            idx = perm[s * bs:(s + 1) * bs]
+            x = _augment(train_x[idx], t.hflip, t.vflip, g).to(device)
+            out = model(x)
+            rec = F.mse_loss(out.reconstruction, x)
+            loss = rec + out.loss
+            if t.ssim_weight > 0:
+                loss = loss + t.ssim_weight * anomaly.ssim_distance(out.reconstruction, x).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            restarts += model.quantizer.ema_update(out.z_e.detach(), out.indices, generator=g)
+            tot += loss.item() * len(idx)
+            rec_tot += float(rec) * len(idx)
+            stage.bar.update(1)
+            stage.bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}",
+                                  img_s=f"{(s + 1) * bs / (time.perf_counter() - t_ep):.0f}")
+        metrics = {"loss": tot / n, "train_mse": rec_tot / n, **vqvae_val_metrics(model, val_x, device),
+                   "restarts": restarts, "images_per_s": n / (time.perf_counter() - t_ep)}
+        stage.log(epoch=epoch, **metrics)
+        last = epoch == t.vqvae_epochs - 1 or stage.out_of_time()
+        save_training_state(state_path, model, opt, g, {"epoch": epoch, "done": last, "metrics": metrics})
+        if last:
+            break
+    stage.close()
+    return metrics
+
+
+@torch.no_grad()
+def vqvae_val_metrics(model: VQVAE, val_x: Tensor, device: torch.device) -> dict[str, float]:
+    model.eval()
+    mse, counts = 0.0, torch.zeros(model.quantizer.codebook_size)
+    for s in range(0, val_x.shape[0], 32):
+        x = val_x[s:s + 32].to(device)
+        out = model(x)
+        mse += float(F.mse_loss(out.reconstruction, x, reduction="sum")) / x[0].numel()
+        counts += torch.bincount(out.indices.flatten().cpu(), minlength=counts.numel()).float()
+    p = counts / counts.sum().clamp_min(1)
+    perplexity = float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+    return {"val_mse": mse / max(1, val_x.shape[0]), "val_perplexity": perplexity,
+            "codes_used": int((counts > 0).sum())}
+
+
+@torch.no_grad()
+def extract_codes(model: VQVAE, x: Tensor, device: torch.device, shifts: int = 1, seed: int = 0,
+                  max_cells: int = 2) -> Tensor:
+    """Codes (N * shifts, h, w): the images as they are, then shifted copies (whole code
+    cells, reflect-padded) that augment the prior's training set."""
+    model.eval()
+    f = model.cfg.downsample
+    g = torch.Generator().manual_seed(seed + 7)
+    out = []
+    for k in range(shifts):
+        if k == 0:
+            xs = x
+        else:
+            dy, dx = (int(v) * f for v in torch.randint(-max_cells, max_cells + 1, (2,), generator=g))
+            pad = max_cells * f
+            xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+            S = x.shape[-1]
+            xs = xp[:, :, pad + dy:pad + dy + S, pad + dx:pad + dx + S]
+        for s in range(0, xs.shape[0], 32):
+            out.append(model.encode(xs[s:s + 32].to(device)).cpu())
+    return torch.cat(out)
+
+
+def train_prior(prior: PixelSNAIL, train_codes: Tensor, val_codes: Tensor, cfg: RunConfig, run: Path,
+                device: torch.device, progress: bool = True) -> dict[str, float]:
+    t = cfg.train
+    g = torch.Generator().manual_seed(t.seed + 1)
+    opt = torch.optim.Adam(prior.parameters(), lr=t.prior_lr)
+    state_path = run / "checkpoints" / "prior_state"
+    info = load_training_state(state_path, prior, opt, g) or {
+        "epoch": -1, "done": False, "best_val_nll": float("inf"), "bad_epochs": 0}
+    prior.to(device)
+    for st in opt.state.values():
+        for k, v in st.items():
+            if isinstance(v, Tensor) and k != "step":
+                st[k] = v.to(device)
+    best_path = run / "checkpoints" / "prior_best.safetensors"
+    if info.get("done"):
+        load_into(prior, best_path, device)
+        return info.get("metrics", {})
+    n = train_codes.shape[0]
+    bs = min(t.prior_batch_size, n)
+    steps = math.ceil(n / bs)
+    stage = _Stage("prior", run, steps * (t.prior_epochs - info["epoch"] - 1), progress, t.max_minutes)
+    metrics: dict[str, float] = {}
+    for epoch in range(info["epoch"] + 1, t.prior_epochs):
+        prior.train()
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(t.prior_lr, epoch, t.prior_epochs)
+        perm = torch.randperm(n, generator=g)
+        tot = 0.0
+        t_ep = time.perf_counter()
+        for s in range(steps):
+            c = train_codes[perm[s * bs:(s + 1) * bs]].to(device)
+            loss = F.cross_entropy(prior(c), c)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
+            opt.step()
+            tot += float(loss) * c.shape[0]
+            stage.bar.update(1)
+            stage.bar.set_postfix(epoch=epoch, nll=f"{float(loss):.3f}",
+                                  img_s=f"{(s + 1) * bs / (time.perf_counter() - t_ep):.0f}")
+        val_nll = prior_nll(prior, val_codes, device)
+        improved = val_nll < info["best_val_nll"]
+        if improved:
+            info["best_val_nll"], info["bad_epochs"] = val_nll, 0
+            save_weights(best_path, prior)
+        else:
+            info["bad_epochs"] += 1
+        metrics = {"train_nll": tot / n, "val_nll": val_nll, "best_val_nll": info["best_val_nll"],
+                   "images_per_s": n / (time.perf_counter() - t_ep)}
+        stage.log(epoch=epoch, **metrics)
+        last = epoch == t.prior_epochs - 1 or info["bad_epochs"] >= t.patience or stage.out_of_time()
+        info.update(epoch=epoch, done=last, metrics=metrics)
+        save_training_state(state_path, prior, opt, g, info)
+        if last:
+            break
+    stage.close()
+    load_into(prior, best_path, device)
+    return metrics
+
+
+@torch.no_grad()
+def prior_nll(prior: PixelSNAIL, codes: Tensor, device: torch.device) -> float:
+    """Mean -log p(c_t | c_<t) in nats per code over a set of code grids."""
+    prior.eval()
+    tot, cnt = 0.0, 0
+    for s in range(0, codes.shape[0], 64):
+        c = codes[s:s + 64].to(device)
+        tot += float(F.cross_entropy(prior(c), c, reduction="sum"))
+        cnt += c.numel()
+    return tot / max(1, cnt)
+
+
+@torch.no_grad()
+def calibrate(prior: PixelSNAIL, val_codes: Tensor, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """tau = a low quantile of the held-out normal codes' likelihoods (never test data)."""
+    from .ops import flag_positions
+
+    prior.eval()
+    ps = []
+    for s in range(0, val_codes.shape[0], 64):
+        c = val_codes[s:s + 64].to(device)
+        ps.append(prior.log_likelihood(c).exp().cpu())
+    p = torch.cat(ps)                                                     # (N, h, w)
+    q = cfg.detect.tau_quantile
+    tau = float(torch.quantile(p.flatten().double(), q))
+    flagged = flag_positions(p, tau).flatten(1).sum(1).float()
+    return {"tau": tau, "tau_quantile": q, "n_val_images": int(p.shape[0]),
+            "val_codes_below_tau": float((p < tau).float().mean()),
+            "val_flagged_per_image_mean": float(flagged.mean()),
+            "val_flagged_per_image_max": float(flagged.max()),
+            "val_likelihood_median": float(p.median())}
+
+
+def _config_matches(saved: dict[str, Any], cfg: RunConfig) -> bool:
+    new = cfg.to_dict()
+    return all(saved.get(k) == new[k] for k in ("vqvae", "prior", "train"))
+
+
+def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | None = None, *,
+          preset_name: str | None = None, device: str | torch.device | None = None,
+          progress: bool = True, overwrite: bool = False,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train a run folder from normal images.
+
+    Args:
+        data: an MVTec AD category folder (``train/good`` is used; ``test/`` never is)
+            or a plain folder of normal images.
+        out: the run folder. If it holds an unfinished run with the same
+            configuration, training resumes from its last epoch.
+        config: full configuration; default: :func:`default_config`.
+        preset_name: preset for the default configuration.
+        device: ``cpu``, ``cuda``, ... (default: a GPU if there is one).
+        overwrite: start afresh even if ``out`` holds another run.
+    """
+    dev = resolve_device(device)
+    run = Path(out)
+    paths = train_images(data)
+    cfg = config or default_config(data, preset_name, dev)
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    if (run / "config.json").exists() and not overwrite:
+        saved = read_json(run / "config.json")
+        if not _config_matches(saved, cfg):
+            raise ValueError(f"{run}: already holds a run with a different configuration; choose "
+                             f"another --out, or pass --overwrite to replace it")
+        log(f"resuming the run in {run}")
+    elif overwrite and (run / "checkpoints").exists():
+        for p in (run / "checkpoints").iterdir():
+            p.unlink()
+    run.mkdir(parents=True, exist_ok=True)
+    cfg.detect.tau = None
+    write_json(run / "config.json", cfg.to_dict())
+    torch.manual_seed(t.seed)
+
+    train_p, val_p = split_train_val(paths, t.val_fraction, t.seed)
+    write_json(run / "split.json", {"data": str(Path(data).resolve()), "train": [str(p) for p in train_p],
+                                    "val": [str(p) for p in val_p]})
+    log(f"{len(train_p)} training and {len(val_p)} held-out images from {data}; "
+        f"{cfg.vqvae.image_size} px, {cfg.vqvae.in_channels} channel(s), preset {cfg.preset}, device {dev}")
+    train_x = torch.from_numpy(load_images(train_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, progress))
+    val_x = torch.from_numpy(load_images(val_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, progress))
+
+    torch.manual_seed(t.seed)
+    vqvae = VQVAE(cfg.vqvae)
+    vq_metrics = train_vqvae(vqvae, train_x, val_x, cfg, run, dev, progress)
+    save_weights(run / "vqvae.safetensors", vqvae)
+    log(f"VQ-VAE: held-out MSE {vq_metrics.get('val_mse', float('nan')):.5f}, "
+        f"{vq_metrics.get('codes_used', 0)}/{cfg.vqvae.codebook_size} codes used")
+
+    train_codes = extract_codes(vqvae, train_x, dev, shifts=max(1, t.shift_augment), seed=t.seed)
+    val_codes = extract_codes(vqvae, val_x, dev)
+
+    torch.manual_seed(t.seed + 1)
+    prior = PixelSNAIL(cfg.prior)
+    pr_metrics = train_prior(prior, train_codes, val_codes, cfg, run, dev, progress)
+    save_weights(run / "prior.safetensors", prior)
+    val_nll = prior_nll(prior, val_codes, dev)
+    uniform = math.log(cfg.prior.codebook_size)
+    log(f"prior: held-out NLL {val_nll:.3f} nats/code (uniform guess {uniform:.3f})")
+
+    calib = calibrate(prior, val_codes, cfg, dev)
+    calib.update(val_nll=val_nll, uniform_nll=uniform, vqvae=vq_metrics, prior=pr_metrics)
+    write_json(run / "calibration.json", calib)
+    cfg.detect.tau = calib["tau"]
+    write_json(run / "config.json", cfg.to_dict())
+    log(f"tau = {calib['tau']:.3g} ({calib['tau_quantile']:.0%} quantile of held-out code likelihoods; "
+        f"{calib['val_flagged_per_image_mean']:.1f} codes per held-out image meet the rule)")
+    return TrainResult(run, cfg, calib["tau"], val_nll, uniform)
+
+
+__all__ = ["train", "TrainResult", "default_config", "train_images", "extract_codes", "calibrate",
+           "DataError"]
