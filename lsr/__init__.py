@@ -11,10 +11,10 @@ Where things are:
 * :mod:`lsr.models`   – the VQ-VAE and the PixelSNAIL prior (pure nn.Module)
 * :mod:`lsr.ops`      – ops with a pure-PyTorch reference and a native dispatch point:
   nearest-codebook search, strictly causal attention, the resampling loop
-* :mod:`lsr.train`    – training, resume, tau calibration          (``lsr train``)
+* :mod:`lsr.training`    – training, resume, tau calibration          (``lsr train``)
 * :mod:`lsr.detect`   – :class:`Detector`, :class:`DetectionResult` (``lsr detect``)
 * :mod:`lsr.anomaly`  – anomaly maps and image scores
-* :mod:`lsr.evaluate` – MVTec AD evaluation                         (``lsr eval``)
+* :mod:`lsr.evaluation` – MVTec AD evaluation                         (``lsr eval``)
 * :mod:`lsr.metrics`  – AUROC, AUPRO, F1-max
 * :mod:`lsr.data`     – image and MVTec AD folder loading, clear errors
 * :mod:`lsr.report`   – panels, report pictures, tables
@@ -30,8 +30,8 @@ Example:
 from .config import DetectConfig, PriorConfig, RunConfig, TrainConfig, VQVAEConfig, preset
 from .data import DataError
 from .detect import DetectionResult, Detector, detect_images
-from .evaluate import evaluate
-from .train import TrainResult, train
+from .evaluation import evaluate
+from .training import TrainResult, train
 
 __version__ = "0.1.0"
 

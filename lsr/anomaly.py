@@ -21,15 +21,17 @@ def gaussian_kernel1d(sigma: float, radius: int | None = None, dtype=torch.float
     return (k / k.sum()).to(dtype)
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
     """Separable Gaussian smoothing of maps (B, H, W) or images (B, C, H, W), mirror
-    boundary (scipy.ndimage ``mode="mirror"``)."""
+    boundary: equal to scipy.ndimage ``gaussian_filter(mode="mirror", truncate=...)``
+    while the kernel radius ``int(truncate * sigma + 0.5)`` is below the map size; on
+    smaller maps the radius is capped at size - 1 (and the kernel renormalised)."""
     if sigma <= 0:
         return x
     squeeze = x.dim() == 3
     y = x.unsqueeze(1) if squeeze else x
     B, C, H, W = y.shape
-    radius = min(int(4.0 * sigma + 0.5), H - 1, W - 1)
+    radius = min(int(truncate * sigma + 0.5), H - 1, W - 1)
     if radius < 1:
         return x
     k = gaussian_kernel1d(sigma, radius, y.dtype).to(y.device)
@@ -46,13 +48,14 @@ def l2_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 def ssim_distance(a: Tensor, b: Tensor, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
-    """1 - SSIM per pixel (Gaussian window, Wang et al. 2004), averaged over channels:
-    (B, C, H, W) x2 -> (B, H, W)."""
+    """1 - SSIM per pixel (11 x 11 Gaussian window of sigma 1.5 as Wang et al. 2004 and
+    scikit-image), averaged over channels: (B, C, H, W) x2 -> (B, H, W)."""
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = gaussian_blur(a, sigma), gaussian_blur(b, sigma)
-    var_a = gaussian_blur(a * a, sigma) - mu_a ** 2
-    var_b = gaussian_blur(b * b, sigma) - mu_b ** 2
-    cov = gaussian_blur(a * b, sigma) - mu_a * mu_b
+    t = 3.5                                                   # radius 5 at sigma 1.5: 11 x 11
+    mu_a, mu_b = gaussian_blur(a, sigma, t), gaussian_blur(b, sigma, t)
+    var_a = gaussian_blur(a * a, sigma, t) - mu_a ** 2
+    var_b = gaussian_blur(b * b, sigma, t) - mu_b ** 2
+    cov = gaussian_blur(a * b, sigma, t) - mu_a * mu_b
     ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return (1.0 - ssim).mean(dim=1)
 

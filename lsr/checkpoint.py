@@ -50,10 +50,18 @@ def load_into(module: nn.Module, path: str | os.PathLike, device: str | torch.de
 
 def save_training_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
                         generator: torch.Generator, info: dict[str, Any]) -> None:
-    """Everything needed to resume a training stage: ``<path>.safetensors`` (tensors) and
-    ``<path>.json`` (scalars). The JSON is written last and names the epoch, so a crash
-    between the two writes leaves the previous, consistent pair readable."""
+    """Everything needed to resume a training stage: tensors (weights, optimiser moments,
+    RNG state) in ``<path>.<n>.safetensors`` and scalars in ``<path>.json``.
+
+    The JSON is the commit point: it is replaced (atomically) only after the new tensor
+    file is complete, and it names that file; the older tensor file is removed after.
+    A crash at any moment leaves a consistent pair to resume from.
+    """
     path = Path(path)
+    jpath = path.with_suffix(".json")
+    old = read_json(jpath).get("tensors") if jpath.is_file() else None
+    serial = (int(read_json(jpath).get("serial", 0)) + 1) if jpath.is_file() else 0
+    tname = f"{path.name}.{serial}.safetensors"
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -64,22 +72,27 @@ def save_training_state(path: str | os.PathLike, model: nn.Module, optimizer: to
             else:
                 scalars.setdefault(str(pid), {})[name] = val
     tensors["rng"] = generator.get_state()
-    stamp = f"{info.get('epoch', 0)}"
-    save_weights(path.with_suffix(".safetensors"), tensors, {"stamp": stamp})
-    write_json(path.with_suffix(".json"), {"stamp": stamp, "info": info,
-                                           "param_groups": opt["param_groups"], "opt_scalars": scalars})
+    save_weights(path.parent / tname, tensors, {"serial": str(serial)})
+    write_json(jpath, {"serial": serial, "tensors": tname, "info": info,
+                       "param_groups": opt["param_groups"], "opt_scalars": scalars})
+    if old and old != tname:
+        (path.parent / old).unlink(missing_ok=True)
 
 
 def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
                         generator: torch.Generator) -> dict[str, Any] | None:
     """Restore what :func:`save_training_state` wrote; None if there is nothing to resume."""
     path = Path(path)
-    jpath, tpath = path.with_suffix(".json"), path.with_suffix(".safetensors")
-    if not jpath.is_file() or not tpath.is_file():
+    jpath = path.with_suffix(".json")
+    if not jpath.is_file():
         return None
     meta = read_json(jpath)
+    tpath = path.parent / meta["tensors"]
     tensors = load_weights(tpath)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{tpath}: training state does not match the model in config.json ({e})") from None
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith("opt."):

@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = not args.no_progress
     try:
         if args.command == "train":
-            from .train import default_config, train
+            from .training import default_config, train
             from .config import preset as make_preset
             from .io import read_json
 
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg.detect.tau = None
             elif args.preset:
                 from .data import detect_channels
-                from .train import train_images
+                from .training import train_images
                 cfg = make_preset(args.preset, in_channels=detect_channels(train_images(args.data)))
             else:
                 cfg = default_config(args.data, None, args.device)
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = train(args.data, args.out, cfg, device=args.device, progress=progress, overwrite=args.overwrite)
             print(f"trained: {res.run} (tau {res.tau:.3g}, held-out prior NLL {res.val_nll:.3f} nats/code)")
         elif args.command == "eval":
-            from .evaluate import evaluate
+            from .evaluation import evaluate
             from .report import format_table
 
             r = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, device=args.device,

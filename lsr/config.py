@@ -36,7 +36,7 @@ class VQVAEConfig:
     codebook_size: int = 64        # K
     ema_decay: float = 0.99        # EMA codebook updates (0 disables EMA: codebook loss instead)
     commitment_weight: float = 0.25
-    dead_code_threshold: float = 1.0   # EMA cluster size under which a code is restarted
+    dead_code_after: int = 10      # restart a code unused for this many training batches
 
     @property
     def grid_size(self) -> int:
@@ -122,8 +122,8 @@ class RunConfig:
             raise ValueError(
                 f"prior (K={p.codebook_size}, grid={p.grid_size}) does not match the VQ-VAE "
                 f"(K={v.codebook_size}, grid={v.grid_size})")
-        if p.kernel_size < 2:
-            raise ValueError(f"prior.kernel_size must be >= 2, got {p.kernel_size}")
+        if p.kernel_size < 3 or p.kernel_size % 2 == 0:
+            raise ValueError(f"prior.kernel_size must be odd and >= 3, got {p.kernel_size}")
         if p.channels % p.n_heads:
             raise ValueError(f"prior.channels {p.channels} not divisible by n_heads {p.n_heads}")
         for name, value, allowed in (("map_kind", d.map_kind, MAP_KINDS), ("distance", d.distance, DISTANCES),
@@ -187,7 +187,7 @@ def preset(name: str, in_channels: int = 3) -> RunConfig:
         v = VQVAEConfig(in_channels=in_channels, image_size=128, channels=48, res_channels=24,
                         embed_dim=32, codebook_size=32)
         p = PriorConfig(codebook_size=32, channels=48, n_blocks=2, n_heads=4)
-        t = TrainConfig(vqvae_epochs=40, prior_epochs=40, max_minutes=2.0)
+        t = TrainConfig(vqvae_epochs=40, prior_epochs=40, shift_augment=8, max_minutes=2.0)
     elif name == "paper":
         v = VQVAEConfig(in_channels=in_channels, image_size=256, downsample=8, channels=128,
                         res_channels=64, n_res_blocks=2, embed_dim=64, codebook_size=512)

@@ -27,8 +27,11 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]
     methods = [m for m in METHOD_ORDER if all(m in r["methods"] for r in results.values())]
     mean: dict[str, dict[str, float]] = {}
     for m in methods:
-        mean[m] = {c: float(np.nanmean([r["methods"][m].get(c, np.nan) for r in results.values()]))
-                   for c in TABLE_COLUMNS}
+        mean[m] = {}
+        for c in TABLE_COLUMNS:
+            vals = [r["methods"][m][c] for r in results.values() if c in r["methods"][m]]
+            if vals and not all(np.isnan(vals)):
+                mean[m][c] = float(np.nanmean(vals))
     return mean
 
 
@@ -39,9 +42,9 @@ def run_demo(out: str | os.PathLike = "lsr-demo", categories: Sequence[str] | No
     """Build the demo dataset, train and evaluate each category; returns the summary
     (also written to ``OUT/summary.json``)."""
     from .demo_data import build_demo_dataset
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .report import format_table
-    from .train import train
+    from .training import train
 
     out = Path(out)
     cats = tuple(categories or DEMO_CATEGORIES)

@@ -1,6 +1,6 @@
 """Models: the VQ-VAE (:mod:`lsr.models.vqvae`) and the PixelSNAIL prior
 (:mod:`lsr.models.pixelsnail`). Pure ``nn.Module`` code; training lives in
-:mod:`lsr.train`."""
+:mod:`lsr.training`."""
 from .pixelsnail import PixelSNAIL
 from .vqvae import VQVAE, QuantizerOutput, VectorQuantizer, VQVAEOutput
 

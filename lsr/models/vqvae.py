@@ -92,6 +92,8 @@ class VectorQuantizer(nn.Module):
         ema_decay: > 0 keeps the codebook as an exponential moving average of the
             encoder outputs assigned to each code (updated by :meth:`ema_update`);
             0 makes the codebook a parameter trained by the codebook loss.
+        dead_code_after: a code not chosen in this many consecutive training batches
+            is restarted from a random encoder output of the current batch (0: never).
 
     Example:
         >>> vq = VectorQuantizer(8, 4).eval()
@@ -101,11 +103,11 @@ class VectorQuantizer(nn.Module):
     """
 
     def __init__(self, codebook_size: int, dim: int, commitment_weight: float = 0.25,
-                 ema_decay: float = 0.99, dead_code_threshold: float = 1.0, eps: float = 1e-5):
+                 ema_decay: float = 0.99, dead_code_after: int = 20, eps: float = 1e-5):
         super().__init__()
         self.codebook_size, self.dim = codebook_size, dim
         self.commitment_weight, self.ema_decay = commitment_weight, ema_decay
-        self.dead_code_threshold, self.eps = dead_code_threshold, eps
+        self.dead_code_after, self.eps = dead_code_after, eps
         init = torch.randn(codebook_size, dim) * 0.1
         if ema_decay > 0:
             self.register_buffer("codebook", init)
@@ -114,6 +116,7 @@ class VectorQuantizer(nn.Module):
         else:
             self.codebook = nn.Parameter(init)
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         B, D, H, W = z.shape
@@ -124,7 +127,7 @@ class VectorQuantizer(nn.Module):
         loss = self.commitment_weight * F.mse_loss(z, q.detach())
         if self.ema_decay <= 0:
             loss = loss + F.mse_loss(q, z.detach())
-        if z.requires_grad:
+        if self.training and z.requires_grad:
             q = z + (q - z).detach()                                 # straight-through
         return QuantizerOutput(q, idx.view(B, H, W), loss)
 
@@ -154,11 +157,11 @@ class VectorQuantizer(nn.Module):
         Returns:
             Number of codes restarted.
         """
-        if self.ema_decay <= 0:
-            return self.restart_dead_codes(z, None, generator)
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim).float()
         onehot = F.one_hot(indices.reshape(-1), self.codebook_size).type_as(flat)  # (N, K)
         counts = onehot.sum(0)                                                 # (K,)
+        if self.ema_decay <= 0:
+            return self.restart_dead_codes(z, counts, generator)
         sums = onehot.t() @ flat                                               # (K, D)
         d = self.ema_decay
         self.cluster_size.mul_(d).add_(counts, alpha=1 - d)
@@ -169,14 +172,13 @@ class VectorQuantizer(nn.Module):
         return self.restart_dead_codes(z, counts, generator)
 
     @torch.no_grad()
-    def restart_dead_codes(self, z: Tensor, counts: Tensor | None,
+    def restart_dead_codes(self, z: Tensor, counts: Tensor,
                            generator: torch.Generator | None = None) -> int:
-        if self.ema_decay > 0:
-            dead = self.cluster_size < self.dead_code_threshold
-        else:
-            if counts is None:
-                return 0
-            dead = counts == 0
+        """Restart codes unused for ``dead_code_after`` batches; counts (K,) of this batch."""
+        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+        if self.dead_code_after <= 0:
+            return 0
+        dead = self.unused_steps >= self.dead_code_after
         n_dead = int(dead.sum())
         if n_dead == 0:
             return 0
@@ -186,6 +188,7 @@ class VectorQuantizer(nn.Module):
         if self.ema_decay > 0:
             self.embed_sum[dead] = flat[pick]
             self.cluster_size[dead] = 1.0
+        self.unused_steps[dead] = 0
         return n_dead
 
 
@@ -205,7 +208,7 @@ class VQVAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.embed_dim, cfg.commitment_weight,
-                                         cfg.ema_decay, cfg.dead_code_threshold)
+                                         cfg.ema_decay, cfg.dead_code_after)
         self.decoder = Decoder(cfg)
 
     def forward(self, x: Tensor) -> VQVAEOutput:

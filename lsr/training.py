@@ -130,7 +130,7 @@ def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, ru
             opt.step()
             restarts += model.quantizer.ema_update(out.z_e.detach(), out.indices, generator=g)
             tot += loss.item() * len(idx)
-            rec_tot += float(rec) * len(idx)
+            rec_tot += rec.item() * len(idx)
             stage.bar.update(1)
             stage.bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}",
                                   img_s=f"{(s + 1) * bs / (time.perf_counter() - t_ep):.0f}")
@@ -219,9 +219,9 @@ def train_prior(prior: PixelSNAIL, train_codes: Tensor, val_codes: Tensor, cfg: 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
             opt.step()
-            tot += float(loss) * c.shape[0]
+            tot += loss.item() * c.shape[0]
             stage.bar.update(1)
-            stage.bar.set_postfix(epoch=epoch, nll=f"{float(loss):.3f}",
+            stage.bar.set_postfix(epoch=epoch, nll=f"{loss.item():.3f}",
                                   img_s=f"{(s + 1) * bs / (time.perf_counter() - t_ep):.0f}")
         val_nll = prior_nll(prior, val_codes, device)
         improved = val_nll < info["best_val_nll"]

@@ -1,0 +1,23 @@
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A small MVTec-layout category cut from the scikit-image photos (32 px)."""
+    from lsr.demo_data import build_demo_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    (folder,) = build_demo_dataset(root, categories=("grass",), image_size=32, n_train=14, n_test_good=4,
+                                   n_test_per_defect=1, defects=("hole", "stain", "foreign"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tmp_path_factory):
+    """A run trained with the tiny preset on ``tiny_dataset``."""
+    import lsr
+
+    out = tmp_path_factory.mktemp("run") / "grass"
+    cfg = lsr.preset("tiny", in_channels=1)
+    lsr.train(tiny_dataset, out, cfg, device="cpu", progress=False, log=lambda *_: None)
+    return out
