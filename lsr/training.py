@@ -77,6 +77,14 @@ class _Stage:
         self.bar.close()
 
 
+def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Move restored optimiser moments to the training device (``step`` stays on the CPU)."""
+    for st in opt.state.values():
+        for k, v in st.items():
+            if isinstance(v, Tensor) and k != "step":
+                st[k] = v.to(device)
+
+
 def _augment(x: Tensor, hflip: bool, vflip: bool, g: torch.Generator) -> Tensor:
     if hflip:
         m = torch.rand(x.shape[0], generator=g) < 0.5
@@ -95,10 +103,7 @@ def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, ru
     state_path = run / "checkpoints" / "vqvae_state"
     info = load_training_state(state_path, model, opt, g) or {"epoch": -1, "done": False}
     model.to(device)
-    for st in opt.state.values():
-        for k, v in st.items():
-            if isinstance(v, Tensor) and k != "step":
-                st[k] = v.to(device)
+    _optimizer_to(opt, device)
     if info.get("done"):
         return info.get("metrics", {})
     n = train_x.shape[0]
@@ -192,10 +197,7 @@ def train_prior(prior: PixelSNAIL, train_codes: Tensor, val_codes: Tensor, cfg: 
     info = load_training_state(state_path, prior, opt, g) or {
         "epoch": -1, "done": False, "best_val_nll": float("inf"), "bad_epochs": 0}
     prior.to(device)
-    for st in opt.state.values():
-        for k, v in st.items():
-            if isinstance(v, Tensor) and k != "step":
-                st[k] = v.to(device)
+    _optimizer_to(opt, device)
     best_path = run / "checkpoints" / "prior_best.safetensors"
     if info.get("done"):
         load_into(prior, best_path, device)

@@ -11,12 +11,7 @@ from skimage.metrics import structural_similarity
 from lsr import anomaly as A
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scipy_blur(x, sigma):

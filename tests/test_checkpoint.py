@@ -16,12 +16,7 @@ from lsr.models import VQVAE, PixelSNAIL
 CFG = preset("tiny", in_channels=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vqvae(seed=0, **overrides):

@@ -14,12 +14,7 @@ from lsr.models import PixelSNAIL
 TINY = preset("tiny", in_channels=1).prior            # K=16, 16 channels, 1 block, kernel 3, 2 heads
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_prior(seed=0, **overrides):

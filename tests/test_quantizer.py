@@ -13,13 +13,7 @@ from lsr.config import preset
 from lsr.models import VQVAE, QuantizerOutput, VectorQuantizer, VQVAEOutput
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the machine is shared; one thread is both faster and quieter for these tiny ops
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flat(z):

@@ -12,12 +12,7 @@ from lsr.ops import flag_positions, gumbel_noise, resample_fast, resample_naive
 HI, LO, TAU = 0.9, 0.01, 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grid(H, W, lows=()):
