@@ -72,9 +72,10 @@ class TrainConfig:
     prior_epochs: int = 60
     prior_lr: float = 1e-3
     prior_batch_size: int = 32
-    shift_augment: int = 4         # code grids per image: shifted by whole code cells
+    shift_augment: int = 8         # code grids per image: the image and shifted copies
     patience: int = 10             # early stopping on held-out NLL (epochs)
-    max_minutes: float = 0.0       # wall-clock cap per stage (0: none)
+    max_minutes: float = 0.0       # wall-clock cap per training stage (0: none); a capped
+                                   # stage keeps its best/last epoch, so results then depend on speed
 
 
 @dataclass
@@ -182,12 +183,12 @@ def preset(name: str, in_channels: int = 3) -> RunConfig:
     if name == "cpu":
         v = VQVAEConfig(in_channels=in_channels)
         p = PriorConfig()
-        t = TrainConfig()
+        t = TrainConfig(max_minutes=6.5)       # each stage capped: <= 15 min on 2 cores
     elif name == "demo":
         v = VQVAEConfig(in_channels=in_channels, image_size=128, channels=48, res_channels=24,
                         embed_dim=32, codebook_size=32)
         p = PriorConfig(codebook_size=32, channels=48, n_blocks=2, n_heads=4)
-        t = TrainConfig(vqvae_epochs=40, prior_epochs=40, shift_augment=8, max_minutes=2.0)
+        t = TrainConfig(vqvae_epochs=40, prior_epochs=40, max_minutes=2.0)
     elif name == "paper":
         v = VQVAEConfig(in_channels=in_channels, image_size=256, downsample=8, channels=128,
                         res_channels=64, n_res_blocks=2, embed_dim=64, codebook_size=512)

@@ -159,3 +159,14 @@ def test_cli_train_set_overrides(tiny_dataset, tmp_path):
                  "train.prior_epochs=1", "--set", "detect.tau_quantile=0.1", "--no-progress"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["prior_epochs"] == 1 and cfg["detect"]["tau_quantile"] == 0.1
+
+
+def test_train_and_detect_with_a_plain_folder(tiny_dataset, tmp_path):
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    for p in sorted((tiny_dataset / "train" / "good").glob("*.png"))[:8]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    cfg = lsr.preset("tiny", in_channels=3).with_overrides({"train.prior_epochs": 1, "train.vqvae_epochs": 1})
+    res = lsr.train(folder, tmp_path / "run", cfg, progress=False, log=lambda *_: None)
+    rows = lsr.detect_images(res.run, [folder], tmp_path / "out", progress=False, panels=False)
+    assert len(rows) == 8 and all(r["prior_passes"] >= 1 for r in rows)
