@@ -1,8 +1,37 @@
 import pytest
 import torch
 
+_MEANS = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-big", action="store_true", default=False,
+                     help="also run the largest shapes (attention at T = 4096)")
+
+
+def pytest_configure(config):
+    config.stash[_MEANS] = {}
+
 
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
         yield
+
+
+@pytest.fixture
+def bench_means(request):
+    """{group: {name: mean seconds}}, filled by the benchmarks that compare to `native`."""
+    return request.config.stash[_MEANS]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    means = config.stash.get(_MEANS, {})
+    if not any("native" in by for by in means.values()):
+        return
+    terminalreporter.section("speed-up of native (other mean / native mean)")
+    for group, by in means.items():
+        if "native" not in by:
+            continue
+        parts = [f"{name} {by[name] / by['native']:.2f}x" for name in by if name != "native"]
+        terminalreporter.write_line(f"{group}: native {by['native'] * 1e3:.2f} ms; " + ", ".join(parts))

@@ -29,17 +29,31 @@ _native_ok = False
 _warned = False
 
 
+_native_error = ""
+
+
 def native_available() -> bool:
     """True when the compiled extension ``lsr._C`` was built and loads."""
-    global _native_checked, _native_ok
+    global _native_checked, _native_ok, _native_error
     if not _native_checked:
         _native_checked = True
         try:
-            from lsr import _C  # noqa: F401  (registers torch.ops.lsr.*)
-            _native_ok = hasattr(torch.ops, "lsr") and hasattr(torch.ops.lsr, "vq_nearest")
-        except ImportError:
-            _native_ok = False
+            from lsr import _C  # noqa: F401  (its static initialisers register torch.ops.lsr.*)
+            from . import _native  # noqa: F401  (fake tensors and autograd for those ops)
+            _native_ok = True
+        except (ImportError, OSError, RuntimeError) as e:
+            _native_ok, _native_error = False, f"{type(e).__name__}: {e}"
     return _native_ok
+
+
+def _warn_missing() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn("lsr: the native extension lsr._C is not available "
+                      f"({_native_error or 'not built'}); using the pure-PyTorch reference ops, which are "
+                      "slower. Build it with `pip install --no-build-isolation .` (see README).",
+                      RuntimeWarning, stacklevel=4)
 
 
 def current_backend() -> str:
@@ -69,7 +83,9 @@ def _use_native() -> bool:
     if b == "native":
         return True
     if b == "auto" and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export():
-        return native_available()
+        if native_available():
+            return True
+        _warn_missing()
     return False
 
 
@@ -77,7 +93,8 @@ def vq_nearest(z: Tensor, codebook: Tensor) -> Tensor:
     """Nearest codebook index per row: z (Tensor[N, D]), codebook (Tensor[K, D]) ->
     Tensor[N] int64. Ties go to the lower index. See :func:`reference.vq_nearest`."""
     if _use_native():
-        return torch.ops.lsr.vq_nearest(z, codebook)
+        from ._native import vq_nearest as native
+        return native(z, codebook)
     return reference.vq_nearest(z, codebook)
 
 
@@ -85,7 +102,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Strictly causal attention: q, k, v (Tensor[B, h, T, d]) -> Tensor[B, h, T, d];
     query t sees keys s < t, row 0 is zeros. See :func:`reference.causal_attention`."""
     if _use_native():
-        return torch.ops.lsr.causal_attention(q, k, v)
+        from ._native import causal_attention as native
+        return native(q, k, v)
     if current_backend() == "reference" or torch.onnx.is_in_onnx_export():
         return reference.causal_attention(q, k, v)
     return reference.causal_attention_sdpa(q, k, v)
