@@ -188,7 +188,7 @@ def preset(name: str, in_channels: int = 3) -> RunConfig:
         v = VQVAEConfig(in_channels=in_channels, image_size=128, channels=48, res_channels=24,
                         embed_dim=32, codebook_size=32)
         p = PriorConfig(codebook_size=32, channels=48, n_blocks=2, n_heads=4)
-        t = TrainConfig(vqvae_epochs=40, prior_epochs=40, max_minutes=2.0)
+        t = TrainConfig(vqvae_epochs=40, prior_epochs=30, max_minutes=3.5)
     elif name == "paper":
         v = VQVAEConfig(in_channels=in_channels, image_size=256, downsample=8, channels=128,
                         res_channels=64, n_res_blocks=2, embed_dim=64, codebook_size=512)
