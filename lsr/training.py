@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import anomaly
+from . import distributed as dist
 from .checkpoint import load_into, load_training_state, save_training_state, save_weights
 from .config import RunConfig, preset
 from .data import DataError, detect_channels, list_images, load_images, scan_mvtec, split_train_val
@@ -59,19 +60,24 @@ def _cosine_lr(base: float, epoch: int, epochs: int) -> float:
 class _Stage:
     """Shared bookkeeping of a training stage: progress bar, log, time cap."""
 
-    def __init__(self, name: str, run: Path, total_steps: int, progress: bool, max_minutes: float):
+    def __init__(self, name: str, run: Path, total_steps: int, progress: bool, max_minutes: float,
+                 ctx: dist.Context):
         from tqdm.auto import tqdm
 
-        self.name, self.run = name, run
-        self.bar = tqdm(total=total_steps, desc=name, unit="batch", disable=not progress, dynamic_ncols=True)
+        self.name, self.run, self.ctx = name, run, ctx
+        self.bar = tqdm(total=total_steps, desc=name, unit="batch", disable=not (progress and ctx.main),
+                        dynamic_ncols=True)
         self.t0 = time.perf_counter()
         self.max_seconds = max_minutes * 60.0
 
     def out_of_time(self) -> bool:
-        return self.max_seconds > 0 and time.perf_counter() - self.t0 > self.max_seconds
+        """Rank 0's clock decides, so every rank stops after the same epoch."""
+        over = self.max_seconds > 0 and time.perf_counter() - self.t0 > self.max_seconds
+        return bool(dist.broadcast_object(over))
 
     def log(self, **fields: Any) -> None:
-        append_jsonl(self.run / "train_log.jsonl", {"stage": self.name, "time": time.time(), **fields})
+        if self.ctx.main:
+            append_jsonl(self.run / "train_log.jsonl", {"stage": self.name, "time": time.time(), **fields})
 
     def close(self) -> None:
         self.bar.close()
@@ -95,8 +101,28 @@ def _augment(x: Tensor, hflip: bool, vflip: bool, g: torch.Generator) -> Tensor:
     return x
 
 
+def _wrap(model: torch.nn.Module, ctx: dist.Context) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun (gradients averaged over ranks), else as is."""
+    if not ctx.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def _local_weight(n_local: int, n_global: int, ctx: dist.Context) -> float:
+    """Scale of a rank's mean loss so that DDP's average over ranks equals the mean over
+    the global batch, also when the last batch does not split evenly."""
+    return n_local * ctx.world / n_global
+
+
 def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, run: Path,
-                device: torch.device, progress: bool = True) -> dict[str, float]:
+                device: torch.device, progress: bool = True, ctx: dist.Context | None = None) -> dict[str, float]:
+    """Train the VQ-VAE. Under torchrun each global batch of ``train.batch_size`` images is
+    split across the ranks; EMA codebook statistics are summed over ranks, so every rank
+    keeps the same codebook, and the result matches one process with the same batch."""
+    ctx = ctx or dist.Context(0, 1, device)
     t = cfg.train
     g = torch.Generator().manual_seed(t.seed)
     opt = torch.optim.Adam(model.parameters(), lr=t.vqvae_lr)
@@ -109,41 +135,55 @@ def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, ru
     n = train_x.shape[0]
     bs = min(t.batch_size, n)
     steps = math.ceil(n / bs)
-    stage = _Stage("vqvae", run, steps * (t.vqvae_epochs - info["epoch"] - 1), progress, t.max_minutes)
+    stage = _Stage("vqvae", run, steps * (t.vqvae_epochs - info["epoch"] - 1), progress, t.max_minutes, ctx)
     if not bool(model.quantizer.initialised):
         with torch.no_grad():
             model.quantizer.init_from(model.encoder(train_x[:256].to(device)), generator=g)
+    net = _wrap(model, ctx)
+    reduce = dist.all_reduce_sum if ctx.enabled else None
+    gather = dist.all_gather_cat if ctx.enabled else None
+    check_sync, checked = dist.sync_check_enabled(), 0
     metrics: dict[str, float] = {}
     for epoch in range(info["epoch"] + 1, t.vqvae_epochs):
         model.train()
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(t.vqvae_lr, epoch, t.vqvae_epochs)
         perm = torch.randperm(n, generator=g)
-        tot = rec_tot = 0.0
+        sums = torch.zeros(2, dtype=torch.float64)             # loss, reconstruction MSE (x images)
         restarts = 0
         t_ep = time.perf_counter()
         for s in range(steps):
             idx = perm[s * bs:(s + 1) * bs]
-            x = _augment(train_x[idx], t.hflip, t.vflip, g).to(device)
-            out = model(x)
+            x_all = _augment(train_x[idx], t.hflip, t.vflip, g)     # the global batch, same on all ranks
+            x = x_all[dist.shard(torch.arange(len(idx)), ctx)].to(device)
+            out = net(x)
             rec = F.mse_loss(out.reconstruction, x)
             loss = rec + out.loss
             if t.ssim_weight > 0:
                 loss = loss + t.ssim_weight * anomaly.ssim_distance(out.reconstruction, x).mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * _local_weight(len(x), len(idx), ctx)).backward()
             opt.step()
-            restarts += model.quantizer.ema_update(out.z_e.detach(), out.indices, generator=g)
-            tot += loss.item() * len(idx)
-            rec_tot += rec.item() * len(idx)
+            restarts += model.quantizer.ema_update(out.z_e.detach(), out.indices, generator=g,
+                                                   reduce=reduce, gather=gather)
+            if check_sync:
+                dist.assert_in_sync(model, f"vqvae epoch {epoch} step {s}")
+                checked += 1
+            sums += torch.tensor([loss.item(), rec.item()], dtype=torch.float64) * len(x)
             stage.bar.update(1)
             stage.bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}",
                                   img_s=f"{(s + 1) * bs / (time.perf_counter() - t_ep):.0f}")
-        metrics = {"loss": tot / n, "train_mse": rec_tot / n, **vqvae_val_metrics(model, val_x, device),
+        dist.all_reduce_sum(sums)
+        metrics = {"loss": float(sums[0]) / n, "train_mse": float(sums[1]) / n,
+                   **vqvae_val_metrics(model, val_x, device),
                    "restarts": restarts, "images_per_s": n / (time.perf_counter() - t_ep)}
+        if check_sync:
+            metrics["steps_checked_in_sync"] = checked
         stage.log(epoch=epoch, **metrics)
         last = epoch == t.vqvae_epochs - 1 or stage.out_of_time()
-        save_training_state(state_path, model, opt, g, {"epoch": epoch, "done": last, "metrics": metrics})
+        if ctx.main:
+            save_training_state(state_path, model, opt, g, {"epoch": epoch, "done": last, "metrics": metrics})
+        dist.barrier()
         if last:
             break
     stage.close()
@@ -195,7 +235,10 @@ def extract_codes(model: VQVAE, x: Tensor, device: torch.device, shifts: int = 1
 
 
 def train_prior(prior: PixelSNAIL, train_codes: Tensor, val_codes: Tensor, cfg: RunConfig, run: Path,
-                device: torch.device, progress: bool = True) -> dict[str, float]:
+                device: torch.device, progress: bool = True, ctx: dist.Context | None = None) -> dict[str, float]:
+    """Train the prior with cross-entropy (teacher forcing) and early stopping on the
+    held-out NLL; under torchrun each global batch is split across the ranks."""
+    ctx = ctx or dist.Context(0, 1, device)
     t = cfg.train
     g = torch.Generator().manual_seed(t.seed + 1)
     opt = torch.optim.Adam(prior.parameters(), lr=t.prior_lr)
@@ -211,39 +254,51 @@ def train_prior(prior: PixelSNAIL, train_codes: Tensor, val_codes: Tensor, cfg: 
     n = train_codes.shape[0]
     bs = min(t.prior_batch_size, n)
     steps = math.ceil(n / bs)
-    stage = _Stage("prior", run, steps * (t.prior_epochs - info["epoch"] - 1), progress, t.max_minutes)
+    stage = _Stage("prior", run, steps * (t.prior_epochs - info["epoch"] - 1), progress, t.max_minutes, ctx)
+    net = _wrap(prior, ctx)
+    check_sync, checked = dist.sync_check_enabled(), 0
     metrics: dict[str, float] = {}
     for epoch in range(info["epoch"] + 1, t.prior_epochs):
         prior.train()
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(t.prior_lr, epoch, t.prior_epochs)
         perm = torch.randperm(n, generator=g)
-        tot = 0.0
+        tot = torch.zeros(1, dtype=torch.float64)
         t_ep = time.perf_counter()
         for s in range(steps):
-            c = train_codes[perm[s * bs:(s + 1) * bs]].to(device)
-            loss = F.cross_entropy(prior(c), c)
+            idx = perm[s * bs:(s + 1) * bs]
+            c = train_codes[dist.shard(idx, ctx)].to(device)
+            loss = F.cross_entropy(net(c), c)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * _local_weight(c.shape[0], len(idx), ctx)).backward()
             torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
             opt.step()
+            if check_sync:
+                dist.assert_in_sync(prior, f"prior epoch {epoch} step {s}")
+                checked += 1
             tot += loss.item() * c.shape[0]
             stage.bar.update(1)
             stage.bar.set_postfix(epoch=epoch, nll=f"{loss.item():.3f}",
                                   img_s=f"{(s + 1) * bs / (time.perf_counter() - t_ep):.0f}")
-        val_nll = prior_nll(prior, val_codes, device)
+        dist.all_reduce_sum(tot)
+        val_nll = prior_nll(prior, val_codes, device)          # the same on every rank
         improved = val_nll < info["best_val_nll"]
         if improved:
             info["best_val_nll"], info["bad_epochs"] = val_nll, 0
-            save_weights(best_path, prior)
+            if ctx.main:
+                save_weights(best_path, prior)
         else:
             info["bad_epochs"] += 1
-        metrics = {"train_nll": tot / n, "val_nll": val_nll, "best_val_nll": info["best_val_nll"],
+        metrics = {"train_nll": float(tot) / n, "val_nll": val_nll, "best_val_nll": info["best_val_nll"],
                    "images_per_s": n / (time.perf_counter() - t_ep)}
+        if check_sync:
+            metrics["steps_checked_in_sync"] = checked
         stage.log(epoch=epoch, **metrics)
         last = epoch == t.prior_epochs - 1 or info["bad_epochs"] >= t.patience or stage.out_of_time()
         info.update(epoch=epoch, done=last, metrics=metrics)
-        save_training_state(state_path, prior, opt, g, info)
+        if ctx.main:
+            save_training_state(state_path, prior, opt, g, info)
+        dist.barrier()
         if last:
             break
     stage.close()
@@ -305,13 +360,69 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
         device: ``cpu``, ``cuda``, ... (default: a GPU if there is one).
         overwrite: start afresh even if ``out`` holds another run.
     """
-    dev = resolve_device(device)
+    ctx = dist.context(device)                     # one process, or this rank of a torchrun job
+    dev = ctx.device
     run = Path(out)
+    if not ctx.main:
+        log = _silent
     paths = train_images(data)
     cfg = config or default_config(data, preset_name, dev)
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+    if ctx.main:
+        _prepare_run_folder(run, cfg, overwrite, log)
+    dist.barrier()                                 # rank 0 has checked (and may have cleared) RUN
+    torch.manual_seed(t.seed)
+
+    train_p, val_p = split_train_val(paths, t.val_fraction, t.seed)
+    if ctx.main:
+        write_json(run / "split.json", {"data": str(Path(data).resolve()), "train": [str(p) for p in train_p],
+                                        "val": [str(p) for p in val_p]})
+    log(f"{len(train_p)} training and {len(val_p)} held-out images from {data}; "
+        f"{cfg.vqvae.image_size} px, {cfg.vqvae.in_channels} channel(s), preset {cfg.preset}, device {dev}"
+        + (f", {ctx.world} processes" if ctx.enabled else ""))
+    show = progress and ctx.main
+    train_x = torch.from_numpy(load_images(train_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, show))
+    val_x = torch.from_numpy(load_images(val_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, show))
+
+    torch.manual_seed(t.seed)
+    vqvae = VQVAE(cfg.vqvae)
+    vq_metrics = train_vqvae(vqvae, train_x, val_x, cfg, run, dev, progress, ctx)
+    if ctx.main:
+        save_weights(run / "vqvae.safetensors", vqvae)
+    log(f"VQ-VAE: held-out MSE {vq_metrics.get('val_mse', float('nan')):.5f}, "
+        f"{vq_metrics.get('codes_used', 0)}/{cfg.vqvae.codebook_size} codes used")
+
+    train_codes = extract_codes(vqvae, train_x, dev, shifts=max(1, t.shift_augment), seed=t.seed)
+    val_codes = extract_codes(vqvae, val_x, dev)
+
+    torch.manual_seed(t.seed + 1)
+    prior = PixelSNAIL(cfg.prior)
+    pr_metrics = train_prior(prior, train_codes, val_codes, cfg, run, dev, progress, ctx)
+    val_nll = prior_nll(prior, val_codes, dev)
+    uniform = math.log(cfg.prior.codebook_size)
+    log(f"prior: held-out NLL {val_nll:.3f} nats/code (uniform guess {uniform:.3f})")
+
+    calib = calibrate(prior, val_codes, cfg, dev)
+    calib.update(val_nll=val_nll, uniform_nll=uniform, vqvae=vq_metrics, prior=pr_metrics)
+    cfg.detect.tau = calib["tau"]
+    if ctx.main:
+        save_weights(run / "prior.safetensors", prior)
+        write_json(run / "calibration.json", calib)
+        write_json(run / "config.json", cfg.to_dict())
+    dist.barrier()                                 # the run folder is complete for every rank
+    log(f"tau = {calib['tau']:.3g} ({calib['tau_quantile']:.0%} quantile of held-out code likelihoods; "
+        f"{calib['val_flagged_per_image_mean']:.1f} codes per held-out image meet the rule)")
+    return TrainResult(run, cfg, calib["tau"], val_nll, uniform)
+
+
+def _silent(*_: Any) -> None:
+    pass
+
+
+def _prepare_run_folder(run: Path, cfg: RunConfig, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Refuse a different run in ``run`` (unless overwrite), then write config.json without tau."""
     if (run / "config.json").exists() and not overwrite:
         saved = read_json(run / "config.json")
         if not _config_matches(saved, cfg):
@@ -324,42 +435,6 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
     run.mkdir(parents=True, exist_ok=True)
     cfg.detect.tau = None
     write_json(run / "config.json", cfg.to_dict())
-    torch.manual_seed(t.seed)
-
-    train_p, val_p = split_train_val(paths, t.val_fraction, t.seed)
-    write_json(run / "split.json", {"data": str(Path(data).resolve()), "train": [str(p) for p in train_p],
-                                    "val": [str(p) for p in val_p]})
-    log(f"{len(train_p)} training and {len(val_p)} held-out images from {data}; "
-        f"{cfg.vqvae.image_size} px, {cfg.vqvae.in_channels} channel(s), preset {cfg.preset}, device {dev}")
-    train_x = torch.from_numpy(load_images(train_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, progress))
-    val_x = torch.from_numpy(load_images(val_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, progress))
-
-    torch.manual_seed(t.seed)
-    vqvae = VQVAE(cfg.vqvae)
-    vq_metrics = train_vqvae(vqvae, train_x, val_x, cfg, run, dev, progress)
-    save_weights(run / "vqvae.safetensors", vqvae)
-    log(f"VQ-VAE: held-out MSE {vq_metrics.get('val_mse', float('nan')):.5f}, "
-        f"{vq_metrics.get('codes_used', 0)}/{cfg.vqvae.codebook_size} codes used")
-
-    train_codes = extract_codes(vqvae, train_x, dev, shifts=max(1, t.shift_augment), seed=t.seed)
-    val_codes = extract_codes(vqvae, val_x, dev)
-
-    torch.manual_seed(t.seed + 1)
-    prior = PixelSNAIL(cfg.prior)
-    pr_metrics = train_prior(prior, train_codes, val_codes, cfg, run, dev, progress)
-    save_weights(run / "prior.safetensors", prior)
-    val_nll = prior_nll(prior, val_codes, dev)
-    uniform = math.log(cfg.prior.codebook_size)
-    log(f"prior: held-out NLL {val_nll:.3f} nats/code (uniform guess {uniform:.3f})")
-
-    calib = calibrate(prior, val_codes, cfg, dev)
-    calib.update(val_nll=val_nll, uniform_nll=uniform, vqvae=vq_metrics, prior=pr_metrics)
-    write_json(run / "calibration.json", calib)
-    cfg.detect.tau = calib["tau"]
-    write_json(run / "config.json", cfg.to_dict())
-    log(f"tau = {calib['tau']:.3g} ({calib['tau_quantile']:.0%} quantile of held-out code likelihoods; "
-        f"{calib['val_flagged_per_image_mean']:.1f} codes per held-out image meet the rule)")
-    return TrainResult(run, cfg, calib["tau"], val_nll, uniform)
 
 
 __all__ = ["train", "TrainResult", "default_config", "train_images", "extract_codes", "calibrate",

@@ -8,7 +8,7 @@ loop calls, so no weight is edited inside ``forward``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -147,12 +147,18 @@ class VectorQuantizer(nn.Module):
         self.initialised.fill_(True)
 
     @torch.no_grad()
-    def ema_update(self, z: Tensor, indices: Tensor, generator: torch.Generator | None = None) -> int:
+    def ema_update(self, z: Tensor, indices: Tensor, generator: torch.Generator | None = None,
+                   reduce: Callable[[Tensor], Tensor] | None = None,
+                   gather: Callable[[Tensor], Tensor] | None = None) -> int:
         """EMA codebook update from a training batch, then restart dead codes.
 
         Args:
             z (Tensor[B, D, H, W]): encoder outputs.
             indices (Tensor[B, H, W]): their codes.
+            reduce: sums a tensor over the processes of a distributed job (the batch is
+                split across them); default: this process's batch is the whole batch.
+            gather: concatenates the processes' flattened encoder outputs in batch order
+                (used only when codes are restarted).
 
         Returns:
             Number of codes restarted.
@@ -160,21 +166,25 @@ class VectorQuantizer(nn.Module):
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim).float()
         onehot = F.one_hot(indices.reshape(-1), self.codebook_size).type_as(flat)  # (N, K)
         counts = onehot.sum(0)                                                 # (K,)
+        sums = onehot.t() @ flat if self.ema_decay > 0 else None               # (K, D)
+        if reduce is not None:
+            counts = reduce(counts)
+            sums = reduce(sums) if sums is not None else None
         if self.ema_decay <= 0:
-            return self.restart_dead_codes(z, counts, generator)
-        sums = onehot.t() @ flat                                               # (K, D)
+            return self.restart_dead_codes(flat, counts, generator, gather)
         d = self.ema_decay
         self.cluster_size.mul_(d).add_(counts, alpha=1 - d)
         self.embed_sum.mul_(d).add_(sums, alpha=1 - d)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
-        return self.restart_dead_codes(z, counts, generator)
+        return self.restart_dead_codes(flat, counts, generator, gather)
 
     @torch.no_grad()
-    def restart_dead_codes(self, z: Tensor, counts: Tensor,
-                           generator: torch.Generator | None = None) -> int:
-        """Restart codes unused for ``dead_code_after`` batches; counts (K,) of this batch."""
+    def restart_dead_codes(self, flat: Tensor, counts: Tensor, generator: torch.Generator | None = None,
+                           gather: Callable[[Tensor], Tensor] | None = None) -> int:
+        """Restart codes unused for ``dead_code_after`` batches from random encoder outputs
+        of this batch; flat (N, D) encoder outputs, counts (K,) of this batch."""
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         if self.dead_code_after <= 0:
             return 0
@@ -182,7 +192,8 @@ class VectorQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return 0
-        flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim).float()
+        if gather is not None:
+            flat = gather(flat)
         pick = torch.randint(0, flat.shape[0], (n_dead,), generator=generator)
         self.codebook.data[dead] = flat[pick]
         if self.ema_decay > 0:
