@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -93,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = not args.no_progress
+    main_rank = int(os.environ.get("RANK", "0")) == 0       # under torchrun, rank 0 reports
+    progress = not args.no_progress and main_rank
+    if not main_rank:
+        sys.stdout = open(os.devnull, "w")
     try:
         if args.command == "train":
             from .training import default_config, train
@@ -137,13 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_demo(args.out, categories=args.categories, preset_name=args.preset,
                      overrides=_parse_set(args.set), device=args.device, progress=progress)
+        from .distributed import shutdown
+        shutdown()
     except KeyboardInterrupt:
         print("lsr: interrupted (training resumes from the last epoch when run again)", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
         if args.debug:
             raise
-        print(f"lsr: error: {e}", file=sys.stderr)
+        where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
+        print(f"lsr: error{where}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -172,14 +172,20 @@ class Detector:
         return torch.from_numpy(arr), sizes
 
     def detect_paths(self, paths: Sequence[Path], batch_size: int = 8, first_id: int = 0,
-                     progress: bool = False) -> Iterator[tuple[list[Path], list[tuple[int, int]], Tensor,
-                                                               DetectionResult, float]]:
-        """Detect files in batches; yields (paths, sizes, images, result, ms per image).
-        The image id of ``paths[i]`` is ``first_id + i``."""
+                     progress: bool = False, shard: tuple[int, int] = (0, 1)
+                     ) -> Iterator[tuple[int, list[Path], list[tuple[int, int]], Tensor, DetectionResult, float]]:
+        """Detect files in batches; yields (index of the first image, paths, sizes, images,
+        result, ms per image). The image id of ``paths[i]`` is ``first_id + i``.
+
+        ``shard=(rank, world)`` takes every world-th batch starting at the rank-th: the
+        batches are the same as in one process, so the results are identical too."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(paths), desc="detect", unit="img", disable=not progress, dynamic_ncols=True)
-        for start in range(0, len(paths), batch_size):
+        rank, world = shard
+        starts = list(range(0, len(paths), batch_size))[rank::world]
+        total = sum(min(batch_size, len(paths) - s) for s in starts)
+        bar = tqdm(total=total, desc="detect", unit="img", disable=not progress, dynamic_ncols=True)
+        for start in starts:
             chunk = list(paths[start:start + batch_size])
             x, sizes = self.load_batch(chunk)
             t0 = time.perf_counter()
@@ -187,7 +193,7 @@ class Detector:
             ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)
             bar.update(len(chunk))
             bar.set_postfix(ms_per_img=f"{ms:.0f}")
-            yield chunk, sizes, x, res, ms
+            yield start, chunk, sizes, x, res, ms
         bar.close()
 
 
@@ -219,20 +225,24 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
                   batch_size: int = 8, device: str | None = None, save_tiff_maps: bool = False,
                   panels: bool = True, progress: bool = True, **options: Any) -> list[dict[str, Any]]:
     """``lsr detect``: write a panel PNG per image, ``results.jsonl`` and (optionally)
-    raw float32 TIFF maps at each image's own size. Returns the result rows."""
+    raw float32 TIFF maps at each image's own size. Returns the result rows.
+
+    Under ``torchrun`` the batches are shared out over the ranks; each rank writes the
+    pictures of its images, rank 0 writes ``results.jsonl`` in input order."""
+    from . import distributed as dist
     from .report import save_panel
 
-    det = Detector.load(run, device).with_options(**options)
+    ctx = dist.context(device)
+    det = Detector.load(run, ctx.device).with_options(**options)
     paths = list_images(list(inputs))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stems = unique_stems(paths)
-    rows: list[dict[str, Any]] = []
-    k = 0
-    for chunk, sizes, x, res, ms in det.detect_paths(paths, batch_size, progress=progress):
+    mine: list[tuple[int, dict[str, Any]]] = []
+    for start, chunk, sizes, x, res, ms in det.detect_paths(paths, batch_size, progress=progress and ctx.main,
+                                                            shard=(ctx.rank, ctx.world)):
         for i, (path, size) in enumerate(zip(chunk, sizes)):
-            stem = stems[k]
-            k += 1
+            stem = stems[start + i]
             row = {"image": str(path), **result_row(res, i), "time_ms": ms,
                    "resampler": det.config.detect.resampler, "map": det.config.detect.map_kind}
             if panels:
@@ -246,12 +256,16 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
                 full = anomaly.resize_maps(res.anomaly_map[i:i + 1].cpu(), size)[0].numpy()
                 save_tiff(out / "maps" / f"{stem}.tiff", full)
                 row["map_tiff"] = str(out / "maps" / f"{stem}.tiff")
-            rows.append(row)
-    import json
-    with atomic_write(out / "results.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return rows
+            mine.append((start + i, row))
+    gathered = dist.gather_objects(mine)
+    rows: list[dict[str, Any]] = []
+    if ctx.main:
+        rows = [row for _, row in sorted(item for part in gathered for item in part)]
+        import json
+        with atomic_write(out / "results.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return dist.broadcast_object(rows)
 
 
 __all__ = ["Detector", "DetectionResult", "detect_images", "resolve_device", "chain_seed", "DataError"]

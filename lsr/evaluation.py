@@ -67,7 +67,10 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
         out: output folder.
         options: detect options to override (resampler, seed, restorations, ...).
     """
-    det = Detector.load(run, device).with_options(**options)
+    from . import distributed as dist
+
+    ctx = dist.context(device)
+    det = Detector.load(run, ctx.device).with_options(**options)
     cat = scan_mvtec(data, require_test=True)
     check_mask_sizes(cat)
     out = Path(out)
@@ -78,47 +81,51 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     n = len(samples)
     labels = np.array([s.label for s in samples], dtype=np.int64)
     defects = np.array([s.defect for s in samples])
-    names = {m: np.zeros(n) for m in ("lsr", *VARIANTS, "direct", "nll")}
-    maps: dict[str, list[np.ndarray]] = {m: [] for m in ("lsr", *VARIANTS, "direct")}
-    masks: list[np.ndarray] = []
-    rows: list[dict[str, Any]] = []
-    keep: dict[int, dict[str, Any]] = {}
     shown = set(_pick_rows(defects, report_rows))
     d = det.config.detect
     t_start = time.perf_counter()
-    k = 0
-    for chunk, sizes, x, res, ms in det.detect_paths(paths, batch_size, progress=progress):
+    mine: list[tuple[int, dict[str, Any]]] = []           # (test index, record) of this rank's images
+    for start, chunk, sizes, x, res, ms in det.detect_paths(paths, batch_size, progress=progress and ctx.main,
+                                                            shard=(ctx.rank, ctx.world)):
         variant_maps = {"restored_vs_input": res.map_restored_vs_input,
                         "restored_vs_direct": res.map_restored_vs_direct}
         for i, size in enumerate(sizes):
+            k = start + i
             s = samples[k]
             full = {
                 "lsr": anomaly.resize_maps(res.anomaly_map[i:i + 1].cpu(), size)[0].numpy(),
                 **{v: anomaly.resize_maps(variant_maps[v][i:i + 1].cpu(), size)[0].numpy() for v in VARIANTS},
                 "direct": anomaly.resize_maps(res.map_direct[i:i + 1].cpu(), size)[0].numpy(),
             }
-            for m, arr in full.items():
-                maps[m].append(arr)
-            names["lsr"][k] = float(res.score[i])
-            names["direct"][k] = float(res.direct_score[i])
-            for v in VARIANTS:
-                names[v][k] = float(anomaly.image_score(variant_maps[v][i:i + 1], d.score, d.topk)[0])
-            names["nll"][k] = float(res.nll_score[i])
-            mask = load_mask(s.mask_path) if s.mask_path is not None else np.zeros(size, dtype=bool)
-            masks.append(mask)
+            scores = {"lsr": float(res.score[i]), "direct": float(res.direct_score[i]),
+                      "nll": float(res.nll_score[i]),
+                      **{v: float(anomaly.image_score(variant_maps[v][i:i + 1], d.score, d.topk)[0])
+                         for v in VARIANTS}}
             rel = Path(cat.name) / "test" / s.defect / f"{s.path.stem}.tiff"
             save_tiff(out / "anomaly_maps" / rel, full["lsr"])
             save_tiff(out / "baseline_maps" / rel, full["direct"])
-            rows.append({"image": str(s.path), "defect": s.defect, "label": s.label, **result_row(res, i),
-                         "time_ms": ms})
+            row = {"image": str(s.path), "defect": s.defect, "label": s.label, **result_row(res, i),
+                   "time_ms": ms}
+            item = None
             if k in shown:
-                keep[k] = {"image": x[i].numpy(), "direct": res.direct[i].cpu().numpy(),
-                           "restored": res.restored[i].cpu().numpy(),
-                           "map": res.anomaly_map[i].cpu().numpy(),
-                           "direct_map": res.map_direct[i].cpu().numpy(),
-                           "resampled": res.resampled[i].cpu().numpy(), "size": size}
-            k += 1
+                item = {"image": x[i].numpy(), "direct": res.direct[i].cpu().numpy(),
+                        "restored": res.restored[i].cpu().numpy(),
+                        "map": res.anomaly_map[i].cpu().numpy(),
+                        "direct_map": res.map_direct[i].cpu().numpy(),
+                        "resampled": res.resampled[i].cpu().numpy(), "size": size}
+            mine.append((k, {"maps": full, "scores": scores, "row": row, "keep": item, "size": size}))
+    gathered = dist.gather_objects(mine)                  # every rank's records on rank 0
+    if not ctx.main:
+        return dist.broadcast_object(None)
+    records = dict(item for part in gathered for item in part)
     seconds = time.perf_counter() - t_start
+
+    names = {m: np.array([records[k]["scores"][m] for k in range(n)]) for m in ("lsr", *VARIANTS, "direct", "nll")}
+    maps = {m: [records[k]["maps"][m] for k in range(n)] for m in ("lsr", *VARIANTS, "direct")}
+    masks = [load_mask(s.mask_path) if s.mask_path is not None else np.zeros(records[k]["size"], dtype=bool)
+             for k, s in enumerate(samples)]
+    rows = [records[k]["row"] for k in range(n)]
+    keep = {k: records[k]["keep"] for k in range(n) if records[k]["keep"] is not None}
 
     methods: dict[str, Any] = {}
     for m in ("lsr", *VARIANTS, "direct"):
@@ -144,7 +151,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
             f.write(json.dumps(r) + "\n")
     write_json(out / "metrics.json", result)
     _write_pictures(out, cat.name, samples, keep, masks, names, maps, labels, methods)
-    return result
+    return dist.broadcast_object(result)
 
 
 def _pick_rows(defects: np.ndarray, n_rows: int) -> list[int]:
