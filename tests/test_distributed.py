@@ -16,30 +16,29 @@ from lsr.checkpoint import load_weights
 pytestmark = pytest.mark.slow
 
 
-class threads:
-    """Run a block with n torch threads: exact equality needs the same float reduction
-    order, so the one-process run uses as many threads per process as the torchrun ranks."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
+def _env(extra=None):
+    # one thread per process on both sides of a comparison: exact equality needs the same
+    # float reduction order, and a fresh process (no kernels cached for other thread counts)
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "LSR_DIST_TIMEOUT": "60", **(extra or {})}
+    import lsr as pkg
+    root = os.path.dirname(os.path.dirname(pkg.__file__))            # the lsr being tested
+    e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
+    return e
 
 
 def torchrun(*args, env=None, timeout=300):
     """Run ``torchrun --standalone --nproc_per_node=2 -m lsr ARGS``; returns the process."""
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "LSR_DIST_TIMEOUT": "60", **(env or {})}
-    import lsr as pkg
-    root = os.path.dirname(os.path.dirname(pkg.__file__))            # the lsr being tested
-    e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "lsr", *map(str, args), "--no-progress"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(env), timeout=timeout)
+
+
+def one_process(*args, timeout=300):
+    """Run ``python -m lsr ARGS`` in a fresh single process."""
+    cmd = [sys.executable, "-m", "lsr", *map(str, args), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
 
 
 def _log(run, stage):
@@ -88,12 +87,12 @@ def test_torchrun_training_matches_one_process_with_the_same_global_batch(two_ru
 
 def test_sharded_eval_equals_one_process(two_runs, tiny_dataset, tmp_path):
     single, _, _ = two_runs
-    with threads(1):
-        one = lsr.evaluate(single, tiny_dataset, tmp_path / "one", batch_size=2, progress=False)
+    one_process("eval", single, tiny_dataset, "--out", tmp_path / "one", "--batch-size", "2")
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     p = torchrun("eval", single, tiny_dataset, "--out", tmp_path / "two", "--batch-size", "2")
     assert p.returncode == 0, p.stdout + p.stderr
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert two["methods"] == json.loads(json.dumps(one["methods"]))
+    assert two["methods"] == one["methods"]
     rows1 = [json.loads(x) for x in (tmp_path / "one" / "results.jsonl").read_text().splitlines()]
     rows2 = [json.loads(x) for x in (tmp_path / "two" / "results.jsonl").read_text().splitlines()]
     strip = lambda r: {k: v for k, v in r.items() if k != "time_ms"}          # noqa: E731
@@ -108,8 +107,8 @@ def test_sharded_eval_equals_one_process(two_runs, tiny_dataset, tmp_path):
 def test_sharded_detect_equals_one_process(two_runs, tiny_dataset, tmp_path):
     single, _, _ = two_runs
     images = sorted((tiny_dataset / "test").rglob("*.png"))[:5]
-    with threads(1):
-        one = lsr.detect_images(single, images, tmp_path / "one", batch_size=2, progress=False)
+    one_process("detect", single, *images, "--out", tmp_path / "one", "--batch-size", "2")
+    one = [json.loads(x) for x in (tmp_path / "one" / "results.jsonl").read_text().splitlines()]
     p = torchrun("detect", single, *images, "--out", tmp_path / "two", "--batch-size", "2")
     assert p.returncode == 0, p.stdout + p.stderr
     two = [json.loads(x) for x in (tmp_path / "two" / "results.jsonl").read_text().splitlines()]
