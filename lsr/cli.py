@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-panels", action="store_true", help="skip the PNG panels")
     _add_detect_options(d)
 
-    m = sub.add_parser("demo", parents=[common], help="build a texture dataset, train, evaluate, report (CPU, ~15 min)")
+    m = sub.add_parser("demo", parents=[common], help="build a texture dataset, train, evaluate, report (about 5 min on 2 CPU cores)")
     m.add_argument("--out", default="lsr-demo", help="output folder (default: ./lsr-demo)")
     m.add_argument("--categories", nargs="+", default=None, help="subset of brick grass gravel")
     m.add_argument("--preset", choices=PRESETS, default="demo")

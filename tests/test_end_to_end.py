@@ -170,3 +170,25 @@ def test_train_and_detect_with_a_plain_folder(tiny_dataset, tmp_path):
     res = lsr.train(folder, tmp_path / "run", cfg, progress=False, log=lambda *_: None)
     rows = lsr.detect_images(res.run, [folder], tmp_path / "out", progress=False, panels=False)
     assert len(rows) == 8 and all(r["prior_passes"] >= 1 for r in rows)
+
+
+def test_paper_preset_builds_and_runs_one_step():
+    """The GPU preset (256 px, 32x32 codes, K = 512) is consistent: one training step of
+    each model and a fast resampling pass run on the CPU."""
+    import lsr.ops as ops
+    from lsr.models import VQVAE, PixelSNAIL
+
+    cfg = lsr.preset("paper", in_channels=3)
+    assert (cfg.vqvae.image_size, cfg.grid_size, cfg.vqvae.codebook_size) == (256, 32, 512)
+    torch.manual_seed(0)
+    vq, prior = VQVAE(cfg.vqvae), PixelSNAIL(cfg.prior)
+    out = vq(torch.rand(1, 3, 256, 256))
+    assert out.indices.shape == (1, 32, 32) and out.reconstruction.shape == (1, 3, 256, 256)
+    logits = prior(out.indices)
+    assert logits.shape == (1, 512, 32, 32)
+    torch.nn.functional.cross_entropy(logits, out.indices).backward()
+    assert all(p.grad is not None for p in prior.parameters())
+    prior.eval()
+    with torch.no_grad():
+        res = ops.resample(prior, out.indices, ops.gumbel_noise(1, 1024, 512, [0]), tau=0.0)
+    assert int(res.prior_passes[0]) == 1 and torch.equal(res.codes, out.indices)
