@@ -164,8 +164,15 @@ def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, ru
             opt.zero_grad(set_to_none=True)
             (loss * _local_weight(len(x), len(idx), ctx)).backward()
             opt.step()
-            restarts += model.quantizer.ema_update(out.z_e.detach(), out.indices, generator=g,
-                                                   reduce=reduce, gather=gather)
+            n_restarted = model.quantizer.ema_update(out.z_e.detach(), out.indices, generator=g,
+                                                     reduce=reduce, gather=gather)
+            if n_restarted and ctx.enabled:
+                # every rank drew the same restarts from the gathered batch; rank 0's codebook
+                # is nevertheless what all ranks keep
+                for name in ("codebook", "embed_sum", "cluster_size", "unused_steps"):
+                    if hasattr(model.quantizer, name):
+                        dist.broadcast(getattr(model.quantizer, name).data)
+            restarts += n_restarted
             if check_sync:
                 dist.assert_in_sync(model, f"vqvae epoch {epoch} step {s}")
                 checked += 1

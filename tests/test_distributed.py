@@ -50,7 +50,8 @@ def _log(run, stage):
 def two_runs(tiny_dataset, tmp_path_factory):
     """The same tiny training once in one process and once under torchrun (2 ranks)."""
     base = tmp_path_factory.mktemp("dist")
-    cfg = lsr.preset("tiny", in_channels=1).with_overrides({"train.vqvae_epochs": 3, "train.prior_epochs": 3})
+    cfg = lsr.preset("tiny", in_channels=1).with_overrides(
+        {"train.vqvae_epochs": 3, "train.prior_epochs": 3, "vqvae.dead_code_after": 2})   # restarts happen
     cfg_file = base / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     single = lsr.train(tiny_dataset, base / "single", cfg, progress=False, log=lambda *_: None)
@@ -69,6 +70,8 @@ def test_ranks_stay_identical_after_every_step(two_runs):
 
 def test_torchrun_training_matches_one_process_with_the_same_global_batch(two_runs):
     single, ddp, proc = two_runs
+    restarts = [r["restarts"] for r in _log(ddp, "vqvae")]
+    assert sum(restarts) > 0 and restarts == [r["restarts"] for r in _log(single, "vqvae")]
     assert sorted(p.name for p in single.iterdir()) == sorted(p.name for p in ddp.iterdir())
     a, b = load_weights(single / "vqvae.safetensors"), load_weights(ddp / "vqvae.safetensors")
     for k in a:
