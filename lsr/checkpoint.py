@@ -59,8 +59,9 @@ def save_training_state(path: str | os.PathLike, model: nn.Module, optimizer: to
     """
     path = Path(path)
     jpath = path.with_suffix(".json")
-    old = read_json(jpath).get("tensors") if jpath.is_file() else None
-    serial = (int(read_json(jpath).get("serial", 0)) + 1) if jpath.is_file() else 0
+    prev = read_json(jpath) if jpath.is_file() else {}
+    old = prev.get("tensors")
+    serial = int(prev.get("serial", -1)) + 1
     tname = f"{path.name}.{serial}.safetensors"
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -261,7 +262,6 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     rows: list[dict[str, Any]] = []
     if ctx.main:
         rows = [row for _, row in sorted(item for part in gathered for item in part)]
-        import json
         with atomic_write(out / "results.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

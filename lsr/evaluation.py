@@ -112,7 +112,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
                         "restored": res.restored[i].cpu().numpy(),
                         "map": res.anomaly_map[i].cpu().numpy(),
                         "direct_map": res.map_direct[i].cpu().numpy(),
-                        "resampled": res.resampled[i].cpu().numpy(), "size": size}
+                        "resampled": res.resampled[i].cpu().numpy()}
             mine.append((k, {"maps": full, "scores": scores, "row": row, "keep": item, "size": size}))
     gathered = dist.gather_objects(mine)                  # every rank's records on rank 0
     if not ctx.main:

@@ -31,3 +31,24 @@ def tiny_run(tiny_dataset, tmp_path_factory):
     cfg = lsr.preset("tiny", in_channels=1)
     lsr.train(tiny_dataset, out, cfg, device="cpu", progress=False, log=lambda *_: None)
     return out
+
+
+def interrupt_training_in_prior_epoch_1(monkeypatch, data, out, cfg):
+    """Run ``lsr.train`` and stop it with KeyboardInterrupt at the end of the prior's
+    second epoch (epoch 0's checkpoint is on disk), as a user's Ctrl-C would."""
+    import lsr
+    import lsr.training as T
+
+    calls = {"n": 0}
+    real = T.prior_nll
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "prior_nll", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        lsr.train(data, out, cfg, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(T, "prior_nll", real)

@@ -11,6 +11,7 @@ import tifffile
 import torch
 
 import lsr
+from conftest import interrupt_training_in_prior_epoch_1
 from lsr.checkpoint import load_weights
 
 pytestmark = pytest.mark.slow
@@ -124,20 +125,7 @@ def test_resume_under_torchrun(tiny_dataset, tmp_path, monkeypatch):
     cfg = lsr.preset("tiny", in_channels=1).with_overrides({"train.prior_epochs": 3})
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
-    import lsr.training as T
-    calls = {"n": 0}
-    real = T.prior_nll
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(T, "prior_nll", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        lsr.train(tiny_dataset, tmp_path / "run", cfg, progress=False, log=lambda *_: None)
-    monkeypatch.setattr(T, "prior_nll", real)
+    interrupt_training_in_prior_epoch_1(monkeypatch, tiny_dataset, tmp_path / "run", cfg)
     p = torchrun("train", tiny_dataset, "--out", tmp_path / "run", "--config", cfg_file)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resuming" in p.stdout

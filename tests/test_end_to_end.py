@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import lsr
+from conftest import interrupt_training_in_prior_epoch_1
 from lsr.cli import export_main, main
 from lsr.checkpoint import load_weights
 
@@ -100,21 +101,8 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_dataset, tmp_path,
     cfg = lsr.preset("tiny", in_channels=1).with_overrides({"train.prior_epochs": 3, "train.vqvae_epochs": 2})
     ref = lsr.train(tiny_dataset, tmp_path / "ref", cfg, progress=False, log=lambda *_: None)
 
-    import lsr.training as T
-    calls = {"n": 0}
-    real = T.prior_nll
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(T, "prior_nll", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        lsr.train(tiny_dataset, tmp_path / "cut", cfg, progress=False, log=lambda *_: None)
+    interrupt_training_in_prior_epoch_1(monkeypatch, tiny_dataset, tmp_path / "cut", cfg)
     assert not (tmp_path / "cut" / "prior.safetensors").exists()
-    monkeypatch.setattr(T, "prior_nll", real)
     res = lsr.train(tiny_dataset, tmp_path / "cut", cfg, progress=False, log=lambda *_: None)
     a, b = load_weights(ref.run / "prior.safetensors"), load_weights(res.run / "prior.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
