@@ -53,7 +53,8 @@ def _extensions():
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp")
+                     + glob.glob("csrc/resample/*.cpp"))
     # no -std flag: torch's BuildExtension adds the standard its headers need (C++17 in
     # older releases, C++20 in recent ones; torch 2.14's ATen.h rejects C++17)
     cxx = ["-O3", "-fopenmp-simd"]

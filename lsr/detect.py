@@ -47,6 +47,7 @@ class DetectionResult(NamedTuple):
     likelihood: Tensor           # (B, h, w) p_t of the original codes
     n_resampled: Tensor          # (B,) float, redrawn codes per restoration (mean)
     prior_passes: Tensor         # (B,) int64, prior passes over all restorations
+    positions_evaluated: Tensor  # (B,) int64, grid positions those passes evaluated
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -164,6 +165,7 @@ class Detector:
             likelihood=likelihood,
             n_resampled=rs.resampled.view(B, n, -1).sum(-1).float().mean(dim=1),
             prior_passes=rs.prior_passes.view(B, n).sum(dim=1),
+            positions_evaluated=rs.positions_evaluated.view(B, n).sum(dim=1),
         )
 
     def load_batch(self, paths: Sequence[Path]) -> tuple[Tensor, list[tuple[int, int]]]:
@@ -198,15 +200,29 @@ class Detector:
         bar.close()
 
 
-def result_row(res: DetectionResult, i: int) -> dict[str, Any]:
+def recomputed_fraction(prior_passes: int, positions_evaluated: int, n_codes: int, restorations: int
+                        ) -> float | None:
+    """Share of the grid that the passes after a change evaluated (1.0 for the ``naive``
+    and ``fast`` loops, which re-run whole passes; less for ``native``); None when no
+    code changed (only the first pass of each restoration ran)."""
+    later = prior_passes - restorations
+    if later <= 0:
+        return None
+    return (positions_evaluated - restorations * n_codes) / (later * n_codes)
+
+
+def result_row(res: DetectionResult, i: int, restorations: int = 1) -> dict[str, Any]:
     """The JSON fields of image i of a batch result."""
+    passes, evaluated, n_codes = int(res.prior_passes[i]), int(res.positions_evaluated[i]), int(res.codes[i].numel())
     return {
         "score": float(res.score[i]),
         "nll_score": float(res.nll_score[i]),
         "direct_score": float(res.direct_score[i]),
         "n_resampled": float(res.n_resampled[i]),
-        "prior_passes": int(res.prior_passes[i]),
-        "n_codes": int(res.codes[i].numel()),
+        "prior_passes": passes,
+        "positions_evaluated": evaluated,
+        "recomputed_fraction": recomputed_fraction(passes, evaluated, n_codes, restorations),
+        "n_codes": n_codes,
     }
 
 
@@ -244,7 +260,7 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
                                                             shard=(ctx.rank, ctx.world)):
         for i, (path, size) in enumerate(zip(chunk, sizes)):
             stem = stems[start + i]
-            row = {"image": str(path), **result_row(res, i), "time_ms": ms,
+            row = {"image": str(path), **result_row(res, i, det.config.detect.restorations), "time_ms": ms,
                    "resampler": det.config.detect.resampler, "map": det.config.detect.map_kind}
             if panels:
                 row["panel"] = str(out / f"{stem}.png")

@@ -104,7 +104,8 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
             rel = Path(cat.name) / "test" / s.defect / f"{s.path.stem}.tiff"
             save_tiff(out / "anomaly_maps" / rel, full["lsr"])
             save_tiff(out / "baseline_maps" / rel, full["direct"])
-            row = {"image": str(s.path), "defect": s.defect, "label": s.label, **result_row(res, i),
+            row = {"image": str(s.path), "defect": s.defect, "label": s.label,
+                   **result_row(res, i, det.config.detect.restorations),
                    "time_ms": ms}
             item = None
             if k in shown:

@@ -271,14 +271,15 @@ def test_backend_native_real_state():
                 pass
 
 
-def test_resample_native_not_implemented_mentions_fast():
+def test_resample_native_without_extension_mentions_fast(monkeypatch):
     codes = torch.zeros(1, 2, 2, dtype=torch.long)
     noise = ops.gumbel_noise(1, 4, 3, [0])
 
     def prior(c):
         return torch.zeros(c.shape[0], 3, *c.shape[1:])
 
-    with pytest.raises(NotImplementedError, match="fast"):
+    monkeypatch.setattr(ops, "native_available", lambda: False)
+    with pytest.raises(RuntimeError, match="--resampler fast"):
         ops.resample(prior, codes, noise, 0.5, method="native")
     with pytest.raises(ValueError, match="resampler must be one of"):
         ops.resample(prior, codes, noise, 0.5, method="slow")

@@ -230,9 +230,9 @@ def test_naive_equals_fast(dtype):
     check_equal(n, f, nc, fc, codes)
     assert f.codes.dtype == torch.int64 and f.resampled.dtype == torch.bool
     assert f.likelihood.shape == codes.shape
-    # the first-pass likelihood is p(c_t | c_<t) of the original codes
+    # the first-pass likelihood is p(c_t | c_<t) of the original codes (softmax over K per position)
     with torch.no_grad():
-        p = torch.softmax(model(codes).float(), 1).gather(1, codes[:, None])[:, 0]
+        p = torch.softmax(model(codes).float().movedim(1, -1), -1).gather(-1, codes[..., None])[..., 0]
     assert torch.equal(f.likelihood, p)
     # the dispatch point gives the same
     r = ops.resample(CountingPrior(model), codes, noise, tau, 1.0, method="fast")

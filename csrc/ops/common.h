@@ -50,6 +50,25 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
               "lsr::causal_attention: q, k, v must be on one device");
 }
 
+// lsr::causal_attention_rows: q (B, h, Tq, d) for positions [q0, q0 + Tq), k and v
+// (B, h, q0 + Tq, d), same dtype and device.
+inline void check_attention_rows_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q0) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4,
+              "lsr::causal_attention_rows expects q (B, h, Tq, d) and k, v (B, h, q0 + Tq, d); got q ", shape_str(q),
+              ", k ", shape_str(k));
+  TORCH_CHECK(q0 >= 0 && k.size(2) == q0 + q.size(2) && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
+                  k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "lsr::causal_attention_rows: with q0 = ", q0, " and q ", shape_str(q), ", k and v must be (B, h, ",
+              q0 + q.size(2), ", d); got k ", shape_str(k), ", v ", shape_str(v));
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "lsr::causal_attention_rows: q, k, v must have the same dtype; got ", shape_str(q), ", ",
+              shape_str(k), ", ", shape_str(v));
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "lsr::causal_attention_rows: expects floating inputs; got ",
+              shape_str(q));
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
+              "lsr::causal_attention_rows: q, k, v must be on one device");
+}
+
 // The backward's extra inputs: grad_out and out shaped and typed like q, lse (B, h, T)
 // float32, all on q's device (q, k, v checked by check_attention_inputs).
 inline void check_attention_bwd_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,

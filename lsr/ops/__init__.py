@@ -114,7 +114,7 @@ __all__ = ["vq_nearest", "causal_attention", "backend", "current_backend", "nati
 
 
 from .resampling import (ResampleResult, flag_positions, gumbel_noise,  # noqa: E402
-                       resample_fast, resample_naive)
+                       resample_fast, resample_naive, resample_native)
 
 RESAMPLERS = ("naive", "fast", "native")
 
@@ -130,18 +130,17 @@ def resample(prior, codes: Tensor, noise: Tensor, tau: float, temperature: float
         tau: likelihood threshold.
         temperature: sampling temperature.
         method: ``naive`` (H*W prior passes, the reference), ``fast`` (exact,
-            1 + changes passes) or ``native`` (C++ loop; not built yet).
+            1 + changes passes) or ``native`` (the same loop in C++ with incremental
+            prior passes; needs the extension and a PixelSNAIL prior).
     """
     if method == "naive":
         return resample_naive(prior, codes, noise, tau, temperature)
     if method == "fast":
         return resample_fast(prior, codes, noise, tau, temperature)
     if method == "native":
-        raise NotImplementedError(
-            "--resampler native is not available in this version of lsr: the C++ resampling "
-            "loop has not been built yet. Use --resampler fast (exact, same codes) instead.")
+        return resample_native(prior, codes, noise, tau, temperature)
     raise ValueError(f"resampler must be one of {RESAMPLERS}, got {method!r}")
 
 
 __all__ += ["resample", "ResampleResult", "flag_positions", "gumbel_noise", "resample_fast",
-            "resample_naive", "RESAMPLERS"]
+            "resample_naive", "resample_native", "RESAMPLERS"]

@@ -51,3 +51,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def vq_nearest(z: Tensor, codebook: Tensor) -> Tensor:
     """Native nearest-codebook search: z (Tensor[N, D]), codebook (Tensor[K, D]) -> Tensor[N]."""
     return torch.ops.lsr.vq_nearest(z, codebook)
+
+
+@torch.library.register_fake("lsr::causal_attention_rows")
+def _attention_rows_fake(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "causal_attention_rows expects (B, h, T, d)")
+    return torch.empty_like(q)
+
+
+def causal_attention_rows(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
+    """Native rows [q0, q0 + Tq) of strictly causal attention: q (Tensor[B, h, Tq, d]),
+    k, v (Tensor[B, h, q0 + Tq, d]) -> Tensor[B, h, Tq, d] (inference only)."""
+    return torch.ops.lsr.causal_attention_rows(q, k, v, q0)

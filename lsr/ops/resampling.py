@@ -15,6 +15,7 @@ identical codes from the same noise:
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -29,6 +30,7 @@ class ResampleResult(NamedTuple):
     resampled: Tensor      # (B, H, W) bool, positions whose code was redrawn
     likelihood: Tensor     # (B, H, W) p_t of the original codes (first prior pass)
     prior_passes: Tensor   # (B,) int64, prior passes that included this image
+    positions_evaluated: Tensor  # (B,) int64, grid positions those passes evaluated
 
 
 def flag_positions(p: Tensor, tau: float | Tensor) -> Tensor:
@@ -69,19 +71,27 @@ def flag_positions(p: Tensor, tau: float | Tensor) -> Tensor:
 
 def gumbel_noise(n: int, T: int, K: int, seeds: list[int] | Tensor, device=None) -> Tensor:
     """Gumbel(0, 1) noise (n, T, K), one independent stream per chain from ``seeds[i]``,
-    so a chain's draws do not depend on the batch it runs in."""
+    so a chain's draws do not depend on the batch it runs in.
+
+    The uniforms are ``torch.rand(T, K)`` of a CPU generator seeded with ``seeds[i]``
+    (float32); the transform ``-log(-log(u))`` is computed in float64 and rounded to
+    float32 once, so that :func:`lsr.deploy.numpy_ops.gumbel_noise` (numpy, no torch)
+    reproduces this noise bit for bit."""
     out = torch.empty(n, T, K)
-    tiny = torch.finfo(torch.float32).tiny
+    tiny = float(torch.finfo(torch.float32).tiny)
     for i in range(n):
         g = torch.Generator().manual_seed(int(seeds[i]))
-        u = torch.rand(T, K, generator=g).clamp_(min=tiny, max=1.0 - 1e-7)
-        out[i] = -torch.log(-torch.log(u))
+        u = torch.rand(T, K, generator=g).double().clamp_(min=tiny, max=1.0 - 1e-7)
+        out[i] = (-torch.log(-torch.log(u))).float()
     return out.to(device) if device is not None else out
 
 
 def _likelihood(logits: Tensor, codes: Tensor) -> Tensor:
-    """p(c_t) per position from logits (B, K, H, W) and codes (B, H, W)."""
-    return torch.softmax(logits.float(), dim=1).gather(1, codes.unsqueeze(1)).squeeze(1)
+    """p(c_t) per position from logits (B, K, H, W) and codes (B, H, W): a softmax over K
+    per position (row-wise, so a position gets the same arithmetic in any batch or slice;
+    the C++ loop, csrc/resample/resample.cpp code_likelihood, does the same)."""
+    lp = torch.softmax(logits.float().movedim(1, -1), dim=-1)          # (B, H, W, K)
+    return lp.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
 
 
 def _draw(logits_t: Tensor, noise_t: Tensor, temperature: float) -> Tensor:
@@ -118,7 +128,7 @@ def resample_naive(prior: PriorFn, codes: Tensor, noise: Tensor, tau: float,
             resampled[:, t] |= flag
     assert first is not None
     passes = torch.full((B,), H * W, dtype=torch.long)
-    return ResampleResult(c, resampled.view(B, H, W), first, passes)
+    return ResampleResult(c, resampled.view(B, H, W), first, passes, passes * (H * W))
 
 
 def resample_fast(prior: PriorFn, codes: Tensor, noise: Tensor, tau: float,
@@ -159,4 +169,52 @@ def resample_fast(prior: PriorFn, codes: Tensor, noise: Tensor, tau: float,
         passes[active.cpu()] += 1
         logits = prior(c[active])
         p = _likelihood(logits, c[active])
-    return ResampleResult(c, resampled.view(B, H, W), first, passes)
+    return ResampleResult(c, resampled.view(B, H, W), first, passes, passes * T)
+
+
+def resample_native(prior, codes: Tensor, noise: Tensor, tau: float,
+                    temperature: float = 1.0) -> ResampleResult:
+    """The exact fast loop run by C++ (``csrc/resample``) with incremental prior passes:
+    after a change in row i, only rows i..H-1 of the images that changed are evaluated,
+    from cached convolution rows and attention keys/values (:mod:`lsr.models.incremental`).
+    Same codes as :func:`resample_fast` and :func:`resample_naive` (up to float32 rounding,
+    see README "Exactness").
+
+    Args:
+        prior: a :class:`lsr.models.PixelSNAIL` (scripted once and cached), or an already
+            scripted :class:`lsr.models.incremental.IncrementalPrior`.
+    """
+    from . import native_available
+    if not native_available():
+        raise RuntimeError("--resampler native needs the lsr._C extension; build it with "
+                           "`pip install --no-build-isolation .` (see README), or use --resampler fast")
+    from lsr import _C
+    scripted = _scripted(prior)
+    B, H, W = codes.shape
+    c, resampled, first, passes, evaluated = _C.resample_incremental(
+        scripted, codes.long(), noise, float(tau), float(temperature))
+    return ResampleResult(c, resampled, first, passes, evaluated)
+
+
+_SCRIPTED: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _scripted(prior):
+    """The TorchScript incremental prior of ``prior`` (cached per prior, device and dtype)."""
+    from lsr.models.incremental import script_prior
+    from lsr.models.pixelsnail import PixelSNAIL
+    if isinstance(prior, torch.jit.ScriptModule):
+        if not hasattr(prior, "partial"):
+            raise TypeError("--resampler native: the scripted prior has no `partial` method; script it with "
+                            "lsr.models.incremental.script_prior")
+        return prior
+    if not isinstance(prior, PixelSNAIL):
+        raise TypeError(f"--resampler native needs a PixelSNAIL prior (it is scripted for the C++ loop), "
+                        f"got {type(prior).__name__}")
+    w = prior.head.weight
+    key = (w.device, w.dtype, w.data_ptr())
+    hit = _SCRIPTED.get(prior)
+    if hit is None or hit[0] != key:
+        hit = (key, script_prior(prior, native=True))
+        _SCRIPTED[prior] = hit
+    return hit[1]

@@ -2,26 +2,29 @@
 // causal_attention_kernel.cpp for the layout of the packed operands).
 // No include guard: compiled once per instruction set by per_isa.h.
 
-// Forward of one block of queries [i0, i0 + kBlockQ) of head bh: FlashAttention's online
-// softmax over key blocks [j0, j0 + kBlockK), only those with a key s < t for some row t
-// of the block. Per-thread tiles: S (kBlockQ x kBlockK scores, then probabilities), acc
-// (kBlockQ x dp unnormalised output), row_max / row_sum (kBlockQ).
+// Forward of one block of queries, absolute positions [i0, i1) (query i sits at row
+// i - a.q0 of q/out), of head bh: FlashAttention's online softmax over key blocks
+// [j0, j0 + kBlockK), only those with a key s < t for some row t of the block. Blocks are
+// aligned to absolute positions, so a row computed in a partial call (q0 > 0) goes through
+// exactly the same arithmetic as in a full one. Per-thread tiles: S (kBlockQ x kBlockK
+// scores, then probabilities), acc (kBlockQ x dp unnormalised output), row_max / row_sum.
 template <typename T>
-LSR_INLINE void fwd_block(const AttnFwd<T>& a, int64_t bh, int64_t i0, T* S, T* acc, T* row_max, T* row_sum) {
+LSR_INLINE void fwd_block(const AttnFwd<T>& a, int64_t bh, int64_t i0, int64_t i1, T* S, T* acc, T* row_max,
+                          T* row_sum) {
   using V = vec<T>;
   constexpr int W = kLanes<T>;
   constexpr T ninf = -std::numeric_limits<T>::infinity();
-  const int64_t n_t = a.len, dp = a.dp;
-  const int64_t i1 = std::min(n_t, i0 + kBlockQ), m = i1 - i0;
-  const T* Q = a.q + (bh * n_t + i0) * dp;
+  const int64_t n_t = a.len, dp = a.dp, m = i1 - i0;
+  const T* Q = a.q + (bh * n_t + i0 - a.q0) * dp;
   const T* Kt = a.kt + bh * dp * a.Tp;
-  const T* Vr = a.v + bh * n_t * dp;
+  const T* Vr = a.v + bh * a.Tk * dp;
   std::fill(acc, acc + m * dp, T(0));
   std::fill(row_max, row_max + m, ninf);
   std::fill(row_sum, row_sum + m, T(0));
-  // the last row, t = i1 - 1, sees keys [0, i1 - 1); blocks past the diagonal are skipped
-  for (int64_t j0 = 0; j0 < i1 - 1; j0 += kBlockK) {
-    const int64_t n = std::min(kBlockK, i1 - 1 - j0), np = round_up(n, W);
+  // the last row of the aligned block sees keys [0, end - 1); blocks past the diagonal are skipped
+  const int64_t end = std::min(a.q0 + n_t, (i0 / kBlockQ + 1) * kBlockQ);
+  for (int64_t j0 = 0; j0 < end - 1; j0 += kBlockK) {
+    const int64_t n = std::min(kBlockK, end - 1 - j0), np = round_up(n, W);
     gemm<T>(m, np, dp, Q, dp, Kt + j0, a.Tp, S, kBlockK, false);  // raw scores q.k
     for (int64_t r = 0; r < m; ++r) {
       T* s = S + r * kBlockK;
@@ -55,30 +58,34 @@ LSR_INLINE void fwd_block(const AttnFwd<T>& a, int64_t bh, int64_t i0, T* S, T* 
     gemm<T>(m, dp, n, S, kBlockK, Vr + j0 * dp, dp, acc, dp, true);  // acc += P v
   }
   for (int64_t r = 0; r < m; ++r) {
-    T* o = a.out + (bh * n_t + i0 + r) * dp;
+    T* o = a.out + (bh * n_t + i0 - a.q0 + r) * dp;
     const T* in = acc + r * dp;
     if (row_sum[r] > T(0)) {
       const T inv = T(1) / row_sum[r];
       for (int64_t c = 0; c < dp; c += W) store(o + c, load<V>(in + c) * inv);
-      a.lse[bh * n_t + i0 + r] = row_max[r] + std::log(row_sum[r]);
+      a.lse[bh * n_t + i0 - a.q0 + r] = row_max[r] + std::log(row_sum[r]);
     } else {  // row 0: no keys, zeros (never NaN)
       std::fill(o, o + dp, T(0));
-      a.lse[bh * n_t + i0 + r] = ninf;
+      a.lse[bh * n_t + i0 - a.q0 + r] = ninf;
     }
   }
 }
 
 // Entry point of the forward: runs tasks (head, query block) taken from `next` until none
 // are left; task t is query block nqb - 1 - t / BH of head t % BH (the longest rows first).
+// Query blocks are the absolute blocks [b * kBlockQ, (b + 1) * kBlockQ) cut to [q0, q0 + len).
 template <typename T> void attn_fwd_tasks(const AttnFwd<T>& a, std::atomic<int64_t>* next) {
-  const int64_t nqb = (a.len + kBlockQ - 1) / kBlockQ, ntasks = a.BH * nqb;
+  const int64_t b0 = a.q0 / kBlockQ, nqb = (a.q0 + a.len + kBlockQ - 1) / kBlockQ - b0, ntasks = a.BH * nqb;
   std::unique_ptr<T[]> buf(new T[kBlockQ * kBlockK + kBlockQ * a.dp + 2 * kBlockQ]);
   T* S = buf.get();
   T* acc = S + kBlockQ * kBlockK;
   T* row_max = acc + kBlockQ * a.dp;
   T* row_sum = row_max + kBlockQ;
-  for (int64_t t = next->fetch_add(1); t < ntasks; t = next->fetch_add(1))
-    fwd_block<T>(a, t % a.BH, (nqb - 1 - t / a.BH) * kBlockQ, S, acc, row_max, row_sum);
+  for (int64_t t = next->fetch_add(1); t < ntasks; t = next->fetch_add(1)) {
+    const int64_t blk = b0 + nqb - 1 - t / a.BH;
+    const int64_t i0 = std::max(a.q0, blk * kBlockQ), i1 = std::min(a.q0 + a.len, (blk + 1) * kBlockQ);
+    fwd_block<T>(a, t % a.BH, i0, i1, S, acc, row_max, row_sum);
+  }
 }
 
 // Backward of head bh: for each key block, every query block below it recomputes

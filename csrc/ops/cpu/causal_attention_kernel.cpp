@@ -38,8 +38,10 @@ template <typename T> struct AttnFwd {
   const T* v;   // (BH, T, dp)
   T* out;       // (BH, T, dp)
   T* lse;       // (BH, T)
-  int64_t BH, len, Tp, dp;  // heads, sequence length T, padded T and d
+  int64_t BH, len, Tp, dp;  // heads, queries T (rows of q), padded key count and d
   T scale;
+  int64_t q0 = 0;  // absolute position of query row 0 (> 0 in lsr::causal_attention_rows)
+  int64_t Tk = 0;  // number of keys: q0 + len
 };
 
 template <typename T> struct AttnBwd {
@@ -70,7 +72,7 @@ template <typename T> void run_fwd(const AttnFwd<T>& a) {
   if (isa() == Isa::kAvx512) fn = &avx512::attn_fwd_tasks<T>;
   else if (isa() == Isa::kAvx2) fn = &avx2::attn_fwd_tasks<T>;
 #endif
-  const int64_t ntasks = a.BH * ((a.len + kBlockQ - 1) / kBlockQ);
+  const int64_t ntasks = a.BH * ((a.q0 + a.len + kBlockQ - 1) / kBlockQ - a.q0 / kBlockQ);
   std::atomic<int64_t> next{0};
   // one call per thread; each takes tasks from `next` (dynamic: blocks differ in length)
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), ntasks), 1, [&](int64_t b, int64_t e) {
@@ -114,16 +116,17 @@ at::Tensor unpack(const at::Tensor& buf, const at::Tensor& like) {
   return res;
 }
 
-// Runs the forward kernel: out (BH, T, dp) and lse (B, h, T), both of the accumulation type.
+// Runs the forward kernel: out (BH, Tq, dp) and lse (B, h, Tq), both of the accumulation
+// type, for queries at absolute positions [q0, q0 + Tq) against keys [0, q0 + Tq).
 void fwd_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dp, int64_t Tp, at::Tensor& out,
-              at::Tensor& lse) {
+              at::Tensor& lse, int64_t q0 = 0) {
   const auto acc = out.scalar_type();
   const int64_t BH = q.size(0) * q.size(1), T = q.size(2), d = q.size(3);
   const at::Tensor qp = pack_rows(q, acc, dp), kt = pack_cols(k, acc, dp, Tp), vp = pack_rows(v, acc, dp);
   AT_DISPATCH_FLOATING_TYPES(acc, "causal_attention_fwd_cpu", [&] {
     AttnFwd<scalar_t> a{qp.const_data_ptr<scalar_t>(), kt.const_data_ptr<scalar_t>(), vp.const_data_ptr<scalar_t>(),
                         out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), BH, T, Tp, dp,
-                        static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(d)))};
+                        static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(d))), q0, q0 + T};
     run_fwd(a);
   });
 }
@@ -147,6 +150,22 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cpu(const at::Tensor& q,
   fwd_into(q, k, v, dp, Tp, out, lse_acc);
   if (!lse_acc.is_same(lse)) lse.copy_(lse_acc);
   return {unpack(out, q), lse};
+}
+
+// Queries [q0, q0 + Tq) of a strictly causal attention over keys [0, q0 + Tq): q (B, h, Tq, d),
+// k, v (B, h, q0 + Tq, d) -> out (B, h, Tq, d); row i is bit for bit row q0 + i of
+// causal_attention_fwd on the full sequence (the incremental prior passes rely on it).
+at::Tensor causal_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q0) {
+  check_attention_rows_inputs(q, k, v, q0);
+  const int64_t B = q.size(0), h = q.size(1), T = q.size(2), d = q.size(3), Tk = k.size(2);
+  if (B * h * T == 0 || d == 0) return at::zeros_like(q);
+  const auto acc = acc_type(q);
+  const int64_t pad = acc == at::kDouble ? kPad<double> : kPad<float>;
+  const int64_t dp = round_up(d, pad), Tp = round_up(Tk, pad);
+  at::Tensor out = at::empty({B * h, T, dp}, q.options().dtype(acc));
+  at::Tensor lse = at::empty({B, h, T}, q.options().dtype(acc));
+  fwd_into(q, k, v, dp, Tp, out, lse, q0);
+  return unpack(out, q);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(const at::Tensor& grad_out,
@@ -190,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(const at
 TORCH_LIBRARY_IMPL(lsr, CPU, m) {
   m.impl("causal_attention_fwd", &causal_attention_fwd_cpu);
   m.impl("causal_attention_bwd", &causal_attention_bwd_cpu);
+  m.impl("causal_attention_rows", &causal_attention_rows_cpu);
 }
 
 }  // namespace lsr

@@ -1,0 +1,132 @@
+// See resample.h. Semantics: lsr/ops/resampling.py (resample_fast) and METHOD.md.
+//
+// Invariant of the loop: before each step, `logits` and `p` hold the exact values of the
+// current grid of every active image. A step finds each active image's first flagged
+// position t >= its pointer, redraws c[t] = argmax(logits_t / T + G_t), and moves the
+// pointer past t. Positions <= t keep their values (causality); the prior re-evaluates
+// rows row(min t) .. H-1 of the images that changed, from the cache of the rows above.
+#include "resample/resample.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace lsr {
+
+at::Tensor flag_positions(const at::Tensor& p, double tau) {
+  TORCH_CHECK(p.dim() == 3, "flag_positions expects p (B, H, W), got ", p.sizes());
+  const int64_t H = p.size(1), W = p.size(2);
+  const at::Tensor low = p.lt(tau);
+  const at::Tensor lowf = low.unsqueeze(1).to(at::kFloat);
+  const at::Tensor padded = at::constant_pad_nd(lowf, {1, 1, 0, 1});  // (B, 1, H + 1, W + 2)
+  using at::indexing::Slice;
+  const at::Tensor right = padded.index({Slice(), Slice(), Slice(0, H), Slice(2, at::indexing::None)});
+  const at::Tensor below_left = padded.index({Slice(), Slice(), Slice(1, at::indexing::None), Slice(0, W)});
+  const at::Tensor below = padded.index({Slice(), Slice(), Slice(1, at::indexing::None), Slice(1, W + 1)});
+  const at::Tensor below_right = padded.index({Slice(), Slice(), Slice(1, at::indexing::None), Slice(2, at::indexing::None)});
+  const at::Tensor neighbour_low = (right + below_left + below + below_right).squeeze(1).gt(0);
+  at::Tensor last = at::zeros({H, W}, low.options());
+  last.index_put_({H - 1, W - 1}, true);
+  return low.logical_and(neighbour_low.logical_or(last));
+}
+
+at::Tensor code_likelihood(const at::Tensor& logits, const at::Tensor& codes) {
+  const at::Tensor lp = logits.to(at::kFloat).movedim(1, -1).softmax(-1);  // (B, H, W, K)
+  return lp.gather(-1, codes.unsqueeze(-1)).squeeze(-1);
+}
+
+namespace {
+
+at::Tensor to_long_tensor(const std::vector<int64_t>& v, const at::Device& device) {
+  return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
+}  // namespace
+
+ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor& codes, const at::Tensor& noise,
+                                    double tau, double temperature) {
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kLong, "resample: codes must be (B, H, W) int64, got ",
+              codes.sizes(), " ", codes.scalar_type());
+  const int64_t B = codes.size(0), H = codes.size(1), W = codes.size(2), T = H * W;
+  TORCH_CHECK(noise.dim() == 3 && noise.size(0) == B && noise.size(1) == T,
+              "resample: noise must be (B, H*W, K) = (", B, ", ", T, ", K), got ", noise.sizes());
+  TORCH_CHECK(temperature > 0, "resample: temperature must be > 0, got ", temperature);
+  const auto dev = codes.device();
+  const at::Tensor cpu_long = at::empty({0}, at::TensorOptions().dtype(at::kLong));
+  ResampleOutput out;
+  at::Tensor c = codes.contiguous().clone();
+  at::Tensor flat = c.view({B, T});
+  at::Tensor resampled = at::zeros({B, T}, c.options().dtype(at::kBool));
+  std::vector<int64_t> passes(B, 1), evaluated(B, T), pointer(B, 0), active(B);
+  for (int64_t b = 0; b < B; ++b) active[b] = b;
+  at::Tensor noise_d = noise.to(dev, at::kFloat);
+
+  torch::NoGradGuard no_grad;
+  auto first = prior.get_method("full")({c}).toTuple();
+  at::Tensor logits = first->elements()[0].toTensor();  // (B, K, H, W)
+  c10::IValue cache = first->elements()[1];
+  TORCH_CHECK(logits.dim() == 4 && logits.size(0) == B && logits.size(2) == H && logits.size(3) == W,
+              "resample: the prior returned logits of shape ", logits.sizes(), " for codes ", c.sizes());
+  const int64_t K = logits.size(1);
+  TORCH_CHECK(noise.size(2) == K, "resample: noise has K = ", noise.size(2), " but the prior has ", K, " codes");
+  at::Tensor L = logits.flatten(2).contiguous();                 // (B, K, T), updated per pass
+  at::Tensor p = code_likelihood(logits, c).view({B, T}).contiguous();
+  out.likelihood = p.clone().view({B, H, W});
+  const at::Tensor positions = at::arange(T, c.options()).unsqueeze(0);  // (1, T)
+
+  while (!active.empty()) {
+    const int64_t A = static_cast<int64_t>(active.size());
+    const at::Tensor idx = to_long_tensor(active, dev);
+    std::vector<int64_t> ptr(A);
+    for (int64_t a = 0; a < A; ++a) ptr[a] = pointer[active[a]];
+    const at::Tensor flag = flag_positions(p.index_select(0, idx).view({A, H, W}), tau).view({A, T});
+    const at::Tensor cand = flag.logical_and(positions.ge(to_long_tensor(ptr, dev).unsqueeze(1)));
+    const at::Tensor has = cand.any(1);
+    const at::Tensor first_t = cand.to(at::kChar).argmax(1);
+    // the one device-to-host copy of this pass: which images go on, and where
+    const at::Tensor host = at::stack({has.to(at::kLong), first_t}).to(at::kCPU).contiguous();
+    const int64_t* hp = host.const_data_ptr<int64_t>();
+    std::vector<int64_t> rows, ts;
+    for (int64_t a = 0; a < A; ++a)
+      if (hp[a]) {
+        rows.push_back(active[a]);
+        ts.push_back(hp[A + a]);
+      }
+    if (rows.empty()) break;
+    const at::Tensor rows_t = to_long_tensor(rows, dev), ts_t = to_long_tensor(ts, dev);
+    // draw: Gumbel-max from softmax(logits_t / T) with the noise fixed up front
+    const at::Tensor lt = L.index({rows_t, at::indexing::Slice(), ts_t});            // (n, K)
+    const at::Tensor g = noise_d.index({rows_t, ts_t});                              // (n, K)
+    const at::Tensor drawn = (lt.to(at::kFloat) / temperature + g).argmax(-1);
+    flat.index_put_({rows_t, ts_t}, drawn);
+    resampled.index_put_({rows_t, ts_t}, true);
+    int64_t tmin = std::numeric_limits<int64_t>::max();
+    for (size_t i = 0; i < rows.size(); ++i) {
+      pointer[rows[i]] = ts[i] + 1;
+      tmin = std::min(tmin, ts[i]);
+    }
+    active = rows;
+    const int64_t r0 = tmin / W, n_rows = H - r0;
+    const at::Tensor sub_codes = c.index_select(0, rows_t);
+    at::Tensor sub = prior.get_method("partial")({sub_codes, rows_t, r0, cache}).toTensor();  // (A, K, H - r0, W)
+    TORCH_CHECK(sub.dim() == 4 && sub.size(2) == n_rows && sub.size(3) == W,
+                "resample: partial pass returned ", sub.sizes(), " for rows ", r0, "..", H - 1);
+    L.narrow(2, r0 * W, n_rows * W).index_copy_(0, rows_t, sub.flatten(2));
+    const at::Tensor p_new = code_likelihood(sub, sub_codes.narrow(1, r0, n_rows));  // (A, H - r0, W)
+    p.narrow(1, r0 * W, n_rows * W).index_copy_(0, rows_t, p_new.reshape({-1, n_rows * W}));
+    for (const int64_t b : rows) {
+      passes[b] += 1;
+      evaluated[b] += n_rows * W;
+    }
+  }
+  out.codes = c;
+  out.resampled = resampled.view({B, H, W});
+  out.prior_passes = at::tensor(passes, cpu_long.options());
+  out.positions_evaluated = at::tensor(evaluated, cpu_long.options());
+  return out;
+}
+
+}  // namespace lsr

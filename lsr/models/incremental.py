@@ -1,0 +1,329 @@
+"""Incremental evaluation of a trained PixelSNAIL prior: passes that recompute only the
+rows from the first changed code onward.
+
+The logits at raster position t depend on the codes before t only, and every layer of
+:class:`lsr.models.PixelSNAIL` keeps that order (causal convolutions, strictly causal
+attention, pointwise layers). So after the code at (i, j) changes, every activation at a
+row < i is unchanged. :class:`IncrementalPrior` keeps, per image, what later rows need
+from earlier ones: the inputs of every causal convolution (its kernel reaches kh - 1 rows
+up) and each attention layer's keys and values. A pass from row r0 then evaluates rows
+r0..H-1 only, reading the cached rows above; the first pass is the same code with r0 = 0.
+
+Exactness: each row goes through the same arithmetic as in a full pass (the convolutions
+on a row slice and ``lsr::causal_attention_rows`` are bit-identical to the full ops; see
+tests/test_incremental.py), so the native resampling loop built on it gives the codes
+of the ``naive`` and ``fast`` loops.
+
+The module is TorchScript: the C++ resampling loop (``csrc/resample``) and the C++
+runtime of an exported bundle call its ``full`` and ``partial`` methods without Python.
+
+Example:
+    >>> import torch
+    >>> from lsr.config import PriorConfig
+    >>> from lsr.models import PixelSNAIL
+    >>> prior = PixelSNAIL(PriorConfig(codebook_size=8, grid_size=4, channels=8, n_heads=2)).eval()
+    >>> inc = IncrementalPrior(prior, native=False)
+    >>> codes = torch.randint(0, 8, (2, 4, 4))
+    >>> logits, cache = inc.full(codes)
+    >>> codes[0, 2, 1] = 3                               # change one code in row 2 of image 0
+    >>> rows = inc.partial(codes[:1], torch.tensor([0]), 2, cache)   # rows 2..3 of image 0
+    >>> torch.allclose(rows, prior(codes)[:1, :, 2:], atol=1e-5)
+    True
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .pixelsnail import Block, CausalAttention, GatedResBlock, PixelSNAIL
+
+
+def _extend(cache: Tensor, rows: Tensor, new: Tensor, r0: int, ctx: int) -> Tuple[Tensor, int]:
+    """Store rows [r0, H) of a tensor for images ``rows`` in ``cache`` (B, C, H, W) and
+    return rows [r0 - ctx, H) (cached rows above r0 first) with the zero rows a causal
+    kernel still needs on top (when r0 < ctx)."""
+    if ctx == 0:
+        return new, 0
+    cache.narrow(2, r0, cache.shape[2] - r0).index_copy_(0, rows, new)
+    lo = max(0, r0 - ctx)
+    if lo < r0:
+        new = torch.cat([cache.narrow(2, lo, r0 - lo).index_select(0, rows), new], 2)
+    return new, ctx - (r0 - lo)
+
+
+def reference_attention_rows(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
+    """Rows [q0, q0 + Tq) of strictly causal attention, pure PyTorch (the signature of
+    ``lsr::causal_attention_rows``): q (B, h, Tq, d), k, v (B, h, q0 + Tq, d)."""
+    Tq, Tk, d = q.shape[2], k.shape[2], q.shape[3]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    if q.numel() == 0 or d == 0:
+        return out.to(q.dtype)
+    keys = torch.arange(Tk, device=q.device).view(1, -1)
+    kt = k.to(acc).transpose(-1, -2)
+    va = v.to(acc)
+    scale = 1.0 / math.sqrt(d)
+    for c0 in range(0, Tq, 256):
+        c1 = min(Tq, c0 + 256)
+        seen = keys < torch.arange(q0 + c0, q0 + c1, device=q.device).view(-1, 1)    # s < t
+        s = torch.matmul(q[:, :, c0:c1].to(acc), kt) * scale
+        p = torch.softmax(s.masked_fill(~seen, float("-inf")), -1).masked_fill(~seen, 0.0)
+        out[:, :, c0:c1] = torch.matmul(p, va)
+    return out.to(q.dtype)
+
+
+class _NativeRows(nn.Module):
+    """Attention rows by the native op (the CPU kernel of the full op, or its composite)."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
+        if q0 == 0:   # the first pass: the very kernel PixelSNAIL.forward uses
+            return torch.ops.lsr.causal_attention_fwd(q, k, v)[0]
+        return torch.ops.lsr.causal_attention_rows(q, k, v, q0)
+
+
+class _ReferenceRows(nn.Module):
+    """Attention rows in pure PyTorch (no extension needed to load the scripted module)."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
+        return reference_attention_rows(q, k, v, q0)
+
+
+class _Gated(nn.Module):
+    """:class:`GatedResBlock` over rows [r0, H); caches the inputs of its two convolutions
+    (after ELU) when they reach rows above."""
+
+    def __init__(self, block: GatedResBlock, slot: int):
+        super().__init__()
+        # weights only: the causal conv modules pad for a full pass (and do not script)
+        self.w1, self.b1 = block.conv1.weight, block.conv1.bias
+        self.w2, self.b2 = block.conv2.weight, block.conv2.bias
+        kh, kw = block.conv1.kernel_size
+        pad = getattr(block.conv1, "pad", (kw // 2, kw // 2, kh - 1, 0))
+        self.left, self.right, self.ctx = int(pad[0]), int(pad[1]), int(pad[2])
+        self.has_aux = block.aux is not None
+        self.aux = block.aux if block.aux is not None else nn.Identity()
+        self.slot = slot
+
+    def n_cache(self) -> int:
+        return 2 if self.ctx > 0 else 0
+
+    def forward(self, x: Tensor, aux: Optional[Tensor], rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
+        c1: Tensor = torch.empty(0)
+        c2: Tensor = torch.empty(0)
+        if self.ctx > 0:
+            c1, c2 = cache[self.slot], cache[self.slot + 1]
+        xe, top = _extend(c1, rows, F.elu(x), r0, self.ctx)
+        t = F.conv2d(F.pad(xe, (self.left, self.right, top, 0)), self.w1, self.b1)
+        if self.has_aux and aux is not None:
+            t = t + self.aux(F.elu(aux))
+        te, top = _extend(c2, rows, F.elu(t), r0, self.ctx)
+        u = F.conv2d(F.pad(te, (self.left, self.right, top, 0)), self.w2, self.b2)
+        a, g = u.chunk(2, dim=1)
+        return x + a * torch.sigmoid(g)
+
+
+class _Attention(nn.Module):
+    """:class:`CausalAttention` for queries in rows [r0, H); caches keys and values."""
+
+    def __init__(self, attn: CausalAttention, slot: int, native: bool):
+        super().__init__()
+        self.q, self.kv = attn.q, attn.kv
+        self.n_heads = attn.n_heads
+        self.slot = slot
+        self.rows_op = _NativeRows() if native else _ReferenceRows()
+
+    def forward(self, q_in: Tensor, kv_in: Tensor, rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
+        A, _, Hr, W = q_in.shape
+        nh = self.n_heads
+        q = self.q(q_in)
+        q = q.reshape(A, nh, -1, Hr * W).transpose(2, 3)                    # (A, nh, Tq, d)
+        k, v = self.kv(kv_in).chunk(2, dim=1)
+        k = k.reshape(A, nh, -1, Hr * W).transpose(2, 3)
+        v = v.reshape(A, nh, -1, Hr * W).transpose(2, 3)
+        K, V = cache[self.slot], cache[self.slot + 1]                       # (B, nh, T, d)
+        q0 = r0 * W
+        K.narrow(2, q0, K.shape[2] - q0).index_copy_(0, rows, k)
+        V.narrow(2, q0, V.shape[2] - q0).index_copy_(0, rows, v)
+        if q0 > 0:
+            k = torch.cat([K.narrow(2, 0, q0).index_select(0, rows), k], 2)
+            v = torch.cat([V.narrow(2, 0, q0).index_select(0, rows), v], 2)
+        out = self.rows_op(q, k, v, q0)                                     # (A, nh, Tq, d)
+        return out.transpose(2, 3).reshape(A, -1, Hr, W)
+
+
+class _NoAttention(nn.Module):
+    """Stands in for the attention layer and its output block when a prior has none."""
+
+    def forward(self, q_in: Tensor, kv_in: Tensor, rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
+        return q_in
+
+
+class _NoOut(nn.Module):
+    def forward(self, x: Tensor, aux: Optional[Tensor], rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
+        return x
+
+
+class _Block(nn.Module):
+    def __init__(self, block: Block, slot: int, native: bool):
+        super().__init__()
+        self.v_res = nn.ModuleList()
+        self.h_res = nn.ModuleList()
+        for vr, hr in zip(block.v_res, block.h_res):
+            g = _Gated(vr, slot)
+            slot += g.n_cache()
+            self.v_res.append(g)
+            g = _Gated(hr, slot)
+            slot += g.n_cache()
+            self.h_res.append(g)
+        self.has_attn = block.attn is not None
+        if block.attn is not None:
+            self.attn = _Attention(block.attn, slot, native)
+            slot += 2
+            self.out = _Gated(block.out, slot)
+            slot += self.out.n_cache()
+        else:
+            self.attn = _NoAttention()
+            self.out = _NoOut()
+        self.end_slot = slot
+
+    def forward(self, v: Tensor, h: Tensor, emb: Tensor, bg: Tensor, rows: Tensor, r0: int,
+                cache: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        for i, vr in enumerate(self.v_res):
+            v = vr(v, None, rows, r0, cache)
+            for j, hr in enumerate(self.h_res):     # TorchScript: no zip over ModuleLists
+                if j == i:
+                    h = hr(h, v, rows, r0, cache)
+        if self.has_attn:
+            a = self.attn(torch.cat([h, bg], 1), torch.cat([h, emb, bg], 1), rows, r0, cache)
+            h = self.out(h, a, rows, r0, cache)
+        return v, h
+
+
+class IncrementalPrior(nn.Module):
+    """A trained :class:`PixelSNAIL` evaluated incrementally (shares its weights).
+
+    ``full(codes (B, H, W)) -> (logits (B, K, H, W), cache)`` evaluates every row and
+    returns the cache; ``partial(codes (A, H, W), rows (A,), r0, cache) -> logits
+    (A, K, H - r0, W)`` evaluates rows r0..H-1 of images ``rows`` of that cache (their
+    codes must equal the cached ones above row r0) and updates it in place.
+    ``forward(codes)`` is the plain full pass. Inference only (dropout is off).
+
+    Args:
+        prior: the trained prior; put in eval mode.
+        native: use the native attention op (needs ``lsr._C``); else pure PyTorch.
+    """
+
+    def __init__(self, prior: PixelSNAIL, native: bool = True):
+        super().__init__()
+        if native:
+            from .. import ops
+            if not ops.native_available():
+                raise RuntimeError("IncrementalPrior(native=True) needs the lsr._C extension; "
+                                   "build it with `pip install --no-build-isolation .` (see README)")
+        self.embed, self.head = prior.embed, prior.head
+        self.v_w, self.v_b = prior.v_in.weight, prior.v_in.bias
+        self.h_w, self.h_b = prior.h_in.weight, prior.h_in.bias
+        self.channels = prior.cfg.channels
+        self.codebook_size = prior.cfg.codebook_size
+        self.n_heads = prior.cfg.n_heads
+        kh, kw = prior.v_in.kernel_size
+        self.v_pad = (int(prior.v_in.pad[0]), int(prior.v_in.pad[1]), kh - 1)
+        self.h_left = int(prior.h_in.pad[0])
+        self.blocks = nn.ModuleList()
+        slot = 0
+        for b in prior.blocks:
+            blk = _Block(b, slot, native)
+            slot = blk.end_slot
+            self.blocks.append(blk)
+        self.n_cache = slot
+        # which cache entries are attention keys/values (B, nh, T, d), the rest (B, C, H, W)
+        kv: List[int] = []
+        for blk in self.blocks:
+            if blk.has_attn:
+                kv += [blk.attn.slot, blk.attn.slot + 1]
+        self.kv_slots = kv if kv else [-1]      # never empty: TorchScript infers List[int]
+        self.eval()
+
+    def train(self, mode: bool = True) -> "IncrementalPrior":
+        if mode:
+            raise RuntimeError("IncrementalPrior is for inference only; train the PixelSNAIL itself")
+        return super().train(False)
+
+    @torch.jit.export
+    def new_cache(self, codes: Tensor) -> List[Tensor]:
+        B, H, W = codes.shape[0], codes.shape[1], codes.shape[2]
+        c = self.channels
+        d = c // self.n_heads
+        w = self.embed.weight
+        cache: List[Tensor] = []
+        for i in range(self.n_cache):
+            if i in self.kv_slots:
+                cache.append(torch.zeros(B, self.n_heads, H * W, d, dtype=w.dtype, device=w.device))
+            else:
+                cache.append(torch.zeros(B, c, H, W, dtype=w.dtype, device=w.device))
+        return cache
+
+    def _background(self, H: int, W: int, r0: int, like: Tensor) -> Tensor:
+        rows = torch.linspace(-1.0, 1.0, H, dtype=like.dtype, device=like.device)
+        cols = torch.linspace(-1.0, 1.0, W, dtype=like.dtype, device=like.device)
+        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))      # (2, H, W)
+        return grid[:, r0:].unsqueeze(0).expand(like.shape[0], -1, -1, -1)
+
+    @torch.jit.export
+    def partial(self, codes: Tensor, rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
+        A, H, W = codes.shape[0], codes.shape[1], codes.shape[2]
+        kh = self.v_pad[2] + 1
+        lo = max(0, r0 - kh)                     # x rows the vertical input conv needs
+        emb_all = self.embed(codes[:, lo:]).permute(0, 3, 1, 2)            # rows [lo, H)
+        x = torch.cat([emb_all, self._background(H, W, lo, emb_all)], 1)
+        # v0 rows [r0, H) = v_in(x) rows [r0 - 1, H - 1) (down shift; row 0 is zeros)
+        a = max(r0 - 1, 0)
+        start = a - (kh - 1)
+        if start >= lo:
+            xs = x[:, :, start - lo:]
+            top = 0
+        else:
+            xs = x
+            top = lo - start
+        vin = F.conv2d(F.pad(xs, (self.v_pad[0], self.v_pad[1], top, 0)), self.v_w, self.v_b)
+        if r0 == 0:
+            v = F.pad(vin, (0, 0, 1, 0))[:, :, :-1]
+        else:
+            v = vin[:, :, :-1]
+        xr = x[:, :, r0 - lo:]                                              # rows [r0, H)
+        hin = F.conv2d(F.pad(xr, (self.h_left, 0, 0, 0)), self.h_w, self.h_b)
+        h = F.pad(hin, (1, 0, 0, 0))[:, :, :, :-1] + v
+        emb = emb_all[:, :, r0 - lo:]
+        bg = self._background(H, W, r0, emb)
+        for blk in self.blocks:
+            v, h = blk(v, h, emb, bg, rows, r0, cache)
+        return self.head(F.elu(h))                                          # (A, K, H - r0, W)
+
+    @torch.jit.export
+    def full(self, codes: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        cache = self.new_cache(codes)
+        rows = torch.arange(codes.shape[0], device=codes.device)
+        return self.partial(codes, rows, 0, cache), cache
+
+    def forward(self, codes: Tensor) -> Tensor:
+        return self.full(codes)[0]
+
+
+def script_prior(prior: PixelSNAIL, native: Optional[bool] = None) -> torch.jit.ScriptModule:
+    """TorchScript of :class:`IncrementalPrior` for ``prior``: what the C++ resampling loop
+    and the C++ runtime call. ``native`` defaults to whether ``lsr._C`` is built (the
+    scripted module then needs the lsr ops loaded to run: ``import lsr.ops`` in Python,
+    the op library in C++)."""
+    from .. import ops
+    if native is None:
+        native = ops.native_available()
+    elif native and not ops.native_available():
+        raise RuntimeError("script_prior(native=True) needs the lsr._C extension")
+    with warnings.catch_warnings():   # TorchScript is what LibTorch loads; its deprecation is noted
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(IncrementalPrior(prior, native=native))
