@@ -1,0 +1,208 @@
+#include "image_io.h"
+
+#include <png.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <stdexcept>
+
+namespace lsr::image {
+namespace {
+
+struct File {
+  FILE* f = nullptr;
+  ~File() {
+    if (f) std::fclose(f);
+  }
+};
+
+void png_error_fn(png_structp png, png_const_charp msg) {
+  throw std::runtime_error(std::string("libpng: ") + msg);
+}
+void png_warning_fn(png_structp, png_const_charp) {}
+
+}  // namespace
+
+Float read_png(const std::string& path) {
+  File file;
+  file.f = std::fopen(path.c_str(), "rb");
+  if (!file.f) throw std::runtime_error(path + ": cannot open (missing or unreadable)");
+  unsigned char sig[8];
+  if (std::fread(sig, 1, 8, file.f) != 8 || png_sig_cmp(sig, 0, 8) != 0)
+    throw std::runtime_error(path + ": not a PNG file (the C++ runtime reads PNG images)");
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, png_error_fn, png_warning_fn);
+  png_infop info = png ? png_create_info_struct(png) : nullptr;
+  if (!png || !info) throw std::runtime_error(path + ": out of memory");
+  Float out;
+  try {
+    png_init_io(png, file.f);
+    png_set_sig_bytes(png, 8);
+    png_read_png(png, info, PNG_TRANSFORM_EXPAND, nullptr);  // palette -> RGB, low-bit grey -> 8 bit
+    const int w = static_cast<int>(png_get_image_width(png, info));
+    const int h = static_cast<int>(png_get_image_height(png, info));
+    const int depth = png_get_bit_depth(png, info);
+    const int color = png_get_color_type(png, info);
+    const int n_in = png_get_channels(png, info);
+    const bool grey = !(color & PNG_COLOR_MASK_COLOR);
+    out.channels = grey ? 1 : 3;
+    out.height = h;
+    out.width = w;
+    out.data.assign(static_cast<size_t>(out.channels) * h * w, 0.f);
+    png_bytepp rows = png_get_rows(png, info);
+    const int bytes = depth == 16 ? 2 : 1;
+    for (int y = 0; y < h; ++y)
+      for (int x = 0; x < w; ++x)
+        for (int c = 0; c < out.channels; ++c) {
+          const png_bytep px = rows[y] + (static_cast<size_t>(x) * n_in + c) * bytes;
+          float v = bytes == 2 ? static_cast<float>((px[0] << 8) | px[1]) / 65535.0f : static_cast<float>(px[0]) / 255.0f;
+          out.data[(static_cast<size_t>(c) * h + y) * w + x] = std::clamp(v, 0.0f, 1.0f);
+        }
+  } catch (const std::exception& e) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    throw std::runtime_error(path + ": cannot decode PNG (" + e.what() + ")");
+  }
+  png_destroy_read_struct(&png, &info, nullptr);
+  return out;
+}
+
+Float to_channels(const Float& img, int channels) {
+  if (img.channels == channels) return img;
+  Float out;
+  out.channels = channels;
+  out.height = img.height;
+  out.width = img.width;
+  const size_t n = static_cast<size_t>(img.height) * img.width;
+  out.data.resize(channels * n);
+  if (channels == 1) {  // colour -> luma, as lsr.data (float32 0.299, 0.587, 0.114), clipped
+    for (size_t i = 0; i < n; ++i) {
+      const float v = img.data[i] * 0.299f + img.data[n + i] * 0.587f + img.data[2 * n + i] * 0.114f;
+      out.data[i] = std::clamp(v, 0.0f, 1.0f);
+    }
+  } else {  // grey -> 3 identical channels
+    for (int c = 0; c < 3; ++c) std::copy(img.data.begin(), img.data.begin() + n, out.data.begin() + c * n);
+  }
+  return out;
+}
+
+namespace {
+
+// Pillow's precompute_coeffs (Resample.c) for the bilinear (triangle) filter.
+struct Coeffs {
+  int ksize = 0;
+  std::vector<int> bounds;  // (xmin, count) per output pixel
+  std::vector<double> k;    // ksize per output pixel
+};
+
+Coeffs precompute(int in_size, int out_size) {
+  const double scale = static_cast<double>(in_size) / out_size;
+  const double filterscale = std::max(scale, 1.0);
+  const double support = 1.0 * filterscale;
+  Coeffs c;
+  c.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
+  c.bounds.resize(2 * out_size);
+  c.k.assign(static_cast<size_t>(out_size) * c.ksize, 0.0);
+  for (int xx = 0; xx < out_size; ++xx) {
+    const double center = (xx + 0.5) * scale;
+    const double ss = 1.0 / filterscale;
+    int xmin = static_cast<int>(center - support + 0.5);
+    if (xmin < 0) xmin = 0;
+    int xmax = static_cast<int>(center + support + 0.5);
+    if (xmax > in_size) xmax = in_size;
+    xmax -= xmin;
+    double* k = &c.k[static_cast<size_t>(xx) * c.ksize];
+    double ww = 0.0;
+    for (int x = 0; x < xmax; ++x) {
+      double t = (x + xmin - center + 0.5) * ss;
+      if (t < 0) t = -t;
+      const double w = t < 1.0 ? 1.0 - t : 0.0;
+      k[x] = w;
+      ww += w;
+    }
+    for (int x = 0; x < xmax; ++x)
+      if (ww != 0.0) k[x] /= ww;
+    c.bounds[2 * xx] = xmin;
+    c.bounds[2 * xx + 1] = xmax;
+  }
+  return c;
+}
+
+}  // namespace
+
+Float resize_bilinear(const Float& img, int height, int width) {
+  if (img.height == height && img.width == width) return img;
+  Float out;
+  out.channels = img.channels;
+  out.height = height;
+  out.width = width;
+  out.data.resize(static_cast<size_t>(img.channels) * height * width);
+  const bool horiz = width != img.width, vert = height != img.height;
+  const Coeffs ch = precompute(img.width, width), cv = precompute(img.height, height);
+  for (int c = 0; c < img.channels; ++c) {
+    const float* in = img.data.data() + static_cast<size_t>(c) * img.height * img.width;
+    // horizontal pass over the source rows the vertical pass will read (Pillow's order)
+    int y_first = 0, y_last = img.height;
+    if (vert) {
+      y_first = cv.bounds[0];
+      y_last = cv.bounds[2 * height - 2] + cv.bounds[2 * height - 1];
+    }
+    std::vector<float> tmp;
+    const float* src = in;
+    int src_w = img.width, row0 = 0;
+    if (horiz) {
+      tmp.resize(static_cast<size_t>(y_last - y_first) * width);
+      for (int y = y_first; y < y_last; ++y)
+        for (int xx = 0; xx < width; ++xx) {
+          const int xmin = ch.bounds[2 * xx], n = ch.bounds[2 * xx + 1];
+          const double* k = &ch.k[static_cast<size_t>(xx) * ch.ksize];
+          double ss = 0.0;
+          for (int x = 0; x < n; ++x) ss += in[static_cast<size_t>(y) * img.width + xmin + x] * k[x];
+          tmp[static_cast<size_t>(y - y_first) * width + xx] = static_cast<float>(ss);
+        }
+      src = tmp.data();
+      src_w = width;
+      row0 = y_first;
+    }
+    float* dst = out.data.data() + static_cast<size_t>(c) * height * width;
+    if (vert) {
+      for (int yy = 0; yy < height; ++yy) {
+        const int ymin = cv.bounds[2 * yy] - row0, n = cv.bounds[2 * yy + 1];
+        const double* k = &cv.k[static_cast<size_t>(yy) * cv.ksize];
+        for (int xx = 0; xx < width; ++xx) {
+          double ss = 0.0;
+          for (int y = 0; y < n; ++y) ss += src[static_cast<size_t>(ymin + y) * src_w + xx] * k[y];
+          dst[static_cast<size_t>(yy) * width + xx] = static_cast<float>(ss);
+        }
+      }
+    } else {
+      std::copy(src, src + static_cast<size_t>(height) * width, dst);
+    }
+    for (size_t i = 0; i < static_cast<size_t>(height) * width; ++i) dst[i] = std::clamp(dst[i], 0.0f, 1.0f);
+  }
+  return out;
+}
+
+void write_png_gray8(const std::string& path, const std::vector<uint8_t>& pixels, int height, int width) {
+  File file;
+  file.f = std::fopen(path.c_str(), "wb");
+  if (!file.f) throw std::runtime_error(path + ": cannot write");
+  png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, png_error_fn, png_warning_fn);
+  png_infop info = png ? png_create_info_struct(png) : nullptr;
+  if (!png || !info) throw std::runtime_error(path + ": out of memory");
+  try {
+    png_init_io(png, file.f);
+    png_set_IHDR(png, info, width, height, 8, PNG_COLOR_TYPE_GRAY, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
+                 PNG_FILTER_TYPE_DEFAULT);
+    std::vector<png_bytep> rows(height);
+    for (int y = 0; y < height; ++y) rows[y] = const_cast<png_bytep>(pixels.data() + static_cast<size_t>(y) * width);
+    png_set_rows(png, info, rows.data());
+    png_write_png(png, info, PNG_TRANSFORM_IDENTITY, nullptr);
+  } catch (const std::exception& e) {
+    png_destroy_write_struct(&png, &info);
+    throw std::runtime_error(path + ": cannot write PNG (" + e.what() + ")");
+  }
+  png_destroy_write_struct(&png, &info);
+}
+
+}  // namespace lsr::image
