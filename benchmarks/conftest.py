@@ -26,7 +26,8 @@ def bench_means(request):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    means = config.stash.get(_MEANS, {})
+    means = dict(config.stash.get(_MEANS, {}))
+    later = means.pop("_later_pass", {})
     if not any("native" in by for by in means.values()):
         return
     terminalreporter.section("speed-up of native (other mean / native mean)")
@@ -35,3 +36,8 @@ def pytest_terminal_summary(terminalreporter, config):
             continue
         parts = [f"{name} {by[name] / by['native']:.2f}x" for name in by if name != "native"]
         terminalreporter.write_line(f"{group}: native {by['native'] * 1e3:.2f} ms; " + ", ".join(parts))
+    if later:
+        terminalreporter.section("native resampling: one pass after a change vs a full pass")
+        for group, (cost, frac) in later.items():
+            terminalreporter.write_line(f"{group}: {cost:.2f} of a full pass in time, "
+                                        f"{frac:.2f} of the grid evaluated")

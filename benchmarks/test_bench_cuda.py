@@ -96,3 +96,41 @@ def test_causal_attention_fwd(benchmark, bench_means, T, d, method, dtype):
         mask = (idx[None, :] < idx[:, None]) | ((idx[:, None] == 0) & (idx[None, :] == 0))
         _bench(benchmark, bench_means, group, method, _sdpa_masked, q, k, v, mask)
     benchmark.extra_info["GFLOP_causal"] = 4 * B * h * d * T * (T - 1) / 2 / 1e9
+
+
+# ---------------------------------------------------------------- detection latency (issue: native resampling)
+
+_DETECTORS: dict = {}
+
+
+def _paper_detector(batch: int):
+    """The `paper` preset (256 px, 32x32 codes, K = 512) with random weights on the GPU,
+    tau set so that about 2% of the first pass's codes are flagged; speed does not depend
+    on training."""
+    from lsr.config import preset
+    from lsr.detect import Detector
+    from lsr.models import VQVAE, PixelSNAIL
+
+    if batch not in _DETECTORS:
+        torch.manual_seed(0)
+        cfg = preset("paper", 3)
+        det = Detector(VQVAE(cfg.vqvae), PixelSNAIL(cfg.prior), cfg, "cuda")
+        x = torch.rand(batch, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            codes = det.vqvae.quantizer(det.vqvae.encoder(x.cuda())).indices
+            p = ops.resampling._likelihood(det.prior(codes), codes)
+        tau = float(torch.quantile(p.flatten().float().cpu(), 0.02))
+        cfg.detect.tau = tau
+        _DETECTORS[batch] = (det, x)
+    return _DETECTORS[batch]
+
+
+@pytest.mark.parametrize("resampler", ["fast", "native"])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_detect_latency_paper_preset(benchmark, bench_means, batch, resampler):
+    det, x = _paper_detector(batch)
+    d = det.with_options(resampler=resampler)
+    res = d.detect(x)                                        # warm-up (scripts the prior once)
+    _bench(benchmark, bench_means, f"detect paper preset 256px batch {batch}", resampler, d.detect, x, rounds=3)
+    benchmark.extra_info.update(prior_passes=int(res.prior_passes.sum()), changed=float(res.n_resampled.sum()),
+                                positions_evaluated=int(res.positions_evaluated.sum()), images=batch)

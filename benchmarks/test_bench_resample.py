@@ -1,9 +1,19 @@
-"""Resampling loops side by side: naive (H*W prior passes) vs exact fast (1 + changes).
+"""Resampling loops side by side: naive (H*W prior passes), exact fast (1 + changes full
+passes, Python loop) and native (the same loop in C++, passes after a change evaluate
+only the rows from the change on).
 
-Run: ``pytest benchmarks --benchmark-columns=mean,stddev,rounds --benchmark-group-by=group``.
+Run: ``pytest benchmarks/test_bench_resample.py --benchmark-group-by=group
+--benchmark-columns=mean,stddev,rounds`` (add ``--run-big`` for naive at 32x32 batch 16).
+
 The prior is the ``demo`` preset's PixelSNAIL (randomly initialised: its speed does not
-depend on training); tau is set so that the rule flags the wanted share of codes.
+depend on training), at the grid size of the case; tau is the smallest value at which
+the rule flags the wanted share of the first pass's codes (0% = a normal image: nothing
+flagged, one pass). The terminal summary gives, per group, every loop's time over the
+native loop's, and per native case the cost of one pass after a change relative to a
+full pass (measured in the same run).
 """
+import time
+
 import pytest
 import torch
 
@@ -11,41 +21,75 @@ import lsr.ops as ops
 from lsr.config import preset
 from lsr.models import PixelSNAIL
 
+pytestmark = pytest.mark.skipif(not ops.native_available(), reason="needs the lsr._C extension")
 
-def _setup(grid: int, batch: int, flagged: float, seed: int = 0):
+_CASES: dict = {}
+
+
+def setup_case(grid: int, batch: int, flagged: float, seed: int = 0):
+    key = (grid, batch, flagged, seed)
+    if key in _CASES:
+        return _CASES[key]
     cfg = preset("demo", 1).prior
     cfg.grid_size = grid
     torch.manual_seed(seed)
     prior = PixelSNAIL(cfg).eval()
     codes = torch.randint(0, cfg.codebook_size, (batch, grid, grid))
-    p = torch.softmax(prior(codes), 1).gather(1, codes.unsqueeze(1)).squeeze(1)
-    # smallest tau whose rule flags at least `flagged` of the codes (first pass)
-    qs = torch.linspace(0.0, 1.0, 401)
+    with torch.no_grad():
+        p = ops.resampling._likelihood(prior(codes), codes)
     tau = 0.0
-    for q in qs:
-        tau = float(torch.quantile(p.flatten(), q))
-        if ops.flag_positions(p, tau).float().mean() >= flagged:
-            break
+    if flagged > 0:
+        for q in torch.linspace(0.0, 1.0, 801):
+            tau = float(torch.quantile(p.flatten(), float(q)))
+            if float(ops.flag_positions(p, tau).float().mean()) >= flagged:
+                break
     noise = ops.gumbel_noise(batch, grid * grid, cfg.codebook_size, list(range(batch)))
-    return prior, codes, noise, tau
+    _CASES[key] = prior, codes, noise, tau
+    return _CASES[key]
+
+
+def _run(benchmark, bench_means, method, grid, batch, flagged, rounds):
+    prior, codes, noise, tau = setup_case(grid, batch, flagged)
+    if method == "native":
+        ops.resample(prior, codes, noise, tau, 1.0, "native")        # script the prior once, outside the timing
+    group = f"resample {grid}x{grid} batch {batch}, {flagged:.0%} flagged"
+    benchmark.group = group
+    res = benchmark.pedantic(ops.resample, args=(prior, codes, noise, tau, 1.0, method), rounds=rounds,
+                             iterations=1, warmup_rounds=0 if method == "naive" else 1)
+    passes, changed = int(res.prior_passes.sum()), int(res.resampled.sum())
+    benchmark.extra_info.update(prior_passes=passes, changed=changed,
+                                positions_evaluated=int(res.positions_evaluated.sum()))
+    bench_means.setdefault(group, {})[method] = benchmark.stats.stats.mean
+    if method == "native" and passes > batch:
+        # one full pass of the same batch through the same C++ loop (tau = 0: nothing flagged)
+        t = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            ops.resample(prior, codes, noise, 0.0, 1.0, "native")
+            t.append(time.perf_counter() - t0)
+        full = sorted(t)[len(t) // 2]
+        later = (benchmark.stats.stats.mean - full) / (passes / batch - 1)   # passes after a change, per pass
+        frac = (int(res.positions_evaluated.sum()) - batch * grid * grid) / ((passes - batch) * grid * grid)
+        benchmark.extra_info.update(full_pass_s=full, later_pass_over_full=later / full,
+                                    later_positions_fraction=frac)
+        bench_means.setdefault("_later_pass", {})[group] = (later / full, frac)
+    return res
 
 
 @pytest.mark.parametrize("flagged", [0.0, 0.02, 0.10])
-@pytest.mark.parametrize("method", ["naive", "fast"])
-def test_resample_16x16_batch1(benchmark, method, flagged):
-    prior, codes, noise, tau = _setup(16, 1, flagged)
-    benchmark.group = f"resample 16x16 batch 1, {flagged:.0%} flagged"
-    res = benchmark.pedantic(ops.resample, args=(prior, codes, noise, tau, 1.0, method),
-                             rounds=3 if method == "naive" else 10, iterations=1)
-    benchmark.extra_info["prior_passes"] = int(res.prior_passes.sum())
-    benchmark.extra_info["changed"] = int(res.resampled.sum())
+@pytest.mark.parametrize("grid", [16, 32, 64])
+@pytest.mark.parametrize("method", ["naive", "fast", "native"])
+def test_resample_batch1(benchmark, bench_means, method, grid, flagged):
+    if method == "naive" and grid == 64:
+        pytest.skip("naive at 64x64 runs 4096 passes per image (minutes); compared at 16x16 and 32x32")
+    rounds = {"naive": 1, "fast": 3, "native": 3}[method]
+    _run(benchmark, bench_means, method, grid, 1, flagged, rounds)
 
 
-@pytest.mark.parametrize("method", ["naive", "fast"])
-def test_resample_32x32_batch1_2pct(benchmark, method):
-    prior, codes, noise, tau = _setup(32, 1, 0.02)
-    benchmark.group = "resample 32x32 batch 1, 2% flagged"
-    res = benchmark.pedantic(ops.resample, args=(prior, codes, noise, tau, 1.0, method),
-                             rounds=1 if method == "naive" else 5, iterations=1)
-    benchmark.extra_info["prior_passes"] = int(res.prior_passes.sum())
-    benchmark.extra_info["changed"] = int(res.resampled.sum())
+@pytest.mark.parametrize("flagged", [0.0, 0.02, 0.10])
+@pytest.mark.parametrize("grid", [16, 32])
+@pytest.mark.parametrize("method", ["naive", "fast", "native"])
+def test_resample_batch16(benchmark, bench_means, request, method, grid, flagged):
+    if method == "naive" and (grid == 32 or flagged == 0.10) and not request.config.getoption("--run-big"):
+        pytest.skip("naive at batch 16 beyond 16x16 / 2% takes minutes; pass --run-big")
+    _run(benchmark, bench_means, method, grid, 16, flagged, 1 if method == "naive" else 2)

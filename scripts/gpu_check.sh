@@ -28,7 +28,7 @@ stamp "built"
 $PY -c "import torch, lsr.ops as o; assert o.native_available(), o._native_error; \
 print('CUDA kernels:', [torch._C._dispatch_has_kernel_for_dispatch_key(f'lsr::{n}', 'CUDA') for n in ('vq_nearest', 'causal_attention_fwd', 'causal_attention_bwd')])" 2>&1 | tee -a "$OUT/summary.txt"
 
-timeout 240 $PY -m pytest tests/test_native_cuda.py tests/test_native_ops.py tests/test_build.py -q -rfEs \
+timeout 240 $PY -m pytest tests/test_native_cuda.py tests/test_native_ops.py tests/test_native_resample.py tests/test_build.py -q -rfEs \
   -p no:cacheprovider > "$OUT/tests.txt" 2>&1
 echo "tests exit $?" | tee -a "$OUT/summary.txt"; tail -3 "$OUT/tests.txt" | tee -a "$OUT/summary.txt"
 stamp "tests"

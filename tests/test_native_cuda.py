@@ -447,3 +447,32 @@ def test_ops_on_a_second_gpu():
     assert idx.device == dev and out.device == dev
     check_vq(z, e, idx)
     assert rel_err(out, naive_attention(q, k, v)[0]) < 1e-5
+
+
+# ---------------------------------------------------------------- native resampling loop on CUDA
+
+def test_native_resampling_loop_on_cuda_equals_fast_and_naive():
+    """The C++ loop with incremental passes on the GPU (attention rows by the composite
+    kernel): the codes of the naive and fast loops, and of the same loop on the CPU."""
+    from lsr.config import preset
+    from lsr.models import PixelSNAIL
+
+    torch.manual_seed(0)
+    prior = PixelSNAIL(preset("tiny", 1).prior).double().eval()
+    K, G, B = prior.cfg.codebook_size, prior.cfg.grid_size, 4
+    codes = torch.randint(0, K, (B, G, G), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        p = torch.softmax(prior(codes).float(), 1).gather(1, codes[:, None])[:, 0]
+    tau = float(p.flatten().quantile(0.3))
+    noise = ops.gumbel_noise(B, G * G, K, [11, 12, 13, 14])
+    with torch.no_grad():
+        cpu = ops.resample_native(prior, codes, noise, tau)
+        gpu_prior = prior.to(DEVICE)
+        n = ops.resample_naive(gpu_prior, codes.to(DEVICE), noise.to(DEVICE), tau)
+        f = ops.resample_fast(gpu_prior, codes.to(DEVICE), noise.to(DEVICE), tau)
+        x = ops.resample_native(gpu_prior, codes.to(DEVICE), noise.to(DEVICE), tau)
+    assert x.codes.device.type == "cuda"
+    assert torch.equal(x.codes, n.codes) and torch.equal(x.codes, f.codes)
+    assert torch.equal(x.codes.cpu(), cpu.codes)
+    assert torch.equal(x.prior_passes, f.prior_passes.cpu())
+    assert (x.resampled.flatten(1).sum(1) >= 3).all()

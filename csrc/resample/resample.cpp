@@ -46,6 +46,33 @@ at::Tensor to_long_tensor(const std::vector<int64_t>& v, const at::Device& devic
 
 }  // namespace
 
+std::vector<std::vector<size_t>> split_groups(const std::vector<int64_t>& ts, int64_t W, int64_t H) {
+  // Images sorted by first changed row r; a group costs (call overhead) + (its images) x
+  // (H - its smallest r) image-rows; the overhead of one call is taken as 15% of a full
+  // pass of one image (measured on the CPU at batch 1: ~1.4 of ~10 ms). Optimal
+  // contiguous partition by dynamic programming, O(n^2) for n changed images.
+  const size_t n = ts.size();
+  std::vector<size_t> order(n);
+  for (size_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ts[a] / W < ts[b] / W; });
+  const double overhead = std::max(1.0, 0.15 * static_cast<double>(H));
+  std::vector<double> best(n + 1, 0.0);
+  std::vector<size_t> cut(n + 1, 0);
+  for (size_t j = 1; j <= n; ++j) {
+    best[j] = std::numeric_limits<double>::infinity();
+    for (size_t i = 1; i <= j; ++i) {  // group = order[i-1 .. j-1], smallest row ts[order[i-1]] / W
+      const double cost = best[i - 1] + overhead + static_cast<double>(j - i + 1) * (H - ts[order[i - 1]] / W);
+      if (cost < best[j]) {
+        best[j] = cost;
+        cut[j] = i - 1;
+      }
+    }
+  }
+  std::vector<std::vector<size_t>> groups;
+  for (size_t j = n; j > 0; j = cut[j]) groups.emplace_back(order.begin() + cut[j], order.begin() + j);
+  return groups;
+}
+
 ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor& codes, const at::Tensor& noise,
                                     double tau, double temperature) {
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kLong, "resample: codes must be (B, H, W) int64, got ",
@@ -103,23 +130,30 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
     const at::Tensor drawn = (lt.to(at::kFloat) / temperature + g).argmax(-1);
     flat.index_put_({rows_t, ts_t}, drawn);
     resampled.index_put_({rows_t, ts_t}, true);
-    int64_t tmin = std::numeric_limits<int64_t>::max();
-    for (size_t i = 0; i < rows.size(); ++i) {
-      pointer[rows[i]] = ts[i] + 1;
-      tmin = std::min(tmin, ts[i]);
-    }
+    for (size_t i = 0; i < rows.size(); ++i) pointer[rows[i]] = ts[i] + 1;
     active = rows;
-    const int64_t r0 = tmin / W, n_rows = H - r0;
-    const at::Tensor sub_codes = c.index_select(0, rows_t);
-    at::Tensor sub = prior.get_method("partial")({sub_codes, rows_t, r0, cache}).toTensor();  // (A, K, H - r0, W)
-    TORCH_CHECK(sub.dim() == 4 && sub.size(2) == n_rows && sub.size(3) == W,
-                "resample: partial pass returned ", sub.sizes(), " for rows ", r0, "..", H - 1);
-    L.narrow(2, r0 * W, n_rows * W).index_copy_(0, rows_t, sub.flatten(2));
-    const at::Tensor p_new = code_likelihood(sub, sub_codes.narrow(1, r0, n_rows));  // (A, H - r0, W)
-    p.narrow(1, r0 * W, n_rows * W).index_copy_(0, rows_t, p_new.reshape({-1, n_rows * W}));
-    for (const int64_t b : rows) {
-      passes[b] += 1;
-      evaluated[b] += n_rows * W;
+    // re-evaluate rows row(t).. of each changed image: images grouped so that one call
+    // serves images whose first changed rows are close (cost model in split_groups)
+    for (const auto& group : split_groups(ts, W, H)) {
+      std::vector<int64_t> g_rows;
+      int64_t r0 = H;
+      for (const size_t i : group) {
+        g_rows.push_back(rows[i]);
+        r0 = std::min(r0, ts[i] / W);
+      }
+      const int64_t n_rows = H - r0;
+      const at::Tensor g_idx = to_long_tensor(g_rows, dev);
+      const at::Tensor sub_codes = c.index_select(0, g_idx);
+      at::Tensor sub = prior.get_method("partial")({sub_codes, g_idx, r0, cache}).toTensor();  // (G, K, H - r0, W)
+      TORCH_CHECK(sub.dim() == 4 && sub.size(2) == n_rows && sub.size(3) == W,
+                  "resample: partial pass returned ", sub.sizes(), " for rows ", r0, "..", H - 1);
+      L.narrow(2, r0 * W, n_rows * W).index_copy_(0, g_idx, sub.flatten(2));
+      const at::Tensor p_new = code_likelihood(sub, sub_codes.narrow(1, r0, n_rows));  // (G, H - r0, W)
+      p.narrow(1, r0 * W, n_rows * W).index_copy_(0, g_idx, p_new.reshape({-1, n_rows * W}));
+      for (const int64_t b : g_rows) {
+        passes[b] += 1;
+        evaluated[b] += n_rows * W;
+      }
     }
   }
   out.codes = c;

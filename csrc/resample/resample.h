@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <torch/script.h>
 
+#include <vector>
+
 namespace lsr {
 
 struct ResampleOutput {
@@ -25,6 +27,12 @@ at::Tensor flag_positions(const at::Tensor& p, double tau);
 // p(c_t) per position from logits (B, K, H, W) and codes (B, H, W): float32 (B, H, W).
 // Row-wise softmax over K (the same arithmetic for a position in any batch or slice).
 at::Tensor code_likelihood(const at::Tensor& logits, const at::Tensor& codes);
+
+// Groups of the images that changed in one step (indices into ts, the changed positions):
+// each group gets one partial pass from its smallest changed row. Fewer, larger calls
+// amortise the per-call overhead; splitting keeps an early change in one image from
+// making every image of the batch re-evaluate nearly the whole grid.
+std::vector<std::vector<size_t>> split_groups(const std::vector<int64_t>& ts, int64_t W, int64_t H);
 
 // Resample `codes` (B, H, W) int64 with Gumbel `noise` (B, H*W, K) float32 under
 // threshold `tau` and `temperature`. `prior` has methods full(codes) -> (logits, cache)
