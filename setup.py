@@ -111,6 +111,13 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "tifffile>=2023.1",
+        # runs exported bundles (lsr detect BUNDLE, lsr.deploy); the GPU build also runs on
+        # the CPU and picks CUDA only when it loads; no GPU build is published for macOS
+        "onnxruntime-gpu>=1.20; platform_system != 'Darwin'",
+        "onnxruntime>=1.20; platform_system == 'Darwin'",
+        # lsr-export --format onnx: torch.onnx.export(dynamo=True) needs onnxscript (and onnx)
+        "onnx>=1.17",
+        "onnxscript>=0.3",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn>=1.3"],

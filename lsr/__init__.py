@@ -27,13 +27,40 @@ Example:
     >>> cfg.grid_size
     8
 """
+from __future__ import annotations
+
+from typing import Any
+
 from .config import DetectConfig, PriorConfig, RunConfig, TrainConfig, VQVAEConfig, preset
 from .data import DataError
-from .detect import DetectionResult, Detector, detect_images
-from .evaluation import evaluate
-from .training import TrainResult, train
 
 __version__ = "0.1.0"
+
+# Names that need torch are imported on first use (PEP 562), so that ``import lsr`` and
+# :mod:`lsr.deploy` work where only numpy, pillow and onnxruntime are installed.
+_LAZY = {
+    "Detector": "detect", "DetectionResult": "detect", "detect_images": "detect",
+    "evaluate": "evaluation", "train": "training", "TrainResult": "training",
+}
+_SUBMODULES = ("anomaly", "checkpoint", "cli", "config", "data", "demo", "demo_data", "deploy", "detect",
+               "distributed", "evaluation", "io", "metrics", "models", "ops", "report", "training")
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'lsr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
 
 __all__ = ["RunConfig", "VQVAEConfig", "PriorConfig", "TrainConfig", "DetectConfig", "preset", "train",
            "TrainResult", "Detector", "DetectionResult", "detect_images", "evaluate", "DataError",

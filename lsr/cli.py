@@ -76,11 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect_options(e)
 
     d = sub.add_parser("detect", parents=[common], help="detect anomalies in images")
-    d.add_argument("run")
+    d.add_argument("run", help="a run folder (lsr train) or an exported ONNX/TorchScript bundle (lsr-export)")
     d.add_argument("images", nargs="+", help="image files or folders")
     d.add_argument("--out", required=True)
     d.add_argument("--tiff", action="store_true", help="also write raw float32 maps as TIFF")
     d.add_argument("--no-panels", action="store_true", help="skip the PNG panels")
+    d.add_argument("--providers", help="bundles only: onnxruntime execution providers in order, e.g. "
+                   "cuda,cpu (default: CUDA when it loads, else CPU)")
     _add_detect_options(d)
 
     m = sub.add_parser("demo", parents=[common], help="build a texture dataset, train, evaluate, report (about 5 min on 2 CPU cores)")
@@ -126,7 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_table({k: v for k, v in r["methods"].items()},
                                ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"]))
             print(f"metrics: {Path(args.out) / 'metrics.json'}   report: {Path(args.out) / 'report.png'}")
+        elif args.command == "detect" and _is_bundle(args.run):
+            return _detect_bundle(args, progress)
         elif args.command == "detect":
+            if args.providers:
+                raise ValueError("--providers applies to exported bundles (lsr-export); "
+                                 f"{args.run} is a run folder (use --device)")
             from .detect import detect_images
 
             rows = detect_images(args.run, args.images, args.out, batch_size=args.batch_size,
@@ -134,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  progress=progress, **_detect_options(args))
             for r in rows:
                 print(f"{r['image']}: score {r['score']:.4f}  nll {r['nll_score']:.1f}  "
-                      f"resampled {r['n_resampled']:.0f}  passes {r['prior_passes']}  {r['time_ms']:.0f} ms")
+                      f"resampled {r['n_resampled']:.0f}  passes {r['prior_passes']}"
+                      + (f" (later passes evaluated {r['recomputed_fraction']:.0%} of the grid)"
+                         if r.get("recomputed_fraction") is not None else "")
+                      + f"  {r['time_ms']:.0f} ms")
             print(f"results: {Path(args.out) / 'results.jsonl'}")
         elif args.command == "demo":
             from .demo import run_demo
@@ -155,13 +165,115 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _is_bundle(path: str) -> bool:
+    return (Path(path) / "bundle.json").is_file()
+
+
+def _detect_bundle(args: argparse.Namespace, progress: bool) -> int:
+    """``lsr detect BUNDLE ...``: onnxruntime (or TorchScript) instead of the run's models;
+    imports no torch for an ONNX bundle."""
+    from .deploy import detect_bundle
+    from .deploy.runtime import CPU, CUDA, parse_providers
+
+    providers = parse_providers(args.providers)
+    if providers is None and args.device:
+        providers = [CUDA, CPU] if str(args.device).startswith("cuda") else [CPU]
+    rows = detect_bundle(args.run, args.images, args.out, batch_size=args.batch_size, providers=providers,
+                         save_tiff_maps=args.tiff, panels=not args.no_panels, progress=progress,
+                         **_detect_options(args))
+    for r in rows:
+        print(f"{r['image']}: score {r['score']:.4f}  nll {r['nll_score']:.1f}  "
+              f"resampled {r['n_resampled']:.0f}  passes {r['prior_passes']}  {r['time_ms']:.0f} ms")
+    print(f"results: {Path(args.out) / 'results.jsonl'}  (bundle {args.run}, "
+          f"{', '.join(rows[0]['providers']) if rows else 'no images'})")
+    return 0
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lsr-export",
+        description="Export a trained run to a self-contained bundle of ONNX or TorchScript graphs "
+                    "(encoder, prior, decoder, post-processing) plus bundle.json, checked against the "
+                    "PyTorch model before it is written. Run a bundle with `lsr detect BUNDLE IMAGES "
+                    "--out OUT` or lsr.deploy.Inferencer.",
+        epilog="examples:\n  lsr-export runs/bottle --format onnx --out deploy/bottle\n"
+               "  lsr-export --check deploy/bottle",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", nargs="?", help="run folder written by lsr train")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", help="bundle folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--check", metavar="BUNDLE", help="re-run the parity check of an existing bundle "
+                   "(against the run recorded in bundle.json, or RUN / --run)")
+    p.add_argument("--run", dest="check_run", metavar="RUN", help="with --check: the run folder to compare with")
+    p.add_argument("--providers", help="with --check: onnxruntime providers (default cpu)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--check-images", type=int, default=4, help="images of the run's data in the check "
+                   "(2 synthetic ones are added)")
+    p.add_argument("--tolerance", action="append", default=[], metavar="KIND=VALUE",
+                   help="parity tolerance, e.g. logits=1e-3 map=1e-4 (kinds: logits, likelihood, map, score, image)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    g = p.add_argument_group("detection settings to bake in (default: the run's config.json)")
+    g.add_argument("--tau", type=float)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--restorations", type=int)
+    g.add_argument("--map", dest="map_kind", choices=MAP_KINDS)
+    g.add_argument("--distance", choices=DISTANCES)
+    g.add_argument("--smoothing", choices=[s for s in SMOOTHINGS if s != "bilateral"])
+    g.add_argument("--sigma", type=float)
+    g.add_argument("--score", choices=SCORES)
+    g.add_argument("--topk", type=int)
+    return p
+
+
+def _parse_tolerance(items: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        for part in item.replace(",", " ").split():
+            key, eq, val = part.partition("=")
+            if not eq:
+                raise ValueError(f"--tolerance expects KIND=VALUE, got {part!r}")
+            out[key] = float(val)
+    return out
+
+
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """``lsr-export``: not available in this version."""
-    argparse.ArgumentParser(prog="lsr-export", description="Export a trained run to TorchScript or "
-                            "ONNX (not yet available in this version of lsr).").parse_known_args(argv)
-    print("lsr-export: not yet available in this version of lsr (export to TorchScript/ONNX is planned); "
-          "use `lsr detect RUN ...` with the trained run folder meanwhile.", file=sys.stderr)
-    return 2
+    """``lsr-export``: export a run to a bundle, or re-check a bundle (exit 1 if the check fails)."""
+    args = build_export_parser().parse_args(argv)
+    try:
+        tol = _parse_tolerance(args.tolerance)
+        if args.check:
+            from .deploy import check_bundle
+            from .deploy.runtime import parse_providers
+
+            report = check_bundle(args.check, args.check_run or args.run, n_images=args.check_images,
+                                  tolerance=tol or None,
+                                  providers=parse_providers(args.providers) or ["CPUExecutionProvider"])
+            print(report.summary())
+            return 0 if report.passed else 1
+        if not args.run or not args.out:
+            raise ValueError("give a run folder and --out (or --check BUNDLE)")
+        from .deploy import export_bundle
+        from .deploy.export import DEFAULT_OPSET
+
+        keys = ("tau", "temperature", "seed", "restorations", "map_kind", "distance", "smoothing", "sigma",
+                "score", "topk")
+        res = export_bundle(args.run, args.out, args.format, check=not args.no_check, overwrite=args.overwrite,
+                            opset=args.opset or DEFAULT_OPSET, options={k: getattr(args, k) for k in keys},
+                            tolerance=tol or None, check_images=args.check_images,
+                            log=lambda m: print(m, file=sys.stderr))
+        print(f"bundle: {res.bundle} ({res.format}{'' if res.parity else ', not checked'})")
+    except KeyboardInterrupt:
+        print("lsr-export: interrupted; no bundle written", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
+        if args.debug:
+            raise
+        print(f"lsr-export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

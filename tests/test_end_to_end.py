@@ -10,6 +10,7 @@ from PIL import Image
 import lsr
 from conftest import interrupt_training_in_prior_epoch_1
 from lsr.cli import export_main, main
+from lsr import ops
 from lsr.checkpoint import load_weights
 
 pytestmark = pytest.mark.slow
@@ -132,13 +133,39 @@ def test_cli_errors_are_clear(tmp_path, capsys, tiny_run, tiny_dataset):
     assert "broken.png" in capsys.readouterr().err
     assert main(["detect", str(tmp_path / "norun"), str(bad / "0.png"), "--out", str(tmp_path / "o")]) == 2
     assert "norun" in capsys.readouterr().err
-    assert main(["detect", str(tiny_run), str(bad / "0.png"), "--out", str(tmp_path / "o"),
-                 "--resampler", "native", "--no-progress"]) == 2
-    assert "fast" in capsys.readouterr().err
     assert main(["eval", str(tiny_run), str(tmp_path / "bad"), "--out", str(tmp_path / "o2")]) == 2
     assert "test" in capsys.readouterr().err
     assert export_main([]) == 2
-    assert "not yet available" in capsys.readouterr().err
+    assert "give a run folder and --out" in capsys.readouterr().err
+
+
+def test_detect_native_resampler_equals_fast(tiny_run, tiny_dataset, tmp_path, capsys):
+    """`lsr detect --resampler native`: the same codes and maps as `fast`, with the prior
+    passes and the share of the grid the later passes evaluated in results.jsonl."""
+    if not ops.native_available():
+        pytest.skip("the native extension is not built")
+    images = sorted((tiny_dataset / "test").rglob("*.png"))[:6]
+    rows = {}
+    for m in ("fast", "native"):
+        assert main(["detect", str(tiny_run), *map(str, images), "--out", str(tmp_path / m), "--resampler", m,
+                     "--tau", "0.2", "--no-progress", "--no-panels"]) == 0
+        rows[m] = [json.loads(line) for line in (tmp_path / m / "results.jsonl").read_text().splitlines()]
+    out = capsys.readouterr().out
+    assert "later passes evaluated" in out
+    changed = 0
+    for f, n in zip(rows["fast"], rows["native"]):
+        assert n["resampler"] == "native" and f["resampler"] == "fast"
+        assert n["prior_passes"] == f["prior_passes"] and n["n_resampled"] == f["n_resampled"]
+        assert n["score"] == pytest.approx(f["score"], rel=1e-4, abs=1e-6)
+        assert f["positions_evaluated"] == f["prior_passes"] * f["n_codes"]
+        if f["prior_passes"] > 1:
+            changed += 1
+            assert f["recomputed_fraction"] == 1.0
+            assert 0 < n["recomputed_fraction"] < 1.0
+            assert n["positions_evaluated"] < f["positions_evaluated"]
+        else:
+            assert n["recomputed_fraction"] is None
+    assert changed >= 3                                     # tau 0.2: most images change codes
 
 
 def test_cli_train_set_overrides(tiny_dataset, tmp_path):

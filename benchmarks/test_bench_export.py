@@ -1,0 +1,124 @@
+"""Exported bundles vs PyTorch eager, per stage and end to end, batch 1 and 16.
+
+Run: ``pytest benchmarks/test_bench_export.py --benchmark-group-by=group
+--benchmark-columns=median,mean,stddev,rounds``.
+
+Models: the ``demo`` preset (128 px grey, 16x16 codes, K = 32, prior 48 channels) with
+random weights (speed does not depend on training), exported once per session to ONNX
+and TorchScript. tau is set so that the rule flags about 2% of the codes of the
+benchmark images, so end to end runs a few resampling passes per image.
+
+* ``eager``: what ``lsr detect RUN`` runs (:class:`lsr.detect.Detector`, native ops when built);
+* ``onnxruntime``: the ONNX bundle on onnxruntime's CPU provider (:class:`lsr.deploy.Inferencer`,
+  numpy resampling loop);
+* ``torchscript``: the TorchScript bundle through ``torch.jit.load`` (same numpy loop).
+"""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import lsr.ops as ops
+from lsr import anomaly
+from lsr.checkpoint import save_weights
+from lsr.config import preset
+from lsr.io import write_json
+from lsr.models import VQVAE, PixelSNAIL
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+BACKENDS = ("eager", "onnxruntime", "torchscript")
+STAGES = ("encode", "prior", "decode", "postprocess", "end_to_end")
+
+
+def _tau_for(prior, codes, share: float = 0.02) -> float:
+    with torch.no_grad():
+        p = torch.softmax(prior(codes), 1).gather(1, codes.unsqueeze(1)).squeeze(1)
+    for q in torch.linspace(0.0, 1.0, 401):
+        tau = float(torch.quantile(p.flatten(), q))
+        if ops.flag_positions(p, tau).float().mean() >= share:
+            return tau
+    return 1.0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from lsr.deploy import Inferencer, export_bundle
+    from lsr.detect import Detector
+
+    root = tmp_path_factory.mktemp("bench-export")
+    cfg = preset("demo", 1)
+    torch.manual_seed(0)
+    vqvae, prior = VQVAE(cfg.vqvae).eval(), PixelSNAIL(cfg.prior).eval()
+    S = cfg.vqvae.image_size
+    x16 = torch.rand(16, 1, S, S, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        codes16 = vqvae.encode(x16)
+    cfg.detect.tau = _tau_for(prior, codes16)
+    run = root / "run"
+    write_json(run / "config.json", cfg.to_dict())
+    save_weights(run / "vqvae.safetensors", vqvae)
+    save_weights(run / "prior.safetensors", prior)
+    export_bundle(run, root / "onnx", "onnx", check=False)
+    export_bundle(run, root / "ts", "torchscript", check=False)
+    det = Detector.load(run, "cpu")
+    runs = {"onnxruntime": Inferencer(root / "onnx", providers=["CPUExecutionProvider"]),
+            "torchscript": Inferencer(root / "ts")}
+    return det, runs, x16, codes16
+
+
+def _stage_fn(stage, backend, det, runs, x, codes):
+    """A no-argument callable running one stage on one backend, and its inputs prepared."""
+    d = det.config.detect
+    B = x.shape[0]
+    if backend == "eager":
+        def post(xx, dd, rr):
+            mi = anomaly.anomaly_map(rr, xx, d.distance, d.smoothing, d.sigma)
+            mr = anomaly.anomaly_map(rr, dd, d.distance, d.smoothing, d.sigma)
+            mb = anomaly.anomaly_map(xx, dd, d.distance, d.smoothing, d.sigma)
+            return anomaly.image_score(mi, d.score, d.topk), anomaly.image_score(mb, d.score, d.topk), mr
+        with torch.no_grad():
+            img = det.vqvae.decode_indices(codes).clamp(0, 1)
+        fns = {
+            "encode": lambda: det.vqvae.quantizer(det.vqvae.encoder(x)).indices,
+            "prior": lambda: det.prior(codes),
+            "decode": lambda: det.vqvae.decode_indices(codes).clamp(0, 1),
+            "postprocess": lambda: post(x, img, img),
+            "end_to_end": lambda: det.detect(x),
+        }
+        return fns[stage]
+    inf = runs[backend]
+    xn, cn = x.numpy(), codes.numpy()
+    img = inf.runner.run("decoder", codes=cn)["image"]
+    fns = {
+        "encode": lambda: inf.runner.run("encoder", image=xn),
+        "prior": lambda: inf.prior(cn),
+        "decode": lambda: inf.runner.run("decoder", codes=cn),
+        "postprocess": lambda: inf.runner.run("postprocess", image=xn, direct=img, restored=img.reshape(B, 1, *img.shape[1:])),
+        "end_to_end": lambda: inf.predict_batch(xn),
+    }
+    return fns[stage]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B", [1, 16])
+@pytest.mark.parametrize("stage", STAGES)
+def test_export_stage(benchmark, setup, stage, B, backend):
+    det, runs, x16, codes16 = setup
+    x, codes = x16[:B].contiguous(), codes16[:B].contiguous()
+    fn = _stage_fn(stage, backend, det, runs, x, codes)
+    with torch.no_grad():
+        fn()                                                  # warm-up and a time estimate
+        t0 = time.perf_counter()
+        fn()
+        est = time.perf_counter() - t0
+    rounds = int(max(3, min(50, 1.5 / max(est, 1e-6))))
+    benchmark.group = f"{stage} batch {B}"
+    benchmark.pedantic(fn, rounds=rounds, iterations=1)
+    if stage == "end_to_end":
+        with torch.no_grad():
+            res = fn()
+        benchmark.extra_info["prior_passes"] = int(np.asarray(res.prior_passes).sum())
+        benchmark.extra_info["resampled"] = int(np.asarray(res.resampled).sum())

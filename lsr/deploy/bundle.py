@@ -1,0 +1,263 @@
+"""The deployment bundle: a folder of graphs plus ``bundle.json`` (no torch needed here).
+
+Layout of a bundle written by ``lsr-export``::
+
+    bundle.json        everything needed to run it (see :func:`read_bundle`)
+    encoder.onnx       image (B, C, S, S) float32 in [0, 1] -> codes (B, h, w) int64
+    prior.onnx         codes (B, h, w) int64 -> logits (B, K, h, w), likelihood (B, h, w)
+    decoder.onnx       codes (B, h, w) int64 -> image (B, C, S, S) float32, clamped to [0, 1]
+    postprocess.onnx   image, direct (B, C, S, S), restored (B, N, C, S, S) -> maps and scores
+
+(``*.pt`` instead of ``*.onnx`` for the TorchScript format, whose prior returns the logits
+only.) ``bundle.json`` records the sha256 of every graph file, so a graph edited or
+replaced after export is refused with an error naming the file.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> read_bundle(pathlib.Path(tempfile.mkdtemp()))        # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lsr.deploy.bundle.BundleError: .../bundle.json: not an lsr bundle (bundle.json not found)
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+#: Version of the bundle layout; a reader refuses any other.
+BUNDLE_VERSION = 1
+FORMATS = ("onnx", "torchscript")
+GRAPHS = ("encoder", "prior", "decoder", "postprocess")
+EXTENSIONS = {"onnx": ".onnx", "torchscript": ".pt"}
+#: Detection settings a bundle user may change at run time (the rest are baked into
+#: the postprocess graph).
+RUNTIME_OPTIONS = ("tau", "temperature", "seed", "restorations", "resampler")
+BAKED_OPTIONS = ("map_kind", "distance", "smoothing", "sigma", "score", "topk")
+
+
+class BundleError(ValueError):
+    """A bundle folder is missing, incomplete, edited or of another version.
+
+    The message starts with the offending file."""
+
+
+class GraphSpec(NamedTuple):
+    """One graph of a bundle, as recorded in ``bundle.json``."""
+    name: str                     # encoder | prior | decoder | postprocess
+    path: Path
+    sha256: str
+    inputs: list[dict[str, Any]]  # [{"name", "dtype", "shape"}], shape entries int or "batch"/...
+    outputs: list[dict[str, Any]]
+
+
+class Bundle(NamedTuple):
+    """A validated bundle: its folder, ``bundle.json`` as a dict and its graphs."""
+    root: Path
+    meta: dict[str, Any]
+    graphs: dict[str, GraphSpec]
+
+    @property
+    def format(self) -> str:
+        return self.meta["format"]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["model"]["image_size"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.meta["model"]["channels"])
+
+    @property
+    def grid_size(self) -> int:
+        return int(self.meta["model"]["grid_size"])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.meta["model"]["codebook_size"])
+
+    @property
+    def detect(self) -> dict[str, Any]:
+        return self.meta["detect"]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder holding a ``bundle.json`` (a bundle, maybe a bad one)."""
+    p = Path(path)
+    return p.is_dir() and (p / "bundle.json").is_file()
+
+
+_REQUIRED = ("format", "bundle_version", "lsr_version", "model", "preprocessing", "detect", "noise", "graphs")
+
+
+def read_bundle(root: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
+    """Read and check a bundle folder.
+
+    Checks: ``bundle.json`` exists and is JSON with every required key; the bundle
+    version is :data:`BUNDLE_VERSION`; the format is known; every graph file exists and
+    (``verify_hashes``) its sha256 equals the recorded one.
+
+    Raises:
+        BundleError: naming the file and the problem.
+    """
+    root = Path(root)
+    meta_path = root / "bundle.json"
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle folder not found")
+    if not meta_path.is_file():
+        raise BundleError(f"{meta_path}: not an lsr bundle (bundle.json not found)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path}: expected a JSON object")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise BundleError(f"{meta_path}: missing keys {missing}; not a bundle written by lsr-export")
+    if meta["bundle_version"] != BUNDLE_VERSION:
+        raise BundleError(f"{meta_path}: bundle version {meta['bundle_version']!r} is not supported "
+                          f"(this lsr reads version {BUNDLE_VERSION}); re-export the run with this "
+                          f"lsr's lsr-export")
+    if meta["format"] not in FORMATS:
+        raise BundleError(f"{meta_path}: unknown format {meta['format']!r} (expected one of {FORMATS})")
+    graphs: dict[str, GraphSpec] = {}
+    for name in GRAPHS:
+        g = meta["graphs"].get(name)
+        if not isinstance(g, dict) or not {"file", "sha256", "inputs", "outputs"} <= set(g):
+            raise BundleError(f"{meta_path}: graph {name!r} is missing or incomplete")
+        path = root / g["file"]
+        if Path(g["file"]).name != g["file"]:
+            raise BundleError(f"{meta_path}: graph file {g['file']!r} must be a plain file name in the bundle")
+        if not path.is_file():
+            raise BundleError(f"{path}: graph file missing from the bundle ({name} graph)")
+        if verify_hashes:
+            digest = sha256_file(path)
+            if digest != g["sha256"]:
+                raise BundleError(f"{path}: sha256 {digest[:12]}... does not match bundle.json "
+                                  f"({g['sha256'][:12]}...): the graph was edited or replaced after export")
+        graphs[name] = GraphSpec(name, path, g["sha256"], list(g["inputs"]), list(g["outputs"]))
+    return Bundle(root, meta, graphs)
+
+
+def write_bundle_json(root: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Write ``bundle.json`` atomically."""
+    from ..io import write_json
+
+    write_json(Path(root) / "bundle.json", meta)
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` only if the block succeeds.
+
+    The block writes the whole bundle into the yielded folder; on success it is renamed
+    onto ``out`` (an existing bundle there is replaced only with ``overwrite``; the old
+    one is moved aside first and deleted after the rename). On any error the temporary
+    folder is removed and ``out`` is untouched: there is never a half bundle at ``out``.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out}: exists and is not a folder")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{out}: folder exists and is not empty; choose another --out or "
+                                      f"pass --overwrite to replace a bundle there")
+            if not is_bundle(out):
+                raise FileExistsError(f"{out}: not empty and not an lsr bundle; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        _publish_modes(tmp)
+        _fsync_dir(tmp)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "bundle")
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "bundle", out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish_modes(folder: Path) -> None:
+    """Temporary folders and files are private (0700/0600); give the bundle the modes a
+    normal ``mkdir``/``open`` would (subject to the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def graph_entry(path: Path, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``bundle.json`` record of one graph file written in a (staged) bundle folder."""
+    return {"file": path.name, "sha256": sha256_file(path), "inputs": inputs, "outputs": outputs}
+
+
+def tensor_spec(name: str, dtype: str, shape: list[Any]) -> dict[str, Any]:
+    return {"name": name, "dtype": dtype, "shape": list(shape)}
+
+
+def graph_io(fmt: str, C: int, S: int, h: int, K: int) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Input and output names, dtypes and shapes of every graph ("batch", "chains" and
+    "restorations" are the dynamic axes). The names are stable: code that runs a bundle
+    may rely on them."""
+    img = ["batch", C, S, S]
+    codes = ["batch", h, h]
+    grid = ["batch", S, S]
+    prior_out = [tensor_spec("logits", "float32", ["batch", K, h, h])]
+    if fmt == "onnx":
+        prior_out.append(tensor_spec("likelihood", "float32", ["batch", h, h]))
+    return {
+        "encoder": ([tensor_spec("image", "float32", img)], [tensor_spec("codes", "int64", codes)]),
+        "prior": ([tensor_spec("codes", "int64", codes)], prior_out),
+        "decoder": ([tensor_spec("codes", "int64", codes)], [tensor_spec("image", "float32", img)]),
+        "postprocess": (
+            [tensor_spec("image", "float32", img), tensor_spec("direct", "float32", img),
+             tensor_spec("restored", "float32", ["batch", "restorations", C, S, S])],
+            [tensor_spec("anomaly_map", "float32", grid), tensor_spec("score", "float32", ["batch"]),
+             tensor_spec("map_restored_vs_input", "float32", grid),
+             tensor_spec("map_restored_vs_direct", "float32", grid),
+             tensor_spec("map_direct", "float32", grid), tensor_spec("direct_score", "float32", ["batch"])]),
+    }
+
+
+__all__ = ["BUNDLE_VERSION", "FORMATS", "GRAPHS", "Bundle", "BundleError", "GraphSpec", "read_bundle",
+           "is_bundle", "sha256_file", "staged_folder", "write_bundle_json", "graph_entry", "graph_io",
+           "RUNTIME_OPTIONS", "BAKED_OPTIONS"]

@@ -1,0 +1,279 @@
+"""``lsr-export``: a trained run -> a self-contained bundle of ONNX or TorchScript graphs.
+
+:func:`export_bundle` loads the run, builds the four graphs (:mod:`lsr.deploy.graphs`)
+on the reference path of every op, writes them and ``bundle.json`` into a temporary
+folder beside the destination, runs the parity check (:func:`lsr.deploy.parity.check_bundle`)
+on that folder and only then renames it into place: a failed export or check leaves no
+bundle behind.
+
+ONNX graphs come from ``torch.onnx.export(dynamo=True)`` (the ``torch.export``-based
+exporter, default since torch 2.9; needs onnxscript): standard ONNX ops only, opset 18 by
+default, dynamic batch (and restorations) axes. The legacy TorchScript-based exporter
+also works in torch 2.13 but is deprecated and writes a graph five times larger.
+
+TorchScript graphs are traced (encoder, decoder, postprocess) with the batch dimension
+checked to stay dynamic; the prior comes from :func:`torchscript_prior`.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib.util
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..checkpoint import load_into
+from ..config import RunConfig
+from ..io import read_json
+from ..models import VQVAE, PixelSNAIL
+from .bundle import BUNDLE_VERSION, EXTENSIONS, FORMATS, graph_entry, graph_io, staged_folder, write_bundle_json
+from .graphs import build_graphs
+
+DEFAULT_OPSET = 18
+
+
+class ExportResult(NamedTuple):
+    bundle: Path                  # the bundle folder written
+    format: str
+    parity: Any                   # lsr.deploy.parity.ParityReport, or None with check=False
+
+
+def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
+    """Config and trained models of a run folder (CPU, eval mode)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: run folder not found")
+    cfg = RunConfig.from_dict(read_json(run / "config.json"))
+    if cfg.detect.tau is None:
+        raise ValueError(f"{run / 'config.json'}: tau is not calibrated (training did not finish); "
+                         f"re-run `lsr train` with the same --out to resume")
+    vqvae, prior = VQVAE(cfg.vqvae), PixelSNAIL(cfg.prior)
+    load_into(vqvae, run / "vqvae.safetensors")
+    load_into(prior, run / "prior.safetensors")
+    return cfg, vqvae.eval(), prior.eval()
+
+
+def torchscript_prior(prior: PixelSNAIL) -> torch.jit.ScriptModule:
+    """The prior as TorchScript, ``forward(codes (B, h, w) int64) -> logits (B, K, h, w)``.
+
+    Uses :func:`lsr.models.incremental.script_prior` when that module exists (a scripted
+    prior with incremental methods for the C++ runtime), on pure-PyTorch ops
+    (``native=False``) so that ``torch.jit.load`` needs no lsr extension; else traces
+    the prior on the reference path of its ops (batch kept dynamic; checked). This is
+    the one place that chooses."""
+    if importlib.util.find_spec("lsr.models.incremental") is not None:
+        from ..models.incremental import script_prior
+        return script_prior(prior, native=False)
+    h = prior.cfg.grid_size
+    example = torch.randint(0, prior.cfg.codebook_size, (2, h, h), generator=torch.Generator().manual_seed(0))
+    return _trace(prior, (example,))
+
+
+def _trace(module: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` on the reference ops, then a check that a different batch size
+    gives what the eager module gives (a trace that froze the batch would fail here)."""
+    with ops.backend("reference"), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)      # TorchScript is what LibTorch loads
+        traced = torch.jit.trace(module, example, check_trace=False)
+        other = tuple(torch.cat([t, t[:1]], 0) for t in example)          # batch + 1
+        want, got = module(*other), traced(*other)
+    want = want if isinstance(want, tuple) else (want,)
+    got = got if isinstance(got, tuple) else (got,)
+    for a, b in zip(want, got):
+        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5):
+            raise RuntimeError(f"tracing {type(module).__name__} froze a shape: batch {other[0].shape[0]} "
+                               f"gives {tuple(b.shape)} instead of {tuple(a.shape)}")
+    return traced
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """The dynamo exporter logs progress and optional-dependency notes; keep the CLI clean."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "torch._export")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, lv in levels.items():
+            logging.getLogger(n).setLevel(lv)
+
+
+def _examples(cfg: RunConfig) -> dict[str, tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(0)
+    C, S, h, K = cfg.vqvae.in_channels, cfg.vqvae.image_size, cfg.grid_size, cfg.vqvae.codebook_size
+    img = torch.rand(2, C, S, S, generator=g)
+    codes = torch.randint(0, K, (2, h, h), generator=g)
+    return {"encoder": (img,), "prior": (codes,), "decoder": (codes,),
+            "postprocess": (img, torch.rand(2, C, S, S, generator=g), torch.rand(2, 2, C, S, S, generator=g))}
+
+
+def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, io_spec, opset: int) -> None:
+    import onnx
+
+    inputs, outputs = io_spec
+    batch = torch.export.Dim("batch", min=1)
+    dyn: dict[str, Any] = {}
+    for spec in inputs:
+        axes = {0: batch}
+        if "restorations" in spec["shape"]:
+            axes[1] = torch.export.Dim("restorations", min=1)
+        dyn[spec["name"]] = axes
+    with ops.backend("reference"), torch.no_grad(), _quiet_export():
+        prog = torch.onnx.export(module, example, dynamo=True, opset_version=opset,
+                                 input_names=[s["name"] for s in inputs],
+                                 output_names=[s["name"] for s in outputs],
+                                 dynamic_shapes=dyn, external_data=False, verbose=False)
+    model = prog.model_proto
+    # the exporter names dynamic axes after the torch.export Dims; name every one for readers
+    onnx.checker.check_model(model)
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != [s["name"] for s in inputs] or got_out != [s["name"] for s in outputs]:
+        raise RuntimeError(f"{path.name}: exported names {got_in} -> {got_out} are not the bundle's")
+    non_standard = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if non_standard:
+        raise RuntimeError(f"{path.name}: graph uses non-standard op domains {non_standard}")
+    path.write_bytes(model.SerializeToString())
+
+
+def _export_torchscript(name: str, module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+                        prior: PixelSNAIL) -> None:
+    scripted = torchscript_prior(prior) if name == "prior" else _trace(module, example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(scripted, str(path))
+
+
+def _versions(fmt: str, opset: int) -> dict[str, Any]:
+    from .. import __version__
+
+    v: dict[str, Any] = {"lsr": __version__, "torch": torch.__version__.split("+")[0]}
+    if fmt == "onnx":
+        import onnx
+        v.update(onnx=onnx.__version__, onnx_opset=opset)
+        with contextlib.suppress(ImportError):
+            import onnxscript
+            v["onnxscript"] = onnxscript.__version__
+        with contextlib.suppress(ImportError):
+            import onnxruntime
+            v["onnxruntime"] = onnxruntime.__version__
+    return v
+
+
+def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str, Any]], opset: int) -> dict[str, Any]:
+    """The content of ``bundle.json`` for a run's config and written graphs."""
+    from .. import __version__
+
+    v, d = cfg.vqvae, cfg.detect
+    return {
+        "format": fmt,
+        "bundle_version": BUNDLE_VERSION,
+        "lsr_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(fmt, opset),
+        "source_run": str(run.resolve()),
+        "model": {"image_size": v.image_size, "channels": v.in_channels, "downsample": v.downsample,
+                  "grid_size": cfg.grid_size, "codebook_size": v.codebook_size, "embed_dim": v.embed_dim,
+                  "preset": cfg.preset},
+        "preprocessing": {
+            "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0],
+            "resize": "bilinear to image_size x image_size, antialiased when shrinking (Pillow), "
+                      "values clipped to [0, 1]",
+            "channels": "1: ITU-R 601-2 luma of colour images; 3: RGB, grey replicated; alpha dropped",
+            "pixel_scale": "8-bit / 255, 16-bit / 65535",
+            "in_graph": "the encoder maps [0, 1] to [-1, 1] itself (x * 2 - 1)",
+        },
+        "detect": {"tau": float(d.tau), "temperature": float(d.temperature), "restorations": int(d.restorations),
+                   "seed": int(d.seed), "resampler": "fast", "map_kind": d.map_kind, "distance": d.distance,
+                   "smoothing": d.smoothing, "sigma": float(d.sigma), "score": d.score, "topk": int(d.topk)},
+        "noise": {
+            "kind": "gumbel-max, noise fixed per chain and position (h*w, K)",
+            "uniform": "torch.rand(h*w, K) of torch.Generator().manual_seed(chain_seed): MT19937 seeded with "
+                       "the low 32 bits, float32 = (draw & 0xFFFFFF) * 2**-24",
+            "transform": "-log(-log(clamp(u, float32 tiny, 1 - 1e-7))) in float64, then float32",
+            "chain_seed": "((seed * 1000003 + image_id) * 1009 + restoration) % (2**63 - 1)",
+            "draw": "argmax(logits_t / temperature + noise_t), first index on ties",
+        },
+        "graphs": graphs,
+    }
+
+
+def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx", *, check: bool = True,
+                  overwrite: bool = False, opset: int = DEFAULT_OPSET, options: dict[str, Any] | None = None,
+                  tolerance: dict[str, float] | None = None, check_images: int = 4,
+                  log: Callable[[str], None] | None = None) -> ExportResult:
+    """Export a trained run to a bundle folder ``out`` (atomically).
+
+    Args:
+        run: run folder written by ``lsr train``.
+        out: bundle folder to create (must not exist or be empty, unless ``overwrite``
+            and it holds a bundle).
+        fmt: ``onnx`` or ``torchscript``.
+        check: run the parity check and refuse the export beyond tolerance.
+        opset: ONNX opset (>= 18 with the dynamo exporter).
+        options: detection settings to bake in instead of the run's (``tau``,
+            ``map_kind``, ``sigma``, ...).
+        tolerance: parity tolerances (see :data:`lsr.deploy.parity.DEFAULT_TOLERANCE`).
+        check_images: images from the run's data for the check (2 synthetic ones are added).
+    """
+    log = log or (lambda msg: None)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "onnx" and opset < 18:
+        raise ValueError(f"opset {opset}: the torch.export-based ONNX exporter writes opset 18 or newer")
+    if fmt == "onnx":
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(f"lsr-export --format onnx needs {' and '.join(missing)} "
+                              f"(pip install 'lsr[export]' or pip install onnx onnxscript)")
+    run = Path(run)
+    cfg, vqvae, prior = load_run(run)
+    if options:
+        import dataclasses
+        opts = {k: v for k, v in options.items() if v is not None}
+        cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, **opts))
+        cfg.validate()
+    graphs = build_graphs(vqvae, prior, cfg.detect)
+    examples = _examples(cfg)
+    io_specs = graph_io(fmt, cfg.vqvae.in_channels, cfg.vqvae.image_size, cfg.grid_size, cfg.vqvae.codebook_size)
+    ext = EXTENSIONS[fmt]
+    with staged_folder(out, overwrite) as tmp:
+        entries = {}
+        for name, module in graphs.items():
+            path = tmp / f"{name}{ext}"
+            log(f"lsr-export: {name} -> {path.name}")
+            if fmt == "onnx":
+                _export_onnx(module, examples[name], path, io_specs[name], opset)
+            else:
+                _export_torchscript(name, module, examples[name], path, prior)
+            entries[name] = graph_entry(path, *io_specs[name])
+        meta = bundle_meta(cfg, fmt, run, entries, opset)
+        write_bundle_json(tmp, meta)
+        report = None
+        if check:
+            from .parity import check_bundle
+            log("lsr-export: parity check")
+            report = check_bundle(tmp, run, n_images=check_images, tolerance=tolerance, providers=["CPUExecutionProvider"])
+            log(report.summary())
+            if not report.passed:
+                raise ValueError(f"{run}: parity check of the exported {fmt} graphs failed, no bundle written:\n"
+                                 f"{report.summary()}")
+            meta["parity"] = report.to_dict()
+            write_bundle_json(tmp, meta)
+    return ExportResult(Path(out), fmt, report)
+
+
+__all__ = ["export_bundle", "ExportResult", "torchscript_prior", "load_run", "bundle_meta", "DEFAULT_OPSET"]

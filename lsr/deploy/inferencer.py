@@ -1,0 +1,372 @@
+"""Running an exported bundle: :class:`Inferencer` (Python API) and :func:`detect_bundle`
+(what ``lsr detect BUNDLE ...`` runs). Needs numpy, pillow and onnxruntime only (torch
+for TorchScript bundles): no torch, scipy or scikit-image import anywhere on this path.
+
+Example:
+    >>> inf = Inferencer("deploy/bottle")                          # doctest: +SKIP
+    >>> res = inf.predict("img.png")                                # doctest: +SKIP
+    >>> res.score, res.anomaly_map.shape, res.prior_passes          # doctest: +SKIP
+    (0.173, (128, 128), 4)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from . import numpy_ops as nops
+from .bundle import BAKED_OPTIONS, Bundle, BundleError, read_bundle
+from .runtime import make_runner
+
+
+class BatchPrediction(NamedTuple):
+    """Detection output of a batch, numpy arrays with a leading batch dimension B; the
+    fields of :class:`lsr.detect.DetectionResult`."""
+    anomaly_map: np.ndarray             # (B, S, S) the configured map (map_kind)
+    score: np.ndarray                   # (B,) image score of anomaly_map
+    nll_score: np.ndarray               # (B,) sum of -log p_t over codes with p_t < tau
+    map_restored_vs_input: np.ndarray   # (B, S, S)
+    map_restored_vs_direct: np.ndarray  # (B, S, S)
+    map_direct: np.ndarray              # (B, S, S) baseline |x - x_d| (no prior)
+    direct_score: np.ndarray            # (B,)
+    direct: np.ndarray                  # (B, C, S, S) direct reconstruction x_d
+    restored: np.ndarray                # (B, C, S, S) restored image x_r (first restoration)
+    codes: np.ndarray                   # (B, h, w) int64 original codes
+    resampled_codes: np.ndarray         # (B, h, w) int64 after resampling (first restoration)
+    resampled: np.ndarray               # (B, h, w) bool, redrawn positions (first restoration)
+    likelihood: np.ndarray              # (B, h, w) p_t of the original codes
+    n_resampled: np.ndarray             # (B,) float, redrawn codes per restoration (mean)
+    prior_passes: np.ndarray            # (B,) int64, prior passes over all restorations
+    positions_evaluated: np.ndarray     # (B,) int64, grid positions those passes evaluated
+
+
+class Prediction(NamedTuple):
+    """Detection output of one image: the fields of :class:`BatchPrediction` without the
+    batch dimension (scores as Python numbers), plus the input's own size."""
+    anomaly_map: np.ndarray             # (S, S) at the model's resolution
+    score: float
+    nll_score: float
+    map_restored_vs_input: np.ndarray
+    map_restored_vs_direct: np.ndarray
+    map_direct: np.ndarray
+    direct_score: float
+    direct: np.ndarray                  # (C, S, S)
+    restored: np.ndarray                # (C, S, S)
+    codes: np.ndarray                   # (h, w)
+    resampled_codes: np.ndarray         # (h, w)
+    resampled: np.ndarray               # (h, w) bool
+    likelihood: np.ndarray              # (h, w)
+    n_resampled: float
+    prior_passes: int
+    positions_evaluated: int
+    input_size: tuple[int, int]         # (H, W) of the image given to predict
+
+    def map_at_input_size(self) -> np.ndarray:
+        """The anomaly map resized (bilinear) to the input's own size (H, W)."""
+        return nops.resize_maps(self.anomaly_map[None], self.input_size)[0]
+
+
+_SCALAR_FIELDS = {"score": float, "nll_score": float, "direct_score": float, "n_resampled": float,
+                  "prior_passes": int, "positions_evaluated": int}
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
+
+
+def _channels_to(hwc: np.ndarray, channels: int) -> np.ndarray:
+    """float32 (H, W, c), c in {1, 3} -> (channels, H, W), as :func:`lsr.data.load_image`."""
+    from ..data import _LUMA
+
+    if hwc.shape[2] == channels:
+        return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+    if channels == 1:
+        chw = (hwc @ _LUMA)[None].astype(np.float32, copy=False)
+        return np.clip(chw, 0.0, 1.0, out=chw)
+    return np.repeat(hwc.transpose(2, 0, 1), 3, axis=0)
+
+
+def _array_to_hwc(a: np.ndarray, what: str) -> np.ndarray:
+    """An image array (H, W) or (H, W, c), c in 1..4, uint8/uint16/bool/float in [0, 1],
+    -> float32 (H, W, 1|3) in [0, 1] (alpha dropped)."""
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"{what}: expected an image array (H, W) or (H, W, C) with C in 1..4, "
+                         f"got shape {a.shape}")
+    if a.dtype == np.uint8:
+        f = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        f = a.astype(np.float32) / 65535.0
+    elif a.dtype == bool:
+        f = a.astype(np.float32)
+    elif np.issubdtype(a.dtype, np.floating):
+        f = a.astype(np.float32)
+        if f.size and (not np.isfinite(f).all() or f.min() < 0.0 or f.max() > 1.0):
+            raise ValueError(f"{what}: float images must be finite and in [0, 1] "
+                             f"(got [{np.nanmin(f):.3g}, {np.nanmax(f):.3g}]); pass uint8 for 0..255")
+    else:
+        raise ValueError(f"{what}: unsupported dtype {a.dtype} (uint8, uint16, bool or float in [0, 1])")
+    c = f.shape[2]
+    return f[..., :1] if c == 2 else f[..., :3] if c == 4 else f
+
+
+def to_model_input(image: Any, channels: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image as the model's input (channels, size, size) float32 in [0, 1], plus its
+    own (H, W). Accepts a file path, a PIL image, a numpy array (H, W) / (H, W, C) uint8,
+    uint16 or float in [0, 1], or a torch tensor (C, H, W) / (H, W) in [0, 1] (as the
+    :class:`lsr.detect.Detector` takes). Preprocessing equals ``lsr detect``'s
+    (:func:`lsr.data.load_image`: bilinear resize, antialiased when shrinking; grey by
+    ITU-R 601 luma; alpha dropped)."""
+    from PIL import Image
+
+    from ..data import _decode, _resize_float, _to_float, image_size, load_image
+
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, channels, size), image_size(image)
+    if isinstance(image, Image.Image):
+        _decode(image, Path("<PIL image>"))
+        hwc = _to_float(image, Path("<PIL image>"))
+    elif _is_torch_tensor(image):
+        t = image.detach().cpu()
+        a = t.numpy()
+        if a.ndim == 3:
+            if a.shape[0] not in (1, 2, 3, 4):
+                raise ValueError(f"tensor image: expected (C, H, W) with C in 1..4, got {tuple(a.shape)}")
+            a = a.transpose(1, 2, 0)
+        hwc = _array_to_hwc(a, "tensor image")
+    elif isinstance(image, np.ndarray):
+        hwc = _array_to_hwc(image, "numpy image")
+    else:
+        raise TypeError(f"cannot read an image from {type(image).__name__}: pass a path, PIL image, "
+                        f"numpy array or torch tensor")
+    H, W = hwc.shape[:2]
+    return _resize_float(_channels_to(hwc, channels), size, size), (int(H), int(W))
+
+
+class Inferencer:
+    """Run an exported bundle (``lsr-export``) on images, without the training stack.
+
+    Args:
+        bundle: the bundle folder.
+        providers: onnxruntime providers (default: CUDA when it loads, else CPU).
+        threads: intra-op threads per onnxruntime session (default: onnxruntime's).
+        **options: detection settings to change at run time: ``tau``, ``temperature``,
+            ``seed``, ``restorations``, ``resampler`` (``fast`` or ``naive``). The map,
+            distance, smoothing, sigma, score and top-k are baked into the postprocess
+            graph: passing a different value is an error (re-export instead).
+
+    Example:
+        >>> res = Inferencer("deploy/bottle").predict("img.png")     # doctest: +SKIP
+    """
+
+    def __init__(self, bundle: str | os.PathLike | Bundle, providers: Sequence[str] | None = None,
+                 threads: int | None = None, **options: Any):
+        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+        self.options = self._merge_options(options)
+        self.runner = make_runner(self.bundle, providers, threads)
+
+    def _merge_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        d = dict(self.bundle.detect)
+        where = self.bundle.root / "bundle.json"
+        for k, v in options.items():
+            if v is None:
+                continue
+            if k in BAKED_OPTIONS:
+                if v != d.get(k):
+                    flag = "--map" if k == "map_kind" else f"--{k}"
+                    raise ValueError(f"{where}: {k} is {d.get(k)!r} in this bundle's postprocess graph; "
+                                     f"{k}={v!r} needs a bundle exported with it (lsr-export RUN {flag} {v} ...)")
+                continue
+            if k not in ("tau", "temperature", "seed", "restorations", "resampler"):
+                raise ValueError(f"unknown detection option {k!r}")
+            d[k] = v
+        if d["resampler"] not in ("fast", "naive"):
+            raise ValueError(f"resampler {d['resampler']!r} is not available for a bundle: use fast "
+                             f"(exact, 1 + changes prior passes) or naive")
+        if float(d["temperature"]) <= 0 or int(d["restorations"]) < 1:
+            raise ValueError(f"temperature must be > 0 and restorations >= 1, got {d['temperature']}, "
+                             f"{d['restorations']}")
+        if d.get("tau") is None:
+            raise ValueError(f"{where}: tau is not set")
+        return d
+
+    @property
+    def image_size(self) -> int:
+        return self.bundle.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.bundle.channels
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the sessions actually run on."""
+        return list(self.runner.active_providers)
+
+    def prior(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One prior pass: codes (B, h, w) -> (logits (B, K, h, w), likelihood (B, h, w))."""
+        out = self.runner.run("prior", codes=np.ascontiguousarray(codes, dtype=np.int64))
+        return out["logits"], out["likelihood"]
+
+    def load(self, images: Sequence[Any]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Images (paths, PIL images, arrays, tensors) -> (B, C, S, S) float32 and their sizes."""
+        pairs = [to_model_input(im, self.channels, self.image_size) for im in images]
+        if not pairs:
+            return np.zeros((0, self.channels, self.image_size, self.image_size), np.float32), []
+        return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+
+    def predict(self, image: Any, image_id: int = 0) -> Prediction:
+        """Detect anomalies in one image (a path, PIL image, numpy array or torch tensor).
+
+        ``image_id`` selects the noise stream, as the position of the image in the input
+        list of ``lsr detect`` (same id and seed: same codes as the PyTorch path)."""
+        x, (size,) = self.load([image])
+        b = self.predict_batch(x, [image_id])
+        fields = {}
+        for name in BatchPrediction._fields:
+            v = getattr(b, name)[0]
+            fields[name] = _SCALAR_FIELDS[name](v) if name in _SCALAR_FIELDS else v
+        return Prediction(**fields, input_size=size)
+
+    def predict_batch(self, x: np.ndarray, image_ids: Sequence[int] | None = None) -> BatchPrediction:
+        """Detect anomalies in a batch of model inputs.
+
+        Args:
+            x: (B, C, S, S) float32 in [0, 1] at the bundle's size and channels
+                (:meth:`load` makes it from files).
+            image_ids: noise stream per image (default 0..B-1).
+        """
+        d = self.options
+        S, C = self.image_size, self.channels
+        x = np.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != (C, S, S):
+            raise ValueError(f"{self.bundle.root / 'bundle.json'}: this bundle takes images (B, {C}, {S}, {S}), "
+                             f"got {tuple(x.shape)}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        B = x.shape[0]
+        ids = list(range(B)) if image_ids is None else [int(i) for i in image_ids]
+        if len(ids) != B:
+            raise ValueError(f"got {len(ids)} image ids for {B} images")
+        n = int(d["restorations"])
+        tau = float(d["tau"])
+        codes = self.runner.run("encoder", image=x)["codes"].astype(np.int64)
+        direct = self.runner.run("decoder", codes=codes)["image"]
+        h, w = codes.shape[1:]
+        K = self.bundle.codebook_size
+        seeds = [nops.chain_seed(int(d["seed"]), i, r) for i in ids for r in range(n)]
+        noise = nops.LazyNoise(seeds, h * w, K)
+        chains = np.repeat(codes, n, axis=0)
+        loop = nops.resample_fast if d["resampler"] == "fast" else nops.resample_naive
+        rs = loop(self.prior, chains, noise, tau, float(d["temperature"]))
+        restored = self.runner.run("decoder", codes=rs.codes)["image"]
+        post = self.runner.run("postprocess", image=x, direct=direct,
+                               restored=np.ascontiguousarray(restored.reshape(B, n, C, S, S)))
+        first = slice(None, None, n)
+        likelihood = rs.likelihood[first]
+        return BatchPrediction(
+            anomaly_map=post["anomaly_map"], score=post["score"],
+            nll_score=nops.nll_score(likelihood, tau),
+            map_restored_vs_input=post["map_restored_vs_input"],
+            map_restored_vs_direct=post["map_restored_vs_direct"],
+            map_direct=post["map_direct"], direct_score=post["direct_score"],
+            direct=direct, restored=restored[first], codes=codes,
+            resampled_codes=rs.codes[first], resampled=rs.resampled[first], likelihood=likelihood,
+            n_resampled=rs.resampled.reshape(B, n, -1).sum(-1).astype(np.float32).mean(axis=1),
+            prior_passes=rs.prior_passes.reshape(B, n).sum(axis=1),
+            positions_evaluated=rs.prior_passes.reshape(B, n).sum(axis=1) * (h * w),   # whole passes
+        )
+
+
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """File stems made unique with a numeric suffix, as :func:`lsr.detect.unique_stems`
+    (repeated here because :mod:`lsr.detect` imports torch)."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        k = seen.get(p.stem, 0)
+        seen[p.stem] = k + 1
+        out.append(p.stem if k == 0 else f"{p.stem}_{k}")
+    return out
+
+
+def _save_float_tiff(path: Path, array: np.ndarray) -> None:
+    """float32 TIFF, through tifffile when installed (as ``lsr detect``), else Pillow."""
+    try:
+        from ..io import save_tiff
+
+        import tifffile  # noqa: F401
+        save_tiff(path, array)
+    except ImportError:
+        from PIL import Image
+
+        from ..io import atomic_write
+        with atomic_write(path, "wb") as f:
+            Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F").save(f, format="TIFF")
+
+
+def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                  batch_size: int = 8, providers: Sequence[str] | None = None, save_tiff_maps: bool = False,
+                  panels: bool = True, progress: bool = True, log=None, **options: Any) -> list[dict[str, Any]]:
+    """``lsr detect BUNDLE ...``: the outputs of :func:`lsr.detect.detect_images` (a line
+    per image in ``results.jsonl``, a panel PNG per image when matplotlib is installed,
+    ``--tiff`` raw float32 maps at each image's size in ``maps/``) from an exported
+    bundle run by onnxruntime. Returns the result rows."""
+    from ..data import list_images
+    from ..io import atomic_write
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    inf = Inferencer(bundle, providers=providers, **options)
+    paths = list_images(list(inputs))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = unique_stems(paths)
+    save_panel = None
+    if panels:
+        try:
+            from ..report import save_panel
+        except ImportError:
+            log("lsr: matplotlib is not installed: panels skipped (results.jsonl and --tiff maps are written)")
+    rows: list[dict[str, Any]] = []
+    d = inf.options
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        x, sizes = inf.load(chunk)
+        t0 = time.perf_counter()
+        res = inf.predict_batch(x, range(start, start + len(chunk)))
+        ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)
+        for i, (path, size) in enumerate(zip(chunk, sizes)):
+            stem = stems[start + i]
+            passes, n_codes = int(res.prior_passes[i]), int(res.codes[i].size)
+            row = {"image": str(path), "score": float(res.score[i]), "nll_score": float(res.nll_score[i]),
+                   "direct_score": float(res.direct_score[i]), "n_resampled": float(res.n_resampled[i]),
+                   "prior_passes": passes, "positions_evaluated": int(res.positions_evaluated[i]),
+                   # whole passes: 1.0 once a code changed (as lsr.detect.recomputed_fraction for fast)
+                   "recomputed_fraction": 1.0 if passes > int(d["restorations"]) else None,
+                   "n_codes": n_codes, "time_ms": ms, "resampler": d["resampler"], "map": d["map_kind"],
+                   "bundle": str(inf.bundle.root), "providers": inf.providers}
+            if save_panel is not None:
+                row["panel"] = str(out / f"{stem}.png")
+                save_panel(out / f"{stem}.png", x[i], res.direct[i], res.restored[i], res.anomaly_map[i],
+                           res.resampled[i],
+                           title=f"{path.name}  score {row['score']:.4f}  nll {row['nll_score']:.1f}  "
+                                 f"resampled {row['n_resampled']:.0f}/{row['n_codes']}")
+            if save_tiff_maps:
+                full = nops.resize_maps(res.anomaly_map[i:i + 1], size)[0]
+                _save_float_tiff(out / "maps" / f"{stem}.tiff", full)
+                row["map_tiff"] = str(out / "maps" / f"{stem}.tiff")
+            rows.append(row)
+        if progress:
+            log(f"detect: {min(start + batch_size, len(paths))}/{len(paths)} images, {ms:.0f} ms/img")
+    with atomic_write(out / "results.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return rows
+
+
+__all__ = ["Inferencer", "Prediction", "BatchPrediction", "to_model_input", "detect_bundle"]

@@ -1,0 +1,253 @@
+"""Export (lsr-export) and the numpy resampling pieces: ONNX and TorchScript bundles of a
+tiny trained run give the PyTorch Detector's codes exactly and its maps within float
+rounding; the numpy noise, rule and loops equal the torch ones."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lsr.ops as ops
+from lsr.cli import export_main
+from lsr.config import PriorConfig
+from lsr.data import load_image, scan_mvtec
+from lsr.deploy import Inferencer, check_bundle, export_bundle, read_bundle
+from lsr.deploy import numpy_ops as nops
+from lsr.deploy.parity import synthetic_images
+from lsr.detect import Detector, chain_seed
+from lsr.models import PixelSNAIL
+
+REPO = Path(__file__).resolve().parents[1]
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def shared_bundle(tmp_path_factory, run, fmt):
+    """One bundle per format per session (test_deploy.py reuses the same folder)."""
+    out = tmp_path_factory.getbasetemp() / f"bundle-{fmt}"
+    if not (out / "bundle.json").is_file():
+        export_bundle(run, out, fmt)
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tiny_run, tmp_path_factory):
+    return shared_bundle(tmp_path_factory, tiny_run, "onnx")
+
+
+@pytest.fixture(scope="module")
+def ts_bundle(tiny_run, tmp_path_factory):
+    return shared_bundle(tmp_path_factory, tiny_run, "torchscript")
+
+
+def _images(tiny_dataset, det):
+    """Defective and good test images plus synthetic ones (which the prior flags)."""
+    paths = [s.path for s in scan_mvtec(tiny_dataset).test]
+    x = np.stack([load_image(p, det.channels, det.image_size) for p in paths])
+    return np.concatenate([x, synthetic_images(2, det.channels, det.image_size)])
+
+
+# ----------------------------------------------------------------------------- numpy twins
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2 ** 32 + 7, 2 ** 62 + 3, chain_seed(5, 17, 2)])
+def test_numpy_gumbel_noise_equals_torch_bit_for_bit(seed):
+    T, K = 64, 48
+    want = ops.gumbel_noise(1, T, K, [seed])[0].numpy()
+    got = nops.gumbel_noise(1, T, K, [seed])[0]
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    lazy = nops.LazyNoise([seed], T, K)
+    ts = np.array([0, 5, 63])
+    assert np.array_equal(lazy.at(np.zeros(3, dtype=np.int64), ts), want[ts])
+
+
+def test_numpy_chain_seed_equals_torch_path():
+    for args in [(0, 0, 0), (3, 17, 1), (2 ** 40, 123456, 3), (-5, 2, 0)]:
+        assert nops.chain_seed(*args) == chain_seed(*args)
+
+
+def test_numpy_flag_positions_equals_torch():
+    g = torch.Generator().manual_seed(0)
+    for H, W in [(1, 1), (1, 5), (4, 1), (6, 7)]:
+        p = torch.rand(3, H, W, generator=g)
+        for tau in (0.1, 0.5, 0.9):
+            assert np.array_equal(nops.flag_positions(p.numpy(), tau), ops.flag_positions(p, tau).numpy())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_numpy_loops_equal_torch_loops(one_thread, temperature):
+    """Same prior, same noise: the numpy fast and naive loops give the torch loops' codes,
+    flags and pass counts exactly (tau set so that several codes change)."""
+    torch.manual_seed(0)
+    cfg = PriorConfig(codebook_size=8, grid_size=5, channels=8, n_blocks=1, n_res_blocks=1, kernel_size=3,
+                      n_heads=2, dropout=0.0)
+    prior = PixelSNAIL(cfg).eval()
+    codes = torch.randint(0, 8, (3, 5, 5))
+    seeds = [chain_seed(0, i, 0) for i in range(3)]
+    noise = ops.gumbel_noise(3, 25, 8, seeds)
+
+    def prior_np(c):
+        with torch.no_grad():
+            logits = prior(torch.from_numpy(c))
+        return logits.numpy(), torch.softmax(logits, 1).gather(1, torch.from_numpy(c).unsqueeze(1)).squeeze(1).numpy()
+
+    with torch.no_grad():
+        p0 = prior_np(codes.numpy())[1]
+        tau = float(np.quantile(p0, 0.3))
+        want = ops.resample_fast(prior, codes, noise, tau, temperature)
+    got = nops.resample_fast(prior_np, codes.numpy(), nops.LazyNoise(seeds, 25, 8), tau, temperature)
+    assert int(want.resampled.sum()) >= 3
+    assert np.array_equal(got.codes, want.codes.numpy())
+    assert np.array_equal(got.resampled, want.resampled.numpy())
+    assert np.array_equal(got.prior_passes, want.prior_passes.numpy())
+    naive = nops.resample_naive(prior_np, codes.numpy(), noise.numpy(), tau, temperature)
+    assert np.array_equal(naive.codes, got.codes) and np.array_equal(naive.resampled, got.resampled)
+
+
+def test_numpy_resize_and_nll_equal_torch():
+    from lsr import anomaly
+
+    m = torch.rand(2, 16, 16)
+    for size in [(16, 16), (37, 23), (8, 5)]:
+        np.testing.assert_allclose(nops.resize_maps(m.numpy(), size), anomaly.resize_maps(m, size).numpy(),
+                                   atol=1e-6)
+    p = torch.rand(2, 4, 4) ** 4
+    np.testing.assert_allclose(nops.nll_score(p.numpy(), 0.1), anomaly.nll_score(p, 0.1).numpy(), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- ONNX bundle
+
+def test_onnx_bundle_files_and_metadata(onnx_bundle, tiny_run):
+    b = read_bundle(onnx_bundle)
+    meta = b.meta
+    assert meta["format"] == "onnx" and meta["bundle_version"] == 1 and meta["versions"]["onnx_opset"] >= 17
+    assert meta["model"] == {**meta["model"], "image_size": 32, "channels": 1, "grid_size": 8, "codebook_size": 16}
+    run_cfg = json.loads((tiny_run / "config.json").read_text())["detect"]
+    assert meta["detect"]["tau"] == run_cfg["tau"] and meta["detect"]["sigma"] == run_cfg["sigma"]
+    assert meta["parity"]["passed"] and meta["parity"]["codes_equal"]
+    assert sorted(p.name for p in onnx_bundle.iterdir()) == ["bundle.json", "decoder.onnx", "encoder.onnx",
+                                                             "postprocess.onnx", "prior.onnx"]
+    for name, g in meta["graphs"].items():
+        model = onnx.load(str(onnx_bundle / g["file"]))
+        onnx.checker.check_model(model)
+        assert all(n.domain in ("", "ai.onnx") for n in model.graph.node), name
+        assert [i.name for i in model.graph.input] == [s["name"] for s in g["inputs"]]
+        assert [o.name for o in model.graph.output] == [s["name"] for s in g["outputs"]]
+        first_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert first_dim.dim_param and not first_dim.dim_value, f"{name}: batch axis is not dynamic"
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+
+def test_onnx_round_trip_same_codes_as_pytorch(onnx_bundle, tiny_run, tiny_dataset):
+    det = Detector.load(tiny_run, "cpu")
+    x = _images(tiny_dataset, det)
+    inf = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"])
+    got = inf.predict_batch(x)
+    for backend in ("reference", "auto"):          # the exported path, and what `lsr detect RUN` runs
+        with ops.backend(backend), torch.no_grad():
+            want = det.detect(torch.from_numpy(x))
+        assert int(want.resampled.sum()) > 0, "the test needs images where codes are resampled"
+        assert np.array_equal(got.codes, want.codes.numpy())
+        assert np.array_equal(got.resampled_codes, want.resampled_codes.numpy())
+        assert np.array_equal(got.resampled, want.resampled.numpy())
+        assert np.array_equal(got.prior_passes, want.prior_passes.numpy())
+        for f in ("anomaly_map", "map_restored_vs_input", "map_restored_vs_direct", "map_direct", "score",
+                  "direct_score", "direct", "restored", "likelihood"):
+            np.testing.assert_allclose(getattr(got, f), getattr(want, f).numpy(), atol=1e-4, err_msg=f)
+        np.testing.assert_allclose(got.nll_score, want.nll_score.numpy(), rtol=1e-4)
+
+
+def test_onnx_runtime_options_match_pytorch(onnx_bundle, tiny_run, tiny_dataset):
+    """Seed, temperature, restorations (the postprocess graph's dynamic N axis) and image
+    ids change at run time exactly as in the PyTorch path."""
+    opts = dict(seed=7, temperature=0.7, restorations=2)
+    det = Detector.load(tiny_run, "cpu").with_options(**opts)
+    x = _images(tiny_dataset, det)[-4:]
+    ids = [5, 9, 2, 40]
+    with ops.backend("reference"), torch.no_grad():
+        want = det.detect(torch.from_numpy(x), ids)
+    got = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"], **opts).predict_batch(x, ids)
+    assert int(want.resampled.sum()) > 0
+    assert np.array_equal(got.resampled_codes, want.resampled_codes.numpy())
+    assert np.array_equal(got.prior_passes, want.prior_passes.numpy())
+    np.testing.assert_allclose(got.n_resampled, want.n_resampled.numpy())
+    np.testing.assert_allclose(got.anomaly_map, want.anomaly_map.numpy(), atol=1e-4)
+    naive = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"], resampler="naive", **opts)
+    assert np.array_equal(naive.predict_batch(x, ids).resampled_codes, got.resampled_codes)
+
+
+def test_export_cli_and_check(onnx_bundle, tiny_run, tmp_path, capsys):
+    assert export_main(["--check", str(onnx_bundle)]) == 0
+    assert "parity PASSED" in capsys.readouterr().out
+    assert export_main(["--check", str(onnx_bundle), "--tolerance", "logits=-1"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    out = tmp_path / "b"
+    assert export_main([str(tiny_run), "--format", "onnx", "--out", str(out), "--no-check", "--sigma", "2",
+                        "--map", "restored_vs_direct"]) == 0
+    meta = read_bundle(out).meta
+    assert meta["detect"]["sigma"] == 2.0 and meta["detect"]["map_kind"] == "restored_vs_direct"
+    assert "parity" not in meta
+    rep = check_bundle(out)                        # the baked settings are what is compared
+    assert rep.passed and rep.n_resampled > 0, rep.summary()
+    assert export_main([str(tiny_run), "--out", str(out), "--no-check"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="bilateral.*cannot be exported"):
+        export_bundle(tiny_run, tmp_path / "c", options={"smoothing": "bilateral"}, check=False)
+    assert not (tmp_path / "c").exists()
+    assert export_main([]) == 2
+    assert "run folder" in capsys.readouterr().err
+
+
+def test_failed_check_leaves_no_bundle(tiny_run, tmp_path):
+    out = tmp_path / "deploy" / "b"
+    with pytest.raises(ValueError, match="parity check .* failed"):
+        export_bundle(tiny_run, out, "torchscript", tolerance={"map": -1.0})
+    assert not out.exists()
+    assert list((tmp_path / "deploy").iterdir()) == []          # no temporary folder left either
+
+
+# ----------------------------------------------------------------------------- TorchScript bundle
+
+def test_torchscript_round_trip(ts_bundle, tiny_run, tiny_dataset):
+    det = Detector.load(tiny_run, "cpu")
+    x = _images(tiny_dataset, det)
+    with ops.backend("reference"), torch.no_grad():
+        want = det.detect(torch.from_numpy(x))
+    b = read_bundle(ts_bundle)
+    assert b.format == "torchscript" and b.meta["parity"]["passed"]
+    got = Inferencer(ts_bundle).predict_batch(x)
+    assert np.array_equal(got.codes, want.codes.numpy())
+    assert np.array_equal(got.resampled_codes, want.resampled_codes.numpy())
+    np.testing.assert_allclose(got.anomaly_map, want.anomaly_map.numpy(), atol=1e-5)
+
+
+def test_torchscript_graphs_load_without_lsr(ts_bundle, tiny_run, tmp_path):
+    """torch.jit.load in a process where importing lsr fails: the graphs are plain torch."""
+    script = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "lsr" or name.startswith("lsr."):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import torch
+root = {str(ts_bundle)!r}
+enc, prior, dec, post = (torch.jit.load(root + "/" + n + ".pt") for n in ("encoder", "prior", "decoder", "postprocess"))
+x = torch.rand(3, 1, 32, 32)
+codes = enc(x)
+logits = prior(codes)
+img = dec(codes)
+maps = post(x, img, img.unsqueeze(1).repeat(1, 2, 1, 1, 1))
+assert codes.shape == (3, 8, 8) and logits.shape == (3, 16, 8, 8) and img.shape == (3, 1, 32, 32)
+assert maps[0].shape == (3, 32, 32) and maps[1].shape == (3,)
+assert "lsr" not in sys.modules
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
