@@ -141,6 +141,7 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
         g_rows.push_back(rows[i]);
         r0 = std::min(r0, ts[i] / W);
       }
+      std::sort(g_rows.begin(), g_rows.end());  // partial() wants ascending rows
       const int64_t n_rows = H - r0;
       const at::Tensor g_idx = to_long_tensor(g_rows, dev);
       const at::Tensor sub_codes = c.index_select(0, g_idx);

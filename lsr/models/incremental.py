@@ -43,17 +43,21 @@ from torch import Tensor, nn
 from .pixelsnail import Block, CausalAttention, GatedResBlock, PixelSNAIL
 
 
-def _extend(cache: Tensor, rows: Tensor, new: Tensor, r0: int, ctx: int) -> Tuple[Tensor, int]:
-    """Store rows [r0, H) of a tensor for images ``rows`` in ``cache`` (B, C, H, W) and
-    return rows [r0 - ctx, H) (cached rows above r0 first) with the zero rows a causal
-    kernel still needs on top (when r0 < ctx)."""
-    if ctx == 0:
-        return new, 0
-    cache.narrow(2, r0, cache.shape[2] - r0).index_copy_(0, rows, new)
-    lo = max(0, r0 - ctx)
-    if lo < r0:
-        new = torch.cat([cache.narrow(2, lo, r0 - lo).index_select(0, rows), new], 2)
-    return new, ctx - (r0 - lo)
+def _extend(cache: Tensor, rows: Tensor, new: Tensor, r0: int, ctx: int, left: int, whole: bool) -> Tensor:
+    """Store rows [r0, H) of a conv input for images ``rows`` in its padded cache and return
+    what the causal conv reads for output rows [r0, H): input rows [r0 - ctx, H) with the
+    zero padding of the full pass (ctx rows on top, the columns left and right).
+
+    The cache is (B, C, ctx + H, left + W + right) with zeros in the padding, so the
+    returned tensor is a view when ``whole`` (``rows`` is every image of the cache, in
+    order) and one gathered copy otherwise."""
+    H, W = cache.shape[2] - ctx, new.shape[3]
+    interior = cache.narrow(2, ctx + r0, H - r0).narrow(3, left, W)
+    if whole:
+        interior.copy_(new)
+        return cache.narrow(2, r0, ctx + H - r0)
+    interior.index_copy_(0, rows, new)
+    return cache.narrow(2, r0, ctx + H - r0).index_select(0, rows)
 
 
 def reference_attention_rows(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
@@ -112,17 +116,22 @@ class _Gated(nn.Module):
     def n_cache(self) -> int:
         return 2 if self.ctx > 0 else 0
 
-    def forward(self, x: Tensor, aux: Optional[Tensor], rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
-        c1: Tensor = torch.empty(0)
-        c2: Tensor = torch.empty(0)
+    def forward(self, x: Tensor, aux: Optional[Tensor], rows: Tensor, r0: int, whole: bool,
+                cache: List[Tensor]) -> Tensor:
+        xe = F.elu(x)
         if self.ctx > 0:
-            c1, c2 = cache[self.slot], cache[self.slot + 1]
-        xe, top = _extend(c1, rows, F.elu(x), r0, self.ctx)
-        t = F.conv2d(F.pad(xe, (self.left, self.right, top, 0)), self.w1, self.b1)
+            xe = _extend(cache[self.slot], rows, xe, r0, self.ctx, self.left, whole)
+        else:
+            xe = F.pad(xe, (self.left, self.right, 0, 0))
+        t = F.conv2d(xe, self.w1, self.b1)
         if self.has_aux and aux is not None:
             t = t + self.aux(F.elu(aux))
-        te, top = _extend(c2, rows, F.elu(t), r0, self.ctx)
-        u = F.conv2d(F.pad(te, (self.left, self.right, top, 0)), self.w2, self.b2)
+        te = F.elu(t)
+        if self.ctx > 0:
+            te = _extend(cache[self.slot + 1], rows, te, r0, self.ctx, self.left, whole)
+        else:
+            te = F.pad(te, (self.left, self.right, 0, 0))
+        u = F.conv2d(te, self.w2, self.b2)
         a, g = u.chunk(2, dim=1)
         return x + a * torch.sigmoid(g)
 
@@ -137,7 +146,8 @@ class _Attention(nn.Module):
         self.slot = slot
         self.rows_op = _NativeRows() if native else _ReferenceRows()
 
-    def forward(self, q_in: Tensor, kv_in: Tensor, rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
+    def forward(self, q_in: Tensor, kv_in: Tensor, rows: Tensor, r0: int, whole: bool,
+                cache: List[Tensor]) -> Tensor:
         A, _, Hr, W = q_in.shape
         nh = self.n_heads
         q = self.q(q_in)
@@ -147,11 +157,16 @@ class _Attention(nn.Module):
         v = v.reshape(A, nh, -1, Hr * W).transpose(2, 3)
         K, V = cache[self.slot], cache[self.slot + 1]                       # (B, nh, T, d)
         q0 = r0 * W
-        K.narrow(2, q0, K.shape[2] - q0).index_copy_(0, rows, k)
-        V.narrow(2, q0, V.shape[2] - q0).index_copy_(0, rows, v)
-        if q0 > 0:
-            k = torch.cat([K.narrow(2, 0, q0).index_select(0, rows), k], 2)
-            v = torch.cat([V.narrow(2, 0, q0).index_select(0, rows), v], 2)
+        if whole:
+            K.narrow(2, q0, K.shape[2] - q0).copy_(k)
+            V.narrow(2, q0, V.shape[2] - q0).copy_(v)
+            k, v = K, V
+        else:
+            K.narrow(2, q0, K.shape[2] - q0).index_copy_(0, rows, k)
+            V.narrow(2, q0, V.shape[2] - q0).index_copy_(0, rows, v)
+            if q0 > 0:
+                k = torch.cat([K.narrow(2, 0, q0).index_select(0, rows), k], 2)
+                v = torch.cat([V.narrow(2, 0, q0).index_select(0, rows), v], 2)
         out = self.rows_op(q, k, v, q0)                                     # (A, nh, Tq, d)
         return out.transpose(2, 3).reshape(A, -1, Hr, W)
 
@@ -159,12 +174,14 @@ class _Attention(nn.Module):
 class _NoAttention(nn.Module):
     """Stands in for the attention layer and its output block when a prior has none."""
 
-    def forward(self, q_in: Tensor, kv_in: Tensor, rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
+    def forward(self, q_in: Tensor, kv_in: Tensor, rows: Tensor, r0: int, whole: bool,
+                cache: List[Tensor]) -> Tensor:
         return q_in
 
 
 class _NoOut(nn.Module):
-    def forward(self, x: Tensor, aux: Optional[Tensor], rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, aux: Optional[Tensor], rows: Tensor, r0: int, whole: bool,
+                cache: List[Tensor]) -> Tensor:
         return x
 
 
@@ -191,16 +208,16 @@ class _Block(nn.Module):
             self.out = _NoOut()
         self.end_slot = slot
 
-    def forward(self, v: Tensor, h: Tensor, emb: Tensor, bg: Tensor, rows: Tensor, r0: int,
+    def forward(self, v: Tensor, h: Tensor, emb: Tensor, bg: Tensor, rows: Tensor, r0: int, whole: bool,
                 cache: List[Tensor]) -> Tuple[Tensor, Tensor]:
         for i, vr in enumerate(self.v_res):
-            v = vr(v, None, rows, r0, cache)
+            v = vr(v, None, rows, r0, whole, cache)
             for j, hr in enumerate(self.h_res):     # TorchScript: no zip over ModuleLists
                 if j == i:
-                    h = hr(h, v, rows, r0, cache)
+                    h = hr(h, v, rows, r0, whole, cache)
         if self.has_attn:
-            a = self.attn(torch.cat([h, bg], 1), torch.cat([h, emb, bg], 1), rows, r0, cache)
-            h = self.out(h, a, rows, r0, cache)
+            a = self.attn(torch.cat([h, bg], 1), torch.cat([h, emb, bg], 1), rows, r0, whole, cache)
+            h = self.out(h, a, rows, r0, whole, cache)
         return v, h
 
 
@@ -210,7 +227,8 @@ class IncrementalPrior(nn.Module):
     ``full(codes (B, H, W)) -> (logits (B, K, H, W), cache)`` evaluates every row and
     returns the cache; ``partial(codes (A, H, W), rows (A,), r0, cache) -> logits
     (A, K, H - r0, W)`` evaluates rows r0..H-1 of images ``rows`` of that cache (their
-    codes must equal the cached ones above row r0) and updates it in place.
+    codes must equal the cached ones above row r0; ``rows`` distinct and ascending) and
+    updates it in place.
     ``forward(codes)`` is the plain full pass. Inference only (dropout is off).
 
     Args:
@@ -241,12 +259,16 @@ class IncrementalPrior(nn.Module):
             slot = blk.end_slot
             self.blocks.append(blk)
         self.n_cache = slot
-        # which cache entries are attention keys/values (B, nh, T, d), the rest (B, C, H, W)
-        kv: List[int] = []
+        # the geometry of each cache entry: attention keys/values (B, nh, T, d) are marked
+        # [-1, 0, 0]; conv inputs (B, C, ctx + H, left + W + right) carry [ctx, left, right]
+        geom: List[List[int]] = [[-1, 0, 0] for _ in range(slot)]
         for blk in self.blocks:
-            if blk.has_attn:
-                kv += [blk.attn.slot, blk.attn.slot + 1]
-        self.kv_slots = kv if kv else [-1]      # never empty: TorchScript infers List[int]
+            gated = list(blk.v_res) + list(blk.h_res) + ([blk.out] if blk.has_attn else [])
+            for g in gated:
+                if g.ctx > 0:
+                    geom[g.slot] = [g.ctx, g.left, g.right]
+                    geom[g.slot + 1] = [g.ctx, g.left, g.right]
+        self.cache_geometry = geom if geom else [[-1, 0, 0]]   # never empty (TorchScript typing)
         self.eval()
 
     def train(self, mode: bool = True) -> "IncrementalPrior":
@@ -262,10 +284,11 @@ class IncrementalPrior(nn.Module):
         w = self.embed.weight
         cache: List[Tensor] = []
         for i in range(self.n_cache):
-            if i in self.kv_slots:
+            g = self.cache_geometry[i]
+            if g[0] < 0:
                 cache.append(torch.zeros(B, self.n_heads, H * W, d, dtype=w.dtype, device=w.device))
             else:
-                cache.append(torch.zeros(B, c, H, W, dtype=w.dtype, device=w.device))
+                cache.append(torch.zeros(B, c, g[0] + H, g[1] + W + g[2], dtype=w.dtype, device=w.device))
         return cache
 
     def _background(self, H: int, W: int, r0: int, like: Tensor) -> Tensor:
@@ -277,6 +300,9 @@ class IncrementalPrior(nn.Module):
     @torch.jit.export
     def partial(self, codes: Tensor, rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
         A, H, W = codes.shape[0], codes.shape[1], codes.shape[2]
+        # rows are distinct and ascending (the contract), so A == B means every image of the
+        # cache in order: conv inputs are then read in place (views), with no device sync
+        whole = A == cache[0].shape[0] if len(cache) > 0 else False
         kh = self.v_pad[2] + 1
         lo = max(0, r0 - kh)                     # x rows the vertical input conv needs
         emb_all = self.embed(codes[:, lo:]).permute(0, 3, 1, 2)            # rows [lo, H)
@@ -301,7 +327,7 @@ class IncrementalPrior(nn.Module):
         emb = emb_all[:, :, r0 - lo:]
         bg = self._background(H, W, r0, emb)
         for blk in self.blocks:
-            v, h = blk(v, h, emb, bg, rows, r0, cache)
+            v, h = blk(v, h, emb, bg, rows, r0, whole, cache)
         return self.head(F.elu(h))                                          # (A, K, H - r0, W)
 
     @torch.jit.export
