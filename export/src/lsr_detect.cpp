@@ -98,6 +98,16 @@ Bundle read_bundle(const fs::path& dir) {
                     "... does not match bundle.json: the graph was edited or replaced after export");
       b.graphs[name] = path;
     }
+    // the prior on the native attention kernels (written when lsr-export had the extension):
+    // this runtime links the op library, so it prefers that one
+    if (meta.at("graphs").has("prior_native")) {
+      const auto& g = meta.at("graphs").at("prior_native");
+      const fs::path path = dir / g.at("file").string("graphs.prior_native.file");
+      if (!fs::is_regular_file(path)) throw Error(path.string() + ": graph file missing from the bundle (prior_native)");
+      if (lsr::sha256_file(path.string()) != g.at("sha256").string("sha256"))
+        throw Error(path.string() + ": sha256 does not match bundle.json: the graph was edited or replaced after export");
+      b.graphs["prior"] = path;
+    }
   } catch (const Error& e) {
     const std::string msg = e.what();
     if (msg.rfind(dir.string(), 0) == 0) throw;  // already names a file of the bundle

@@ -260,6 +260,16 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "on
             else:
                 _export_torchscript(name, module, examples[name], path, prior)
             entries[name] = graph_entry(path, *io_specs[name])
+        if fmt == "torchscript" and ops.native_available():
+            # for runtimes that load the lsr op library (the C++ runtime links it): the same
+            # prior on the native attention kernels; prior.pt stays loadable without lsr
+            from ..models.incremental import script_prior
+            path = tmp / f"prior_native{ext}"
+            log(f"lsr-export: prior (native ops, for the C++ runtime) -> {path.name}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.jit.save(script_prior(prior, native=True), str(path))
+            entries["prior_native"] = graph_entry(path, *io_specs["prior"])
         meta = bundle_meta(cfg, fmt, run, entries, opset)
         write_bundle_json(tmp, meta)
         report = None
