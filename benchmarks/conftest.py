@@ -37,7 +37,7 @@ def pytest_terminal_summary(terminalreporter, config):
         parts = [f"{name} {by[name] / by['native']:.2f}x" for name in by if name != "native"]
         terminalreporter.write_line(f"{group}: native {by['native'] * 1e3:.2f} ms; " + ", ".join(parts))
     if later:
-        terminalreporter.section("native resampling: one pass after a change vs a full pass")
+        terminalreporter.section("native resampling: the work after a change vs a full pass")
         for group, (cost, frac) in later.items():
             terminalreporter.write_line(f"{group}: {cost:.2f} of a full pass in time, "
-                                        f"{frac:.2f} of the grid evaluated")
+                                        f"{frac:.2f} of the grid evaluated, per changed code")

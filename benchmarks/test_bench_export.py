@@ -122,3 +122,55 @@ def test_export_stage(benchmark, setup, stage, B, backend):
             res = fn()
         benchmark.extra_info["prior_passes"] = int(np.asarray(res.prior_passes).sum())
         benchmark.extra_info["resampled"] = int(np.asarray(res.resampled).sum())
+
+
+# ---------------------------------------------------------------- C++ runtime vs Python
+
+def _cpp_bin():
+    import os
+    from pathlib import Path
+    p = Path(os.environ.get("LSR_DETECT_BIN", Path(__file__).resolve().parents[1] / "export" / "build" / "lsr_detect"))
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def cli_setup(setup, tmp_path_factory):
+    """The benchmark run and its TorchScript bundle (with prior_native.pt), 16 PNG images."""
+    from PIL import Image
+    det, runs, x16, _ = setup
+    root = runs["torchscript"].bundle.root.parent
+    imgs = []
+    folder = tmp_path_factory.mktemp("bench-images")
+    for i in range(16):
+        p = folder / f"{i:02d}.png"
+        Image.fromarray((x16[i, 0].numpy() * 255).round().astype(np.uint8)).save(p)
+        imgs.append(p)
+    return root / "run", root / "ts", imgs
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("runtime", ["python_cli", "cpp_runtime"])
+def test_cli_end_to_end(benchmark, bench_means, cli_setup, tmp_path, runtime, batch):
+    """One CLI call detecting 16 images (process start, model load, detection, outputs):
+    ``lsr detect RUN --resampler native`` vs ``export/build/lsr_detect BUNDLE``. The
+    detection time per image that each reports (``time_ms``) is in extra_info."""
+    import json
+    import subprocess
+    import sys
+    run, bundle, imgs = cli_setup
+    if runtime == "cpp_runtime":
+        exe = _cpp_bin()
+        if exe is None:
+            pytest.skip("export/build/lsr_detect not built (README: C++ runtime)")
+        cmd = [str(exe), str(bundle), *map(str, imgs), "--out", str(tmp_path / "o"), "--batch-size", str(batch)]
+    else:
+        cmd = [sys.executable, "-m", "lsr", "detect", str(run), *map(str, imgs), "--out", str(tmp_path / "o"),
+               "--batch-size", str(batch), "--resampler", "native", "--no-panels", "--tiff", "--no-progress"]
+    benchmark.group = f"CLI end to end, 16 images, batch {batch}"
+    benchmark.pedantic(lambda: subprocess.run(cmd, check=True, capture_output=True), rounds=3, iterations=1,
+                       warmup_rounds=1)
+    rows = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    benchmark.extra_info["detect_ms_per_image"] = float(np.mean([r["time_ms"] for r in rows]))
+    benchmark.extra_info["prior_passes"] = int(sum(r["prior_passes"] for r in rows))
+    name = "native" if runtime == "cpp_runtime" else runtime
+    bench_means.setdefault(benchmark.group, {})[name] = benchmark.stats.stats.mean

@@ -155,7 +155,7 @@ def test_detect_native_resampler_equals_fast(tiny_run, tiny_dataset, tmp_path, c
     changed = 0
     for f, n in zip(rows["fast"], rows["native"]):
         assert n["resampler"] == "native" and f["resampler"] == "fast"
-        assert n["prior_passes"] == f["prior_passes"] and n["n_resampled"] == f["n_resampled"]
+        assert n["n_resampled"] == f["n_resampled"]
         assert n["score"] == pytest.approx(f["score"], rel=1e-4, abs=1e-6)
         assert f["positions_evaluated"] == f["prior_passes"] * f["n_codes"]
         if f["prior_passes"] > 1:

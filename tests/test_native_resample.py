@@ -177,11 +177,12 @@ def check_same(n, f, x, codes, min_changes=3):
         assert torch.equal(r.codes, n.codes)
         assert torch.equal(r.resampled, n.resampled)
     torch.testing.assert_close(x.likelihood, f.likelihood, rtol=0, atol=1e-6)
-    assert torch.equal(x.prior_passes, f.prior_passes)
     changes = x.resampled.flatten(1).sum(1)
     assert (changes >= min_changes).all(), changes                 # the loop was exercised
-    assert torch.equal(x.prior_passes, 1 + changes)
-    # the passes after a change evaluated only the rows from the change on
+    assert torch.equal(f.prior_passes, 1 + changes)
+    # native: one full pass, then calls that evaluate only the rows each image needs next
+    # (at least the changed row after each change; more calls, far fewer positions)
+    assert (x.prior_passes >= 1 + changes).all()
     assert torch.equal(f.positions_evaluated, f.prior_passes * H * W)
     assert (x.positions_evaluated >= H * W + changes * W).all()
     assert (x.positions_evaluated < f.positions_evaluated).all()
@@ -217,7 +218,7 @@ def test_native_same_alone_or_in_batch_and_nothing_flagged():
         for i in range(codes.shape[0]):
             alone = resample_native(prior, codes[i:i + 1], noise[i:i + 1], tau)
             assert torch.equal(alone.codes[0], batch.codes[i])
-            assert int(alone.prior_passes[0]) == int(batch.prior_passes[i])
+            assert torch.equal(alone.resampled[0], batch.resampled[i])
         none = resample_native(prior, codes, noise, 0.0)
     assert torch.equal(none.codes, codes) and not none.resampled.any()
     assert torch.equal(none.prior_passes, torch.ones(4, dtype=torch.long))

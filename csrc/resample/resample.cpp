@@ -46,22 +46,25 @@ at::Tensor to_long_tensor(const std::vector<int64_t>& v, const at::Device& devic
 
 }  // namespace
 
-std::vector<std::vector<size_t>> split_groups(const std::vector<int64_t>& ts, int64_t W, int64_t H) {
-  // Images sorted by first changed row r; a group costs (call overhead) + (its images) x
-  // (H - its smallest r) image-rows; the overhead of one call is taken as 15% of a full
-  // pass of one image (measured on the CPU at batch 1: ~1.4 of ~10 ms). Optimal
-  // contiguous partition by dynamic programming, O(n^2) for n changed images.
-  const size_t n = ts.size();
+std::vector<std::vector<size_t>> split_groups(const std::vector<int64_t>& r0, const std::vector<int64_t>& r1,
+                                              int64_t H) {
+  // Requests sorted by first row; a group costs (call overhead) + (its images) x (its
+  // largest r1 - its smallest r0) image-rows; the overhead of one call is taken as 15% of
+  // a full pass of one image (measured on the CPU at batch 1: ~1.4 of ~10 ms). Optimal
+  // contiguous partition by dynamic programming, O(n^2) for n requests.
+  const size_t n = r0.size();
   std::vector<size_t> order(n);
   for (size_t i = 0; i < n; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ts[a] / W < ts[b] / W; });
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return r0[a] < r0[b]; });
   const double overhead = std::max(1.0, 0.15 * static_cast<double>(H));
   std::vector<double> best(n + 1, 0.0);
   std::vector<size_t> cut(n + 1, 0);
   for (size_t j = 1; j <= n; ++j) {
     best[j] = std::numeric_limits<double>::infinity();
-    for (size_t i = 1; i <= j; ++i) {  // group = order[i-1 .. j-1], smallest row ts[order[i-1]] / W
-      const double cost = best[i - 1] + overhead + static_cast<double>(j - i + 1) * (H - ts[order[i - 1]] / W);
+    int64_t hi = 0;
+    for (size_t i = j; i >= 1; --i) {  // group = order[i-1 .. j-1]
+      hi = std::max(hi, r1[order[i - 1]]);
+      const double cost = best[i - 1] + overhead + static_cast<double>(j - i + 1) * (hi - r0[order[i - 1]]);
       if (cost < best[j]) {
         best[j] = cost;
         cut[j] = i - 1;
@@ -81,13 +84,15 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
   TORCH_CHECK(noise.dim() == 3 && noise.size(0) == B && noise.size(1) == T,
               "resample: noise must be (B, H*W, K) = (", B, ", ", T, ", K), got ", noise.sizes());
   TORCH_CHECK(temperature > 0, "resample: temperature must be > 0, got ", temperature);
+  constexpr int64_t kRowsAfterChange = 3;  // rows evaluated after a change: row(t) and the two below
   const auto dev = codes.device();
-  const at::Tensor cpu_long = at::empty({0}, at::TensorOptions().dtype(at::kLong));
+  const at::TensorOptions cpu_long = at::TensorOptions().dtype(at::kLong);
   ResampleOutput out;
   at::Tensor c = codes.contiguous().clone();
   at::Tensor flat = c.view({B, T});
   at::Tensor resampled = at::zeros({B, T}, c.options().dtype(at::kBool));
-  std::vector<int64_t> passes(B, 1), evaluated(B, T), pointer(B, 0), active(B);
+  std::vector<int64_t> passes(B, 1), evaluated(B, T), pointer(B, 0), valid(B, H), chunk(B, kRowsAfterChange),
+      active(B);
   for (int64_t b = 0; b < B; ++b) active[b] = b;
   at::Tensor noise_d = noise.to(dev, at::kFloat);
 
@@ -99,7 +104,7 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
               "resample: the prior returned logits of shape ", logits.sizes(), " for codes ", c.sizes());
   const int64_t K = logits.size(1);
   TORCH_CHECK(noise.size(2) == K, "resample: noise has K = ", noise.size(2), " but the prior has ", K, " codes");
-  at::Tensor L = logits.flatten(2).contiguous();                 // (B, K, T), updated per pass
+  at::Tensor L = logits.flatten(2).contiguous();                 // (B, K, T), rows updated per pass
   at::Tensor p = code_likelihood(logits, c).view({B, T}).contiguous();
   out.likelihood = p.clone().view({B, H, W});
   const at::Tensor positions = at::arange(T, c.options()).unsqueeze(0);  // (1, T)
@@ -107,60 +112,83 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
   while (!active.empty()) {
     const int64_t A = static_cast<int64_t>(active.size());
     const at::Tensor idx = to_long_tensor(active, dev);
-    std::vector<int64_t> ptr(A);
-    for (int64_t a = 0; a < A; ++a) ptr[a] = pointer[active[a]];
+    std::vector<int64_t> lo(A), hi(A);  // decide among positions [pointer, decidable end)
+    for (int64_t a = 0; a < A; ++a) {
+      const int64_t b = active[a];
+      lo[a] = pointer[b];
+      hi[a] = valid[b] == H ? T : (valid[b] - 1) * W;
+    }
     const at::Tensor flag = flag_positions(p.index_select(0, idx).view({A, H, W}), tau).view({A, T});
-    const at::Tensor cand = flag.logical_and(positions.ge(to_long_tensor(ptr, dev).unsqueeze(1)));
+    const at::Tensor cand = flag.logical_and(positions.ge(to_long_tensor(lo, dev).unsqueeze(1)))
+                                .logical_and(positions.lt(to_long_tensor(hi, dev).unsqueeze(1)));
     const at::Tensor has = cand.any(1);
     const at::Tensor first_t = cand.to(at::kChar).argmax(1);
-    // the one device-to-host copy of this pass: which images go on, and where
+    // the one device-to-host copy of this step: which images change, and where
     const at::Tensor host = at::stack({has.to(at::kLong), first_t}).to(at::kCPU).contiguous();
     const int64_t* hp = host.const_data_ptr<int64_t>();
-    std::vector<int64_t> rows, ts;
-    for (int64_t a = 0; a < A; ++a)
-      if (hp[a]) {
-        rows.push_back(active[a]);
-        ts.push_back(hp[A + a]);
+    std::vector<int64_t> changed, ts, req_b, req_r0, req_r1;
+    for (int64_t a = 0; a < A; ++a) {
+      const int64_t b = active[a];
+      if (hp[a]) {  // a decision: redraw c[t], then rows from row(t) on are stale
+        const int64_t t = hp[A + a];
+        changed.push_back(b);
+        ts.push_back(t);
+        pointer[b] = t + 1;
+        valid[b] = t / W;
+        chunk[b] = kRowsAfterChange;
+      } else if (valid[b] == H) {
+        continue;  // finished: nothing flagged from its pointer to the end
+      } else {
+        pointer[b] = std::max(pointer[b], hi[a]);  // nothing flagged before the decidable end
       }
-    if (rows.empty()) break;
-    const at::Tensor rows_t = to_long_tensor(rows, dev), ts_t = to_long_tensor(ts, dev);
-    // draw: Gumbel-max from softmax(logits_t / T) with the noise fixed up front
-    const at::Tensor lt = L.index({rows_t, at::indexing::Slice(), ts_t});            // (n, K)
-    const at::Tensor g = noise_d.index({rows_t, ts_t});                              // (n, K)
-    const at::Tensor drawn = (lt.to(at::kFloat) / temperature + g).argmax(-1);
-    flat.index_put_({rows_t, ts_t}, drawn);
-    resampled.index_put_({rows_t, ts_t}, true);
-    for (size_t i = 0; i < rows.size(); ++i) pointer[rows[i]] = ts[i] + 1;
-    active = rows;
-    // re-evaluate rows row(t).. of each changed image: images grouped so that one call
-    // serves images whose first changed rows are close (cost model in split_groups)
-    for (const auto& group : split_groups(ts, W, H)) {
+      req_b.push_back(b);
+      req_r0.push_back(valid[b]);
+      req_r1.push_back(std::min(H, valid[b] + chunk[b]));
+      chunk[b] *= 2;
+    }
+    if (!changed.empty()) {
+      const at::Tensor rows_t = to_long_tensor(changed, dev), ts_t = to_long_tensor(ts, dev);
+      // draw: Gumbel-max from softmax(logits_t / T) with the noise fixed up front
+      const at::Tensor lt = L.index({rows_t, at::indexing::Slice(), ts_t});  // (n, K)
+      const at::Tensor g = noise_d.index({rows_t, ts_t});                    // (n, K)
+      const at::Tensor drawn = (lt.to(at::kFloat) / temperature + g).argmax(-1);
+      flat.index_put_({rows_t, ts_t}, drawn);
+      resampled.index_put_({rows_t, ts_t}, true);
+    }
+    active = req_b;
+    std::sort(active.begin(), active.end());
+    // evaluate the requested rows: requests grouped so that one call serves images whose
+    // rows are close (cost model in split_groups); a group evaluates its rows
+    // [min r0, max r1) for all its images (rows they already had come out the same)
+    for (const auto& group : split_groups(req_r0, req_r1, H)) {
       std::vector<int64_t> g_rows;
-      int64_t r0 = H;
+      int64_t r0 = H, r1 = 0;
       for (const size_t i : group) {
-        g_rows.push_back(rows[i]);
-        r0 = std::min(r0, ts[i] / W);
+        g_rows.push_back(req_b[i]);
+        r0 = std::min(r0, req_r0[i]);
+        r1 = std::max(r1, req_r1[i]);
       }
       std::sort(g_rows.begin(), g_rows.end());  // partial() wants ascending rows
-      const int64_t n_rows = H - r0;
+      const int64_t n_rows = r1 - r0;
       const at::Tensor g_idx = to_long_tensor(g_rows, dev);
-      const at::Tensor sub_codes = c.index_select(0, g_idx);
-      at::Tensor sub = prior.get_method("partial")({sub_codes, g_idx, r0, cache}).toTensor();  // (G, K, H - r0, W)
+      const at::Tensor sub_codes = c.index_select(0, g_idx).narrow(1, 0, r1);  // rows [0, r1)
+      at::Tensor sub = prior.get_method("partial")({sub_codes, g_idx, r0, cache}).toTensor();  // (G, K, r1 - r0, W)
       TORCH_CHECK(sub.dim() == 4 && sub.size(2) == n_rows && sub.size(3) == W,
-                  "resample: partial pass returned ", sub.sizes(), " for rows ", r0, "..", H - 1);
+                  "resample: partial pass returned ", sub.sizes(), " for rows ", r0, "..", r1 - 1);
       L.narrow(2, r0 * W, n_rows * W).index_copy_(0, g_idx, sub.flatten(2));
-      const at::Tensor p_new = code_likelihood(sub, sub_codes.narrow(1, r0, n_rows));  // (G, H - r0, W)
+      const at::Tensor p_new = code_likelihood(sub, sub_codes.narrow(1, r0, n_rows));  // (G, r1 - r0, W)
       p.narrow(1, r0 * W, n_rows * W).index_copy_(0, g_idx, p_new.reshape({-1, n_rows * W}));
       for (const int64_t b : g_rows) {
         passes[b] += 1;
         evaluated[b] += n_rows * W;
+        valid[b] = r1;
       }
     }
   }
   out.codes = c;
   out.resampled = resampled.view({B, H, W});
-  out.prior_passes = at::tensor(passes, cpu_long.options());
-  out.positions_evaluated = at::tensor(evaluated, cpu_long.options());
+  out.prior_passes = at::tensor(passes, cpu_long);
+  out.positions_evaluated = at::tensor(evaluated, cpu_long);
   return out;
 }
 

@@ -15,7 +15,7 @@ struct ResampleOutput {
   at::Tensor codes;                // (B, H, W) int64, the resampled grid
   at::Tensor resampled;            // (B, H, W) bool, positions whose code was redrawn
   at::Tensor likelihood;           // (B, H, W) float32, p_t of the original codes (first pass)
-  at::Tensor prior_passes;         // (B,) int64 (CPU), prior passes that included this image
+  at::Tensor prior_passes;         // (B,) int64 (CPU), prior calls (full or partial) that included this image
   at::Tensor positions_evaluated;  // (B,) int64 (CPU), grid positions the passes evaluated
 };
 
@@ -28,11 +28,12 @@ at::Tensor flag_positions(const at::Tensor& p, double tau);
 // Row-wise softmax over K (the same arithmetic for a position in any batch or slice).
 at::Tensor code_likelihood(const at::Tensor& logits, const at::Tensor& codes);
 
-// Groups of the images that changed in one step (indices into ts, the changed positions):
-// each group gets one partial pass from its smallest changed row. Fewer, larger calls
-// amortise the per-call overhead; splitting keeps an early change in one image from
-// making every image of the batch re-evaluate nearly the whole grid.
-std::vector<std::vector<size_t>> split_groups(const std::vector<int64_t>& ts, int64_t W, int64_t H);
+// Groups of row requests [r0[i], r1[i]) (one per image) for one step: each group gets one
+// partial pass over rows [its smallest r0, its largest r1). Fewer, larger calls amortise
+// the per-call overhead; splitting keeps one image's early rows from making every image
+// of the batch evaluate them.
+std::vector<std::vector<size_t>> split_groups(const std::vector<int64_t>& r0, const std::vector<int64_t>& r1,
+                                              int64_t H);
 
 // Resample `codes` (B, H, W) int64 with Gumbel `noise` (B, H*W, K) float32 under
 // threshold `tau` and `temperature`. `prior` has methods full(codes) -> (logits, cache)

@@ -44,20 +44,20 @@ from .pixelsnail import Block, CausalAttention, GatedResBlock, PixelSNAIL
 
 
 def _extend(cache: Tensor, rows: Tensor, new: Tensor, r0: int, ctx: int, left: int, whole: bool) -> Tensor:
-    """Store rows [r0, H) of a conv input for images ``rows`` in its padded cache and return
-    what the causal conv reads for output rows [r0, H): input rows [r0 - ctx, H) with the
+    """Store rows [r0, r1) of a conv input for images ``rows`` in its padded cache and return
+    what the causal conv reads for output rows [r0, r1): input rows [r0 - ctx, r1) with the
     zero padding of the full pass (ctx rows on top, the columns left and right).
 
     The cache is (B, C, ctx + H, left + W + right) with zeros in the padding, so the
     returned tensor is a view when ``whole`` (``rows`` is every image of the cache, in
     order) and one gathered copy otherwise."""
-    H, W = cache.shape[2] - ctx, new.shape[3]
-    interior = cache.narrow(2, ctx + r0, H - r0).narrow(3, left, W)
+    n, W = new.shape[2], new.shape[3]                  # rows [r0, r0 + n) are new
+    interior = cache.narrow(2, ctx + r0, n).narrow(3, left, W)
     if whole:
         interior.copy_(new)
-        return cache.narrow(2, r0, ctx + H - r0)
+        return cache.narrow(2, r0, ctx + n)
     interior.index_copy_(0, rows, new)
-    return cache.narrow(2, r0, ctx + H - r0).index_select(0, rows)
+    return cache.narrow(2, r0, ctx + n).index_select(0, rows)
 
 
 def reference_attention_rows(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
@@ -157,13 +157,14 @@ class _Attention(nn.Module):
         v = v.reshape(A, nh, -1, Hr * W).transpose(2, 3)
         K, V = cache[self.slot], cache[self.slot + 1]                       # (B, nh, T, d)
         q0 = r0 * W
+        Tq = Hr * W
         if whole:
-            K.narrow(2, q0, K.shape[2] - q0).copy_(k)
-            V.narrow(2, q0, V.shape[2] - q0).copy_(v)
-            k, v = K, V
+            K.narrow(2, q0, Tq).copy_(k)
+            V.narrow(2, q0, Tq).copy_(v)
+            k, v = K.narrow(2, 0, q0 + Tq), V.narrow(2, 0, q0 + Tq)
         else:
-            K.narrow(2, q0, K.shape[2] - q0).index_copy_(0, rows, k)
-            V.narrow(2, q0, V.shape[2] - q0).index_copy_(0, rows, v)
+            K.narrow(2, q0, Tq).index_copy_(0, rows, k)
+            V.narrow(2, q0, Tq).index_copy_(0, rows, v)
             if q0 > 0:
                 k = torch.cat([K.narrow(2, 0, q0).index_select(0, rows), k], 2)
                 v = torch.cat([V.narrow(2, 0, q0).index_select(0, rows), v], 2)
@@ -225,10 +226,11 @@ class IncrementalPrior(nn.Module):
     """A trained :class:`PixelSNAIL` evaluated incrementally (shares its weights).
 
     ``full(codes (B, H, W)) -> (logits (B, K, H, W), cache)`` evaluates every row and
-    returns the cache; ``partial(codes (A, H, W), rows (A,), r0, cache) -> logits
-    (A, K, H - r0, W)`` evaluates rows r0..H-1 of images ``rows`` of that cache (their
-    codes must equal the cached ones above row r0; ``rows`` distinct and ascending) and
-    updates it in place.
+    returns the cache; ``partial(codes (A, r1, W), rows (A,), r0, cache) -> logits
+    (A, K, r1 - r0, W)`` evaluates rows r0..r1-1 of images ``rows`` of that cache, given
+    their codes of rows 0..r1-1 (equal to the cached ones above row r0; ``rows`` distinct
+    and ascending), and updates the cache in place for those rows. Rows from r1 on keep
+    whatever they held: a later call must evaluate them before they are used.
     ``forward(codes)`` is the plain full pass. Inference only (dropout is off).
 
     Args:
@@ -291,22 +293,33 @@ class IncrementalPrior(nn.Module):
                 cache.append(torch.zeros(B, c, g[0] + H, g[1] + W + g[2], dtype=w.dtype, device=w.device))
         return cache
 
-    def _background(self, H: int, W: int, r0: int, like: Tensor) -> Tensor:
+    def _background(self, H: int, Hc: int, W: int, r0: int, like: Tensor) -> Tensor:
+        """Rows [r0, Hc) of PixelSNAIL.background for an H x W grid."""
         rows = torch.linspace(-1.0, 1.0, H, dtype=like.dtype, device=like.device)
         cols = torch.linspace(-1.0, 1.0, W, dtype=like.dtype, device=like.device)
         grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))      # (2, H, W)
-        return grid[:, r0:].unsqueeze(0).expand(like.shape[0], -1, -1, -1)
+        return grid[:, r0:Hc].unsqueeze(0).expand(like.shape[0], -1, -1, -1)
+
+    def _grid_height(self, codes: Tensor, cache: List[Tensor]) -> int:
+        """The full grid height H (codes may stop at row r1 < H)."""
+        if self.n_cache == 0:
+            return codes.shape[1]
+        g = self.cache_geometry[0]
+        if g[0] >= 0:
+            return cache[0].shape[2] - g[0]
+        return cache[0].shape[2] // codes.shape[2]
 
     @torch.jit.export
     def partial(self, codes: Tensor, rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
-        A, H, W = codes.shape[0], codes.shape[1], codes.shape[2]
+        A, Hc, W = codes.shape[0], codes.shape[1], codes.shape[2]
+        H = self._grid_height(codes, cache)
         # rows are distinct and ascending (the contract), so A == B means every image of the
         # cache in order: conv inputs are then read in place (views), with no device sync
         whole = A == cache[0].shape[0] if len(cache) > 0 else False
         kh = self.v_pad[2] + 1
         lo = max(0, r0 - kh)                     # x rows the vertical input conv needs
-        emb_all = self.embed(codes[:, lo:]).permute(0, 3, 1, 2)            # rows [lo, H)
-        x = torch.cat([emb_all, self._background(H, W, lo, emb_all)], 1)
+        emb_all = self.embed(codes[:, lo:]).permute(0, 3, 1, 2)            # rows [lo, Hc)
+        x = torch.cat([emb_all, self._background(H, Hc, W, lo, emb_all)], 1)
         # v0 rows [r0, H) = v_in(x) rows [r0 - 1, H - 1) (down shift; row 0 is zeros)
         a = max(r0 - 1, 0)
         start = a - (kh - 1)
@@ -325,10 +338,10 @@ class IncrementalPrior(nn.Module):
         hin = F.conv2d(F.pad(xr, (self.h_left, 0, 0, 0)), self.h_w, self.h_b)
         h = F.pad(hin, (1, 0, 0, 0))[:, :, :, :-1] + v
         emb = emb_all[:, :, r0 - lo:]
-        bg = self._background(H, W, r0, emb)
+        bg = self._background(H, Hc, W, r0, emb)
         for blk in self.blocks:
             v, h = blk(v, h, emb, bg, rows, r0, whole, cache)
-        return self.head(F.elu(h))                                          # (A, K, H - r0, W)
+        return self.head(F.elu(h))                                          # (A, K, Hc - r0, W)
 
     @torch.jit.export
     def full(self, codes: Tensor) -> Tuple[Tensor, List[Tensor]]:
