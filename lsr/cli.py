@@ -28,7 +28,8 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 def _add_detect_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("detection options (default: the run's config.json)")
     g.add_argument("--resampler", choices=RESAMPLERS, help="naive (H*W prior passes, reference), "
-                   "fast (exact, 1 + changes passes; default) or native")
+                   "fast (exact, 1 + changes passes), native (the same loop in C++, incremental passes) "
+                   "or auto (native when the extension is built, else fast; the default)")
     g.add_argument("--seed", type=int, help="seed of the pre-drawn resampling noise")
     g.add_argument("--restorations", type=int, help="independent restorations per image, maps averaged")
     g.add_argument("--tau", type=float, help="likelihood threshold (default: calibrated)")
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in rows:
                 print(f"{r['image']}: score {r['score']:.4f}  nll {r['nll_score']:.1f}  "
                       f"resampled {r['n_resampled']:.0f}  passes {r['prior_passes']}"
-                      + (f" (later passes evaluated {r['recomputed_fraction']:.0%} of the grid)"
+                      + (f" (later passes evaluated {r['recomputed_fraction']:.0%} of the grid each)"
                          if r.get("recomputed_fraction") is not None else "")
                       + f"  {r['time_ms']:.0f} ms")
             print(f"results: {Path(args.out) / 'results.jsonl'}")

@@ -21,7 +21,7 @@ MAP_KINDS = ("restored_vs_input", "restored_vs_direct")
 DISTANCES = ("l2", "ssim")
 SMOOTHINGS = ("gaussian", "bilateral", "none")
 SCORES = ("max", "topk_mean")
-RESAMPLERS = ("naive", "fast", "native")
+RESAMPLERS = ("auto", "naive", "fast", "native")
 
 
 @dataclass
@@ -83,7 +83,7 @@ class DetectConfig:
     tau: float | None = None       # set by calibration
     tau_quantile: float = 0.05     # quantile of held-out code likelihoods
     temperature: float = 1.0
-    resampler: str = "fast"
+    resampler: str = "auto"
     map_kind: str = "restored_vs_input"
     distance: str = "l2"
     smoothing: str = "gaussian"

@@ -101,6 +101,15 @@ class Detector:
         return Detector(self.vqvae, self.prior, cfg, self.device)
 
     @property
+    def resampler(self) -> str:
+        """The resampling loop detection runs (``auto`` resolved: ``native`` when the
+        extension is built, else ``fast``)."""
+        r = self.config.detect.resampler
+        if r == "auto":
+            return "native" if ops.native_available() else "fast"
+        return r
+
+    @property
     def image_size(self) -> int:
         return self.config.vqvae.image_size
 
@@ -136,7 +145,7 @@ class Detector:
         seeds = [chain_seed(d.seed, i, r) for i in ids for r in range(n)]
         noise = ops.gumbel_noise(B * n, h * w, K, seeds)
         chains = codes.repeat_interleave(n, dim=0)                           # (B*n, h, w)
-        rs = ops.resample(self.prior, chains, noise, float(d.tau), d.temperature, d.resampler)
+        rs = ops.resample(self.prior, chains, noise, float(d.tau), d.temperature, self.resampler)
         restored = self.vqvae.decode_indices(rs.codes).clamp(0, 1)           # (B*n, C, S, S)
 
         def per_image(a: Tensor, b: Tensor) -> Tensor:
@@ -202,9 +211,10 @@ class Detector:
 
 def recomputed_fraction(prior_passes: int, positions_evaluated: int, n_codes: int, restorations: int
                         ) -> float | None:
-    """Share of the grid that the passes after a change evaluated (1.0 for the ``naive``
-    and ``fast`` loops, which re-run whole passes; less for ``native``); None when no
-    code changed (only the first pass of each restoration ran)."""
+    """Share of the grid that an average prior call after the first one evaluated (1.0 for
+    the ``naive`` and ``fast`` loops, which re-run whole passes; a few rows' worth for
+    ``native``, which evaluates only the rows its next decision needs); None when no code
+    changed (only the first pass of each restoration ran)."""
     later = prior_passes - restorations
     if later <= 0:
         return None
@@ -261,7 +271,7 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
         for i, (path, size) in enumerate(zip(chunk, sizes)):
             stem = stems[start + i]
             row = {"image": str(path), **result_row(res, i, det.config.detect.restorations), "time_ms": ms,
-                   "resampler": det.config.detect.resampler, "map": det.config.detect.map_kind}
+                   "resampler": det.resampler, "map": det.config.detect.map_kind}
             if panels:
                 row["panel"] = str(out / f"{stem}.png")
                 save_panel(out / f"{stem}.png", x[i].numpy(), res.direct[i].cpu().numpy(),

@@ -133,7 +133,8 @@ def test_predict_accepts_path_pil_array_tensor(onnx_bundle, test_paths):
 
 def test_lsr_detect_bundle_equals_run(onnx_bundle, tiny_run, test_paths, tmp_path):
     imgs = [str(p) for p in test_paths[:4]]
-    assert main(["detect", str(tiny_run), *imgs, "--out", str(tmp_path / "run"), "--tiff", "--no-progress"]) == 0
+    assert main(["detect", str(tiny_run), *imgs, "--out", str(tmp_path / "run"), "--tiff", "--no-progress",
+                 "--resampler", "fast"]) == 0                   # the bundle runs the fast loop
     assert main(["detect", str(onnx_bundle), *imgs, "--out", str(tmp_path / "bundle"), "--tiff", "--no-progress",
                  "--batch-size", "3", "--providers", "cpu"]) == 0
     rows_run = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
@@ -189,7 +190,7 @@ def test_bundle_runs_without_torch(onnx_bundle, tiny_run, test_paths, tmp_path):
     from lsr.detect import Detector
     import lsr.ops as ops
 
-    det = Detector.load(tiny_run, "cpu")
+    det = Detector.load(tiny_run, "cpu").with_options(resampler="fast")   # as the bundle: same passes
     with ops.backend("reference"), torch.no_grad():
         want = det.detect(torch.from_numpy(load_image(image, 1, 32)[None]))
     assert got["codes"] == want.resampled_codes[0].tolist()

@@ -143,7 +143,7 @@ def test_onnx_bundle_files_and_metadata(onnx_bundle, tiny_run):
 
 
 def test_onnx_round_trip_same_codes_as_pytorch(onnx_bundle, tiny_run, tiny_dataset):
-    det = Detector.load(tiny_run, "cpu")
+    det = Detector.load(tiny_run, "cpu").with_options(resampler="fast")   # as the bundle: same passes
     x = _images(tiny_dataset, det)
     inf = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"])
     got = inf.predict_batch(x)
@@ -165,7 +165,7 @@ def test_onnx_runtime_options_match_pytorch(onnx_bundle, tiny_run, tiny_dataset)
     """Seed, temperature, restorations (the postprocess graph's dynamic N axis) and image
     ids change at run time exactly as in the PyTorch path."""
     opts = dict(seed=7, temperature=0.7, restorations=2)
-    det = Detector.load(tiny_run, "cpu").with_options(**opts)
+    det = Detector.load(tiny_run, "cpu").with_options(**opts, resampler="fast")   # the bundle runs fast
     x = _images(tiny_dataset, det)[-4:]
     ids = [5, 9, 2, 40]
     with ops.backend("reference"), torch.no_grad():
@@ -213,7 +213,7 @@ def test_failed_check_leaves_no_bundle(tiny_run, tmp_path):
 # ----------------------------------------------------------------------------- TorchScript bundle
 
 def test_torchscript_round_trip(ts_bundle, tiny_run, tiny_dataset):
-    det = Detector.load(tiny_run, "cpu")
+    det = Detector.load(tiny_run, "cpu").with_options(resampler="fast")   # as the bundle: same passes
     x = _images(tiny_dataset, det)
     with ops.backend("reference"), torch.no_grad():
         want = det.detect(torch.from_numpy(x))

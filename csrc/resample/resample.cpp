@@ -1,10 +1,17 @@
 // See resample.h. Semantics: lsr/ops/resampling.py (resample_fast) and METHOD.md.
 //
-// Invariant of the loop: before each step, `logits` and `p` hold the exact values of the
-// current grid of every active image. A step finds each active image's first flagged
-// position t >= its pointer, redraws c[t] = argmax(logits_t / T + G_t), and moves the
-// pointer past t. Positions <= t keep their values (causality); the prior re-evaluates
-// rows row(min t) .. H-1 of the images that changed, from the cache of the rows above.
+// Invariant of the loop: for each active image, rows [0, valid) of `logits` and `p` hold
+// the exact values of its current grid. A position is *decidable* when its row and the
+// row below are valid (the rule reads its bottom-half neighbours), or valid == H. A step:
+// each active image whose first flagged position t >= its pointer is decidable redraws
+// c[t] = argmax(logits_t / T + G_t), moves its pointer past t and drops its valid rows to
+// row(t) (positions <= t keep their values: causality); an image with no flagged
+// position among its decidable ones either is finished (valid == H) or needs more rows.
+// Then the prior evaluates, from the cache of the rows above, only the next rows each
+// image needs: [row(t), row(t) + 3) after a change, then chunks doubling in size. The
+// decisions, and their order, are those of the sequential loop: exact. The first pass
+// keeps no cache (a normal image costs one plain pass); an image's first call after its
+// first change evaluates rows [0, row(t) + 3) and so fills its cache rows.
 #include "resample/resample.h"
 
 #include <ATen/ATen.h>
@@ -97,9 +104,9 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
   at::Tensor noise_d = noise.to(dev, at::kFloat);
 
   torch::NoGradGuard no_grad;
-  auto first = prior.get_method("full")({c}).toTuple();
-  at::Tensor logits = first->elements()[0].toTensor();  // (B, K, H, W)
-  c10::IValue cache = first->elements()[1];
+  at::Tensor logits = prior.forward({c}).toTensor();  // (B, K, H, W), the first pass: no cache
+  c10::IValue cache;                                   // created at the first change
+  std::vector<char> cached(B, 0);
   TORCH_CHECK(logits.dim() == 4 && logits.size(0) == B && logits.size(2) == H && logits.size(3) == W,
               "resample: the prior returned logits of shape ", logits.sizes(), " for codes ", c.sizes());
   const int64_t K = logits.size(1);
@@ -142,7 +149,7 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
         pointer[b] = std::max(pointer[b], hi[a]);  // nothing flagged before the decidable end
       }
       req_b.push_back(b);
-      req_r0.push_back(valid[b]);
+      req_r0.push_back(cached[b] ? valid[b] : 0);
       req_r1.push_back(std::min(H, valid[b] + chunk[b]));
       chunk[b] *= 2;
     }
@@ -160,6 +167,7 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
     // evaluate the requested rows: requests grouped so that one call serves images whose
     // rows are close (cost model in split_groups); a group evaluates its rows
     // [min r0, max r1) for all its images (rows they already had come out the same)
+    if (!req_b.empty() && cache.isNone()) cache = prior.get_method("new_cache")({c});
     for (const auto& group : split_groups(req_r0, req_r1, H)) {
       std::vector<int64_t> g_rows;
       int64_t r0 = H, r1 = 0;
@@ -182,6 +190,7 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
         passes[b] += 1;
         evaluated[b] += n_rows * W;
         valid[b] = r1;
+        cached[b] = 1;
       }
     }
   }

@@ -36,8 +36,9 @@ std::vector<std::vector<size_t>> split_groups(const std::vector<int64_t>& r0, co
                                               int64_t H);
 
 // Resample `codes` (B, H, W) int64 with Gumbel `noise` (B, H*W, K) float32 under
-// threshold `tau` and `temperature`. `prior` has methods full(codes) -> (logits, cache)
-// and partial(codes, rows, r0, cache) -> logits of rows r0.. (see IncrementalPrior).
+// threshold `tau` and `temperature`. `prior` has methods forward(codes) -> logits,
+// new_cache(codes) -> cache and partial(codes up to row r1, rows, r0, cache) -> logits of
+// rows r0..r1-1 (see lsr/models/incremental.py, IncrementalPrior).
 // Per pass: one small device-to-host copy (the first flagged position of each image).
 ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor& codes, const at::Tensor& noise,
                                     double tau, double temperature);

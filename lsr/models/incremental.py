@@ -43,15 +43,24 @@ from torch import Tensor, nn
 from .pixelsnail import Block, CausalAttention, GatedResBlock, PixelSNAIL
 
 
-def _extend(cache: Tensor, rows: Tensor, new: Tensor, r0: int, ctx: int, left: int, whole: bool) -> Tensor:
+def _extend(caches: List[Tensor], slot: int, rows: Tensor, new: Tensor, r0: int, ctx: int, left: int, right: int,
+            whole: bool) -> Tensor:
     """Store rows [r0, r1) of a conv input for images ``rows`` in its padded cache and return
     what the causal conv reads for output rows [r0, r1): input rows [r0 - ctx, r1) with the
     zero padding of the full pass (ctx rows on top, the columns left and right).
 
     The cache is (B, C, ctx + H, left + W + right) with zeros in the padding, so the
     returned tensor is a view when ``whole`` (``rows`` is every image of the cache, in
-    order) and one gathered copy otherwise."""
+    order) and one gathered copy otherwise. A first pass (r0 = 0, whole) pads ``new`` as
+    the full pass does and keeps that tensor as the cache: no copy, no zero fill."""
     n, W = new.shape[2], new.shape[3]                  # rows [r0, r0 + n) are new
+    if len(caches) == 0:                               # a pass that keeps no cache (r0 = 0)
+        return F.pad(new, (left, right, ctx, 0))
+    if whole and r0 == 0 and n == caches[slot].shape[2] - ctx:
+        padded = F.pad(new, (left, right, ctx, 0))
+        caches[slot] = padded
+        return padded
+    cache = caches[slot]
     interior = cache.narrow(2, ctx + r0, n).narrow(3, left, W)
     if whole:
         interior.copy_(new)
@@ -120,7 +129,7 @@ class _Gated(nn.Module):
                 cache: List[Tensor]) -> Tensor:
         xe = F.elu(x)
         if self.ctx > 0:
-            xe = _extend(cache[self.slot], rows, xe, r0, self.ctx, self.left, whole)
+            xe = _extend(cache, self.slot, rows, xe, r0, self.ctx, self.left, self.right, whole)
         else:
             xe = F.pad(xe, (self.left, self.right, 0, 0))
         t = F.conv2d(xe, self.w1, self.b1)
@@ -128,7 +137,7 @@ class _Gated(nn.Module):
             t = t + self.aux(F.elu(aux))
         te = F.elu(t)
         if self.ctx > 0:
-            te = _extend(cache[self.slot + 1], rows, te, r0, self.ctx, self.left, whole)
+            te = _extend(cache, self.slot + 1, rows, te, r0, self.ctx, self.left, self.right, whole)
         else:
             te = F.pad(te, (self.left, self.right, 0, 0))
         u = F.conv2d(te, self.w2, self.b2)
@@ -155,8 +164,10 @@ class _Attention(nn.Module):
         k, v = self.kv(kv_in).chunk(2, dim=1)
         k = k.reshape(A, nh, -1, Hr * W).transpose(2, 3)
         v = v.reshape(A, nh, -1, Hr * W).transpose(2, 3)
-        K, V = cache[self.slot], cache[self.slot + 1]                       # (B, nh, T, d)
         q0 = r0 * W
+        if len(cache) == 0:                                                 # no cache: r0 = 0
+            return self.rows_op(q, k, v, q0).transpose(2, 3).reshape(A, -1, Hr, W)
+        K, V = cache[self.slot], cache[self.slot + 1]                       # (B, nh, T, d)
         Tq = Hr * W
         if whole:
             K.narrow(2, q0, Tq).copy_(k)
@@ -231,7 +242,9 @@ class IncrementalPrior(nn.Module):
     their codes of rows 0..r1-1 (equal to the cached ones above row r0; ``rows`` distinct
     and ascending), and updates the cache in place for those rows. Rows from r1 on keep
     whatever they held: a later call must evaluate them before they are used.
-    ``forward(codes)`` is the plain full pass. Inference only (dropout is off).
+    ``forward(codes)`` is the plain full pass (no cache); ``new_cache(codes)`` an empty
+    cache that partial calls from row 0 fill image by image. Inference only (dropout is
+    off).
 
     Args:
         prior: the trained prior; put in eval mode.
@@ -289,7 +302,7 @@ class IncrementalPrior(nn.Module):
             g = self.cache_geometry[i]
             if g[0] < 0:
                 cache.append(torch.zeros(B, self.n_heads, H * W, d, dtype=w.dtype, device=w.device))
-            else:
+            else:   # zero padding included (a pass over every image replaces it, see _extend)
                 cache.append(torch.zeros(B, c, g[0] + H, g[1] + W + g[2], dtype=w.dtype, device=w.device))
         return cache
 
@@ -302,7 +315,7 @@ class IncrementalPrior(nn.Module):
 
     def _grid_height(self, codes: Tensor, cache: List[Tensor]) -> int:
         """The full grid height H (codes may stop at row r1 < H)."""
-        if self.n_cache == 0:
+        if self.n_cache == 0 or len(cache) == 0:
             return codes.shape[1]
         g = self.cache_geometry[0]
         if g[0] >= 0:
@@ -350,7 +363,9 @@ class IncrementalPrior(nn.Module):
         return self.partial(codes, rows, 0, cache), cache
 
     def forward(self, codes: Tensor) -> Tensor:
-        return self.full(codes)[0]
+        """The plain full pass, keeping no cache (as cheap as PixelSNAIL.forward)."""
+        empty: List[Tensor] = []
+        return self.partial(codes, torch.arange(codes.shape[0], device=codes.device), 0, empty)
 
 
 def script_prior(prior: PixelSNAIL, native: Optional[bool] = None) -> torch.jit.ScriptModule:

@@ -116,7 +116,7 @@ __all__ = ["vq_nearest", "causal_attention", "backend", "current_backend", "nati
 from .resampling import (ResampleResult, flag_positions, gumbel_noise,  # noqa: E402
                        resample_fast, resample_naive, resample_native)
 
-RESAMPLERS = ("naive", "fast", "native")
+RESAMPLERS = ("auto", "naive", "fast", "native")
 
 
 def resample(prior, codes: Tensor, noise: Tensor, tau: float, temperature: float = 1.0,
@@ -130,9 +130,14 @@ def resample(prior, codes: Tensor, noise: Tensor, tau: float, temperature: float
         tau: likelihood threshold.
         temperature: sampling temperature.
         method: ``naive`` (H*W prior passes, the reference), ``fast`` (exact,
-            1 + changes passes) or ``native`` (the same loop in C++ with incremental
-            prior passes; needs the extension and a PixelSNAIL prior).
+            1 + changes passes), ``native`` (the same loop in C++ with incremental,
+            lazy prior passes; needs the extension and a PixelSNAIL prior) or ``auto``
+            (``native`` when both are there, else ``fast``; all give the same codes).
     """
+    if method == "auto":
+        from lsr.models.pixelsnail import PixelSNAIL
+        native_ok = isinstance(prior, (PixelSNAIL, torch.jit.ScriptModule)) and native_available()
+        method = "native" if native_ok else "fast"
     if method == "naive":
         return resample_naive(prior, codes, noise, tau, temperature)
     if method == "fast":
