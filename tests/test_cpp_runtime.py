@@ -149,3 +149,21 @@ def test_cpp_runtime_bad_bundles_and_images(ts_bundle, images, tmp_path):
 
     p = run_bin(ts_bundle, "--out", tmp_path / "o", check=False)
     assert p.returncode == 2 and "usage" in p.stderr
+
+
+def test_native_prior_of_a_bundle_is_checked(ts_bundle, images, tmp_path):
+    """prior_native.pt (used by the C++ runtime and by Python's TorchScript runner when the
+    extension is loaded) is hash-checked like the four graphs."""
+    from lsr.deploy import Inferencer
+    from lsr.deploy.bundle import BundleError
+
+    meta = json.loads((ts_bundle / "bundle.json").read_text())
+    assert "prior_native" in meta["graphs"]
+    assert "native prior" in Inferencer(ts_bundle).providers[0]
+    b = _copy(ts_bundle, tmp_path)
+    with open(b / "prior_native.pt", "ab") as f:
+        f.write(b"x")
+    p = run_bin(b, images[0], "--out", tmp_path / "o", check=False)
+    assert p.returncode == 2 and "prior_native.pt" in p.stderr and "sha256" in p.stderr
+    with pytest.raises(BundleError, match="prior_native.pt"):
+        Inferencer(b)

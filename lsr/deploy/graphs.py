@@ -52,7 +52,7 @@ class PriorGraph(nn.Module):
 
     def forward(self, codes: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.prior(codes)
-        p = torch.softmax(logits.float(), dim=1).gather(1, codes.unsqueeze(1)).squeeze(1)
+        p = torch.softmax(logits.float().movedim(1, -1), dim=-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
         return logits, p
 
 

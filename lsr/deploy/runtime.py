@@ -16,6 +16,7 @@ import ctypes
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -198,6 +199,28 @@ class TorchScriptRunner:
             except Exception as e:  # noqa: BLE001 - torch.jit raises RuntimeError and others
                 raise BundleError(f"{spec.path}: torch.jit.load cannot load this graph "
                                   f"({type(e).__name__}: {str(e).strip()[:300]})") from None
+        self._prefer_native_prior()
+
+    def _prefer_native_prior(self) -> None:
+        """Use ``prior_native.pt`` (the prior on lsr's native attention kernels) when the
+        bundle has it and the lsr extension is loaded here; its hash is checked first."""
+        entry = self.bundle.meta.get("graphs", {}).get("prior_native")
+        if not isinstance(entry, dict) or "file" not in entry:
+            return
+        try:
+            from lsr import ops
+        except ImportError:
+            return
+        if not ops.native_available():
+            return
+        from .bundle import sha256_file
+        path = self.bundle.root / Path(entry["file"]).name
+        if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+            raise BundleError(f"{path}: missing, or its sha256 does not match bundle.json (edited after export)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.modules["prior"] = self.torch.jit.load(str(path), map_location=self.device).eval()
+        self.providers = self.active_providers = [f"torch.jit ({self.device}, native prior)"]
 
     def run(self, graph: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -208,7 +231,7 @@ class TorchScriptRunner:
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
             if graph == "prior":
                 codes = args[0]
-                p = torch.softmax(outs[0].float(), dim=1).gather(1, codes.unsqueeze(1)).squeeze(1)
+                p = torch.softmax(outs[0].float().movedim(1, -1), dim=-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
                 outs = [outs[0], p]
         names = [d["name"] for d in spec.outputs] + (["likelihood"] if graph == "prior" else [])
         return {n: t.cpu().numpy() for n, t in zip(names, outs)}

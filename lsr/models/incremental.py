@@ -71,23 +71,19 @@ def _extend(caches: List[Tensor], slot: int, rows: Tensor, new: Tensor, r0: int,
 
 def reference_attention_rows(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
     """Rows [q0, q0 + Tq) of strictly causal attention, pure PyTorch (the signature of
-    ``lsr::causal_attention_rows``): q (B, h, Tq, d), k, v (B, h, q0 + Tq, d)."""
+    ``lsr::causal_attention_rows``): q (B, h, Tq, d), k, v (B, h, q0 + Tq, d).
+
+    Through ``scaled_dot_product_attention`` with a boolean mask from index comparisons;
+    a query with no key (position 0) is given key 0 to avoid an all-masked row, and its
+    output is then set to zero."""
     Tq, Tk, d = q.shape[2], k.shape[2], q.shape[3]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
     if q.numel() == 0 or d == 0:
-        return out.to(q.dtype)
+        return torch.zeros_like(q)
     keys = torch.arange(Tk, device=q.device).view(1, -1)
-    kt = k.to(acc).transpose(-1, -2)
-    va = v.to(acc)
-    scale = 1.0 / math.sqrt(d)
-    for c0 in range(0, Tq, 256):
-        c1 = min(Tq, c0 + 256)
-        seen = keys < torch.arange(q0 + c0, q0 + c1, device=q.device).view(-1, 1)    # s < t
-        s = torch.matmul(q[:, :, c0:c1].to(acc), kt) * scale
-        p = torch.softmax(s.masked_fill(~seen, float("-inf")), -1).masked_fill(~seen, 0.0)
-        out[:, :, c0:c1] = torch.matmul(p, va)
-    return out.to(q.dtype)
+    t = torch.arange(q0, q0 + Tq, device=q.device).view(-1, 1)
+    allowed = (keys < t) | ((t == 0) & (keys == 0))                          # (Tq, Tk): s < t
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return out * (t > 0).to(out.dtype)
 
 
 class _NativeRows(nn.Module):
