@@ -86,7 +86,7 @@ if [ "${LSR_CHECK_CUDA_ONLY:-0}" = 1 ]; then
   rm -rf "$TMP/src/csrc/ops/cpu"; echo "   LSR_CHECK_CUDA_ONLY=1: csrc/ops/cpu/ left out"
 fi
 echo "   .cu      $(cd "$TMP/src" && ls csrc/ops/cuda/*.cu | tr '\n' ' ')"
-echo "   .cpp     $(cd "$TMP/src" && ls csrc/*.cpp csrc/ops/*.cpp csrc/ops/cpu/*.cpp 2>/dev/null | tr '\n' ' ')"
+echo "   .cpp     $(cd "$TMP/src" && ls csrc/*.cpp csrc/ops/*.cpp csrc/ops/cpu/*.cpp csrc/resample/*.cpp 2>/dev/null | tr '\n' ' ')"
 
 echo "== build (log: $TMP/build.log)"
 T_BUILD=$(now)
