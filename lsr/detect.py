@@ -50,6 +50,22 @@ class DetectionResult(NamedTuple):
     positions_evaluated: Tensor  # (B,) int64, grid positions those passes evaluated
 
 
+def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
+    """Config and trained models of a run folder written by ``lsr train`` (CPU, eval
+    mode); clear errors for a missing folder or an unfinished training."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: run folder not found")
+    config = RunConfig.from_dict(read_json(run / "config.json"))
+    if config.detect.tau is None:
+        raise ValueError(f"{run / 'config.json'}: tau is not calibrated (training did not finish); "
+                         f"re-run `lsr train` with the same --out to resume")
+    vqvae, prior = VQVAE(config.vqvae), PixelSNAIL(config.prior)
+    load_into(vqvae, run / "vqvae.safetensors")
+    load_into(prior, run / "prior.safetensors")
+    return config, vqvae.eval(), prior.eval()
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,16 +97,7 @@ class Detector:
     @classmethod
     def load(cls, run: str | os.PathLike, device: str | torch.device | None = None) -> "Detector":
         """Load a run folder written by ``lsr train`` (config.json + safetensors weights)."""
-        run = Path(run)
-        if not run.is_dir():
-            raise FileNotFoundError(f"{run}: run folder not found")
-        config = RunConfig.from_dict(read_json(run / "config.json"))
-        if config.detect.tau is None:
-            raise ValueError(f"{run / 'config.json'}: tau is not calibrated (training did not finish); "
-                             f"re-run `lsr train` with the same --out to resume")
-        vqvae, prior = VQVAE(config.vqvae), PixelSNAIL(config.prior)
-        load_into(vqvae, run / "vqvae.safetensors")
-        load_into(prior, run / "prior.safetensors")
+        config, vqvae, prior = load_run(run)
         return cls(vqvae, prior, config, device)
 
     def with_options(self, **options: Any) -> "Detector":

@@ -30,10 +30,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..checkpoint import load_into
 from ..config import RunConfig
-from ..io import read_json
-from ..models import VQVAE, PixelSNAIL
+from ..detect import load_run
+from ..models import PixelSNAIL
 from .bundle import BUNDLE_VERSION, EXTENSIONS, FORMATS, graph_entry, graph_io, staged_folder, write_bundle_json
 from .graphs import build_graphs
 
@@ -44,21 +43,6 @@ class ExportResult(NamedTuple):
     bundle: Path                  # the bundle folder written
     format: str
     parity: Any                   # lsr.deploy.parity.ParityReport, or None with check=False
-
-
-def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
-    """Config and trained models of a run folder (CPU, eval mode)."""
-    run = Path(run)
-    if not run.is_dir():
-        raise FileNotFoundError(f"{run}: run folder not found")
-    cfg = RunConfig.from_dict(read_json(run / "config.json"))
-    if cfg.detect.tau is None:
-        raise ValueError(f"{run / 'config.json'}: tau is not calibrated (training did not finish); "
-                         f"re-run `lsr train` with the same --out to resume")
-    vqvae, prior = VQVAE(cfg.vqvae), PixelSNAIL(cfg.prior)
-    load_into(vqvae, run / "vqvae.safetensors")
-    load_into(prior, run / "prior.safetensors")
-    return cfg, vqvae.eval(), prior.eval()
 
 
 def torchscript_prior(prior: PixelSNAIL) -> torch.jit.ScriptModule:
