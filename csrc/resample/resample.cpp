@@ -47,8 +47,25 @@ at::Tensor code_likelihood(const at::Tensor& logits, const at::Tensor& codes) {
 
 namespace {
 
-at::Tensor to_long_tensor(const std::vector<int64_t>& v, const at::Device& device) {
-  return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
+// Host index lists -> int64 tensors on `device`, in one transfer. On CUDA through pinned
+// memory and a non-blocking copy: a copy from pageable memory would wait for the stream,
+// and the loop allows itself one wait per step (the device-to-host copy of its decisions).
+std::vector<at::Tensor> to_device(const std::vector<const std::vector<int64_t>*>& parts, const at::Device& device) {
+  int64_t n = 0;
+  for (const auto* v : parts) n += static_cast<int64_t>(v->size());
+  at::TensorOptions opts = at::TensorOptions().dtype(at::kLong);
+  if (device.is_cuda()) opts = opts.pinned_memory(true);
+  at::Tensor host = at::empty({n}, opts);
+  int64_t* h = host.mutable_data_ptr<int64_t>();
+  for (const auto* v : parts) h = std::copy(v->begin(), v->end(), h);
+  const at::Tensor all = device.is_cpu() ? host : host.to(device, /*non_blocking=*/true);
+  std::vector<at::Tensor> out;
+  int64_t off = 0;
+  for (const auto* v : parts) {
+    out.push_back(all.narrow(0, off, static_cast<int64_t>(v->size())));
+    off += static_cast<int64_t>(v->size());
+  }
+  return out;
 }
 
 }  // namespace
@@ -118,16 +135,16 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
 
   while (!active.empty()) {
     const int64_t A = static_cast<int64_t>(active.size());
-    const at::Tensor idx = to_long_tensor(active, dev);
     std::vector<int64_t> lo(A), hi(A);  // decide among positions [pointer, decidable end)
     for (int64_t a = 0; a < A; ++a) {
       const int64_t b = active[a];
       lo[a] = pointer[b];
       hi[a] = valid[b] == H ? T : (valid[b] - 1) * W;
     }
-    const at::Tensor flag = flag_positions(p.index_select(0, idx).view({A, H, W}), tau).view({A, T});
-    const at::Tensor cand = flag.logical_and(positions.ge(to_long_tensor(lo, dev).unsqueeze(1)))
-                                .logical_and(positions.lt(to_long_tensor(hi, dev).unsqueeze(1)));
+    const auto step = to_device({&active, &lo, &hi}, dev);  // idx, lo, hi
+    const at::Tensor flag = flag_positions(p.index_select(0, step[0]).view({A, H, W}), tau).view({A, T});
+    const at::Tensor cand = flag.logical_and(positions.ge(step[1].unsqueeze(1)))
+                                .logical_and(positions.lt(step[2].unsqueeze(1)));
     const at::Tensor has = cand.any(1);
     const at::Tensor first_t = cand.to(at::kChar).argmax(1);
     // the one device-to-host copy of this step: which images change, and where
@@ -153,8 +170,30 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
       req_r1.push_back(std::min(H, valid[b] + chunk[b]));
       chunk[b] *= 2;
     }
+    // the requests, grouped so that one call serves images whose rows are close (cost
+    // model in split_groups); a group evaluates rows [min r0, max r1) of all its images
+    // (rows they already had come out the same)
+    std::vector<std::vector<int64_t>> g_rows;
+    std::vector<int64_t> g_r0, g_r1;
+    for (const auto& group : split_groups(req_r0, req_r1, H)) {
+      std::vector<int64_t> rows;
+      int64_t r0 = H, r1 = 0;
+      for (const size_t i : group) {
+        rows.push_back(req_b[i]);
+        r0 = std::min(r0, req_r0[i]);
+        r1 = std::max(r1, req_r1[i]);
+      }
+      std::sort(rows.begin(), rows.end());  // partial() wants ascending rows
+      g_rows.push_back(std::move(rows));
+      g_r0.push_back(r0);
+      g_r1.push_back(r1);
+    }
+    std::vector<const std::vector<int64_t>*> parts{&changed, &ts};
+    for (const auto& rows : g_rows) parts.push_back(&rows);
+    const auto idx = to_device(parts, dev);  // changed, ts, then each group's images
     if (!changed.empty()) {
-      const at::Tensor rows_t = to_long_tensor(changed, dev), ts_t = to_long_tensor(ts, dev);
+      const at::Tensor& rows_t = idx[0];
+      const at::Tensor& ts_t = idx[1];
       // draw: Gumbel-max from softmax(logits_t / T) with the noise fixed up front
       const at::Tensor lt = L.index({rows_t, at::indexing::Slice(), ts_t});  // (n, K)
       const at::Tensor g = noise_d.index({rows_t, ts_t});                    // (n, K)
@@ -164,21 +203,10 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
     }
     active = req_b;
     std::sort(active.begin(), active.end());
-    // evaluate the requested rows: requests grouped so that one call serves images whose
-    // rows are close (cost model in split_groups); a group evaluates its rows
-    // [min r0, max r1) for all its images (rows they already had come out the same)
     if (!req_b.empty() && cache.isNone()) cache = prior.get_method("new_cache")({c});
-    for (const auto& group : split_groups(req_r0, req_r1, H)) {
-      std::vector<int64_t> g_rows;
-      int64_t r0 = H, r1 = 0;
-      for (const size_t i : group) {
-        g_rows.push_back(req_b[i]);
-        r0 = std::min(r0, req_r0[i]);
-        r1 = std::max(r1, req_r1[i]);
-      }
-      std::sort(g_rows.begin(), g_rows.end());  // partial() wants ascending rows
-      const int64_t n_rows = r1 - r0;
-      const at::Tensor g_idx = to_long_tensor(g_rows, dev);
+    for (size_t gi = 0; gi < g_rows.size(); ++gi) {
+      const int64_t r0 = g_r0[gi], r1 = g_r1[gi], n_rows = r1 - r0;
+      const at::Tensor& g_idx = idx[2 + gi];
       const at::Tensor sub_codes = c.index_select(0, g_idx).narrow(1, 0, r1);  // rows [0, r1)
       at::Tensor sub = prior.get_method("partial")({sub_codes, g_idx, r0, cache}).toTensor();  // (G, K, r1 - r0, W)
       TORCH_CHECK(sub.dim() == 4 && sub.size(2) == n_rows && sub.size(3) == W,
@@ -186,7 +214,7 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
       L.narrow(2, r0 * W, n_rows * W).index_copy_(0, g_idx, sub.flatten(2));
       const at::Tensor p_new = code_likelihood(sub, sub_codes.narrow(1, r0, n_rows));  // (G, r1 - r0, W)
       p.narrow(1, r0 * W, n_rows * W).index_copy_(0, g_idx, p_new.reshape({-1, n_rows * W}));
-      for (const int64_t b : g_rows) {
+      for (const int64_t b : g_rows[gi]) {
         passes[b] += 1;
         evaluated[b] += n_rows * W;
         valid[b] = r1;
