@@ -167,3 +167,32 @@ def test_native_prior_of_a_bundle_is_checked(ts_bundle, images, tmp_path):
     assert p.returncode == 2 and "prior_native.pt" in p.stderr and "sha256" in p.stderr
     with pytest.raises(BundleError, match="prior_native.pt"):
         Inferencer(b)
+
+
+def _png16(path, arr):
+    """A 16-bit PNG (grey (H, W) or RGB (H, W, 3) uint16), written by hand (Pillow cannot)."""
+    import struct
+    import zlib
+    h, w = arr.shape[:2]
+    colour = 2 if arr.ndim == 3 else 0
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("colour", [False, True], ids=["grey16", "rgb16"])
+def test_cpp_runtime_reads_16bit_pngs_like_python(ts_bundle, tiny_run, tmp_path, colour):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 65536, size=(32, 32, 3) if colour else (32, 32), dtype=np.uint16)
+    img = tmp_path / "x16.png"
+    _png16(img, arr)
+    run_bin(ts_bundle, img, "--out", tmp_path / "cpp")
+    assert main(["detect", str(tiny_run), str(img), "--out", str(tmp_path / "py"), "--resampler", "native",
+                 "--tiff", "--no-panels", "--no-progress"]) == 0
+    c = json.loads((tmp_path / "cpp" / "results.jsonl").read_text())
+    p = json.loads((tmp_path / "py" / "results.jsonl").read_text())
+    assert c["prior_passes"] == p["prior_passes"] and c["n_resampled"] == p["n_resampled"]
+    assert c["score"] == pytest.approx(p["score"], rel=1e-5, abs=1e-6)

@@ -86,6 +86,9 @@ CONFIGS = {
                               kernel_size=5, n_heads=2),
     "k7-no-attention": PriorConfig(codebook_size=10, grid_size=9, channels=8, n_blocks=2, n_res_blocks=2,
                                    kernel_size=7, n_heads=2, attention=False),
+    # no layer that needs a cache: the cache holds only the grid-height marker
+    "no-cached-layers": PriorConfig(codebook_size=6, grid_size=6, channels=8, n_blocks=1, n_res_blocks=0,
+                                    kernel_size=3, n_heads=2, attention=False),
 }
 
 
@@ -106,7 +109,7 @@ def test_partial_passes_equal_full_passes(name, native):
     with torch.no_grad():
         logits, cache = inc.full(codes)
         torch.testing.assert_close(logits, prior(codes), rtol=1e-10, atol=1e-10)
-        assert len(cache) == inc.n_cache
+        assert len(cache) == inc.n_cache + 1                      # + the grid-height marker
         for step in range(12):
             rows = torch.tensor([0, 2]) if step % 3 else torch.tensor([1])
             i = int(torch.randint(0, G, (1,), generator=gen))
@@ -189,7 +192,7 @@ def check_same(n, f, x, codes, min_changes=3):
     assert x.codes.dtype == torch.int64 and x.resampled.dtype == torch.bool
 
 
-@pytest.mark.parametrize("name", ["tiny", "k5-3blocks", "k7-no-attention"])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_naive_fast_native_identical_float64(name):
     G = CONFIGS[name].grid_size
     prior, codes, noise, tau = setup_case(torch.float64, B=4, G=G, quantile=0.3, name=name)

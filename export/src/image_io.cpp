@@ -34,7 +34,10 @@ Float read_png(const std::string& path) {
     throw std::runtime_error(path + ": not a PNG file (the C++ runtime reads PNG images)");
   png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, png_error_fn, png_warning_fn);
   png_infop info = png ? png_create_info_struct(png) : nullptr;
-  if (!png || !info) throw std::runtime_error(path + ": out of memory");
+  if (!png || !info) {
+    png_destroy_read_struct(png ? &png : nullptr, nullptr, nullptr);
+    throw std::runtime_error(path + ": out of memory");
+  }
   Float out;
   try {
     png_init_io(png, file.f);
@@ -52,11 +55,14 @@ Float read_png(const std::string& path) {
     out.data.assign(static_cast<size_t>(out.channels) * h * w, 0.f);
     png_bytepp rows = png_get_rows(png, info);
     const int bytes = depth == 16 ? 2 : 1;
+    // as Pillow (so as lsr.data): a 16-bit grey PNG is read at 16 bits (I;16, / 65535), a
+    // 16-bit colour or grey+alpha PNG is opened as 8-bit RGB(A) (its high bytes, / 255)
+    const bool full16 = depth == 16 && color == PNG_COLOR_TYPE_GRAY;
     for (int y = 0; y < h; ++y)
       for (int x = 0; x < w; ++x)
         for (int c = 0; c < out.channels; ++c) {
           const png_bytep px = rows[y] + (static_cast<size_t>(x) * n_in + c) * bytes;
-          float v = bytes == 2 ? static_cast<float>((px[0] << 8) | px[1]) / 65535.0f : static_cast<float>(px[0]) / 255.0f;
+          float v = full16 ? static_cast<float>((px[0] << 8) | px[1]) / 65535.0f : static_cast<float>(px[0]) / 255.0f;
           out.data[(static_cast<size_t>(c) * h + y) * w + x] = std::clamp(v, 0.0f, 1.0f);
         }
   } catch (const std::exception& e) {
@@ -189,7 +195,10 @@ void write_png_gray8(const std::string& path, const std::vector<uint8_t>& pixels
   if (!file.f) throw std::runtime_error(path + ": cannot write");
   png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, png_error_fn, png_warning_fn);
   png_infop info = png ? png_create_info_struct(png) : nullptr;
-  if (!png || !info) throw std::runtime_error(path + ": out of memory");
+  if (!png || !info) {
+    png_destroy_write_struct(png ? &png : nullptr, nullptr);
+    throw std::runtime_error(path + ": out of memory");
+  }
   try {
     png_init_io(png, file.f);
     png_set_IHDR(png, info, width, height, 8, PNG_COLOR_TYPE_GRAY, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,

@@ -122,6 +122,7 @@ class Parser {
       v.kind = Value::Number;
       v.num = std::strtod(begin, &end);
       if (end == begin) fail("unexpected character");
+      v.str.assign(begin, static_cast<size_t>(end - begin));  // the literal, for integers beyond double precision
       i_ += static_cast<size_t>(end - begin);
     }
     return v;

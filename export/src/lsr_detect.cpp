@@ -82,8 +82,16 @@ Bundle read_bundle(const fs::path& dir) {
     const auto& det = meta.at("detect");
     b.tau = det.at("tau").number("detect.tau");
     b.temperature = det.at("temperature").number("detect.temperature");
-    b.seed = static_cast<int64_t>(det.at("seed").number("detect.seed"));
+    det.at("seed").number("detect.seed");
+    try {
+      b.seed = std::stoll(det.at("seed").str);  // the literal: seeds beyond 2^53 stay exact
+    } catch (const std::exception&) {
+      throw Error("detect.seed must be an integer");
+    }
     b.restorations = static_cast<int>(det.at("restorations").number("detect.restorations"));
+    if (b.channels != 1 && b.channels != 3) throw Error("model.channels must be 1 or 3");
+    if (b.image_size < 1 || b.grid < 1 || b.K < 1 || b.restorations < 1 || !(b.temperature > 0))
+      throw Error("model.image_size, grid_size, codebook_size, detect.restorations and temperature must be positive");
     for (const char* name : {"encoder", "prior", "decoder", "postprocess"}) {
       const auto& g = meta.at("graphs").at(name);
       const std::string& file = g.at("file").string(std::string("graphs.") + name + ".file");
@@ -102,7 +110,10 @@ Bundle read_bundle(const fs::path& dir) {
     // this runtime links the op library, so it prefers that one
     if (meta.at("graphs").has("prior_native")) {
       const auto& g = meta.at("graphs").at("prior_native");
-      const fs::path path = dir / g.at("file").string("graphs.prior_native.file");
+      const std::string& file = g.at("file").string("graphs.prior_native.file");
+      if (fs::path(file).filename().string() != file)
+        throw Error("graph file of prior_native must be a plain file name in the bundle");
+      const fs::path path = dir / file;
       if (!fs::is_regular_file(path)) throw Error(path.string() + ": graph file missing from the bundle (prior_native)");
       if (lsr::sha256_file(path.string()) != g.at("sha256").string("sha256"))
         throw Error(path.string() + ": sha256 does not match bundle.json: the graph was edited or replaced after export");

@@ -300,6 +300,9 @@ class IncrementalPrior(nn.Module):
                 cache.append(torch.zeros(B, self.n_heads, H * W, d, dtype=w.dtype, device=w.device))
             else:   # zero padding included (a pass over every image replaces it, see _extend)
                 cache.append(torch.zeros(B, c, g[0] + H, g[1] + W + g[2], dtype=w.dtype, device=w.device))
+        # last: an empty (B, H, 0) marker carrying the batch and the grid height, so that a
+        # prior without cached layers still knows H when given codes only up to row r1
+        cache.append(torch.empty(B, H, 0, dtype=w.dtype, device=w.device))
         return cache
 
     def _background(self, H: int, Hc: int, W: int, r0: int, like: Tensor) -> Tensor:
@@ -311,12 +314,9 @@ class IncrementalPrior(nn.Module):
 
     def _grid_height(self, codes: Tensor, cache: List[Tensor]) -> int:
         """The full grid height H (codes may stop at row r1 < H)."""
-        if self.n_cache == 0 or len(cache) == 0:
+        if len(cache) == 0:              # the no-cache pass: codes are the whole grid
             return codes.shape[1]
-        g = self.cache_geometry[0]
-        if g[0] >= 0:
-            return cache[0].shape[2] - g[0]
-        return cache[0].shape[2] // codes.shape[2]
+        return cache[-1].shape[1]         # the marker entry (B, H, 0) that new_cache appends
 
     @torch.jit.export
     def partial(self, codes: Tensor, rows: Tensor, r0: int, cache: List[Tensor]) -> Tensor:
@@ -324,7 +324,7 @@ class IncrementalPrior(nn.Module):
         H = self._grid_height(codes, cache)
         # rows are distinct and ascending (the contract), so A == B means every image of the
         # cache in order: conv inputs are then read in place (views), with no device sync
-        whole = A == cache[0].shape[0] if len(cache) > 0 else False
+        whole = A == cache[-1].shape[0] if len(cache) > 0 else False
         kh = self.v_pad[2] + 1
         lo = max(0, r0 - kh)                     # x rows the vertical input conv needs
         emb_all = self.embed(codes[:, lo:]).permute(0, 3, 1, 2)            # rows [lo, Hc)

@@ -136,7 +136,8 @@ def resample(prior, codes: Tensor, noise: Tensor, tau: float, temperature: float
     """
     if method == "auto":
         from lsr.models.pixelsnail import PixelSNAIL
-        native_ok = isinstance(prior, (PixelSNAIL, torch.jit.ScriptModule)) and native_available()
+        scripted = isinstance(prior, torch.jit.ScriptModule) and hasattr(prior, "partial")
+        native_ok = (isinstance(prior, PixelSNAIL) or scripted) and native_available()
         method = "native" if native_ok else "fast"
     if method == "naive":
         return resample_naive(prior, codes, noise, tau, temperature)

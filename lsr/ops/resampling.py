@@ -211,8 +211,7 @@ def _scripted(prior):
     if not isinstance(prior, PixelSNAIL):
         raise TypeError(f"--resampler native needs a PixelSNAIL prior (it is scripted for the C++ loop), "
                         f"got {type(prior).__name__}")
-    w = prior.head.weight
-    key = (w.device, w.dtype, w.data_ptr())
+    key = tuple((p.device, p.dtype, p.data_ptr()) for p in prior.parameters())
     hit = _SCRIPTED.get(prior)
     if hit is None or hit[0] != key:
         hit = (key, script_prior(prior, native=True))
