@@ -8,9 +8,12 @@ difference marks the anomaly.
 Where things are:
 
 * :mod:`lsr.config`   – every hyperparameter (dataclasses, presets, JSON)
-* :mod:`lsr.models`   – the VQ-VAE and the PixelSNAIL prior (pure nn.Module)
+* :mod:`lsr.models`   – the VQ-VAE and the PixelSNAIL prior (pure nn.Module);
+  :mod:`lsr.models.incremental`, the prior evaluated row range by row range (scripted
+  for the native resampling loop and the C++ runtime)
 * :mod:`lsr.ops`      – ops with a pure-PyTorch reference and a native dispatch point:
-  nearest-codebook search, strictly causal attention, the resampling loop
+  nearest-codebook search, strictly causal attention, the resampling loops
+  (naive, fast, native)
 * :mod:`lsr.training`    – training, resume, tau calibration          (``lsr train``)
 * :mod:`lsr.detect`   – :class:`Detector`, :class:`DetectionResult` (``lsr detect``)
 * :mod:`lsr.anomaly`  – anomaly maps and image scores
@@ -19,7 +22,9 @@ Where things are:
 * :mod:`lsr.data`     – image and MVTec AD folder loading, clear errors
 * :mod:`lsr.report`   – panels, report pictures, tables
 * :mod:`lsr.demo`, :mod:`lsr.demo_data` – ``lsr demo``
-* :mod:`lsr.cli`      – the command line
+* :mod:`lsr.deploy`   – ``lsr-export`` (ONNX / TorchScript bundles, parity check) and
+  :class:`lsr.deploy.Inferencer`, which runs a bundle with numpy and onnxruntime only
+* :mod:`lsr.cli`      – the command line (C++ runtime: ``export/``)
 
 Example:
     >>> import lsr
