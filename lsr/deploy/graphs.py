@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .. import anomaly
 from ..config import DetectConfig
 from ..models import VQVAE, PixelSNAIL
+from ..ops.resampling import _likelihood
 
 
 class EncodeGraph(nn.Module):
@@ -52,8 +53,7 @@ class PriorGraph(nn.Module):
 
     def forward(self, codes: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.prior(codes)
-        p = torch.softmax(logits.float().movedim(1, -1), dim=-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
-        return logits, p
+        return logits, _likelihood(logits, codes)
 
 
 class DecodeGraph(nn.Module):

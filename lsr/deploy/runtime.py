@@ -185,7 +185,10 @@ class TorchScriptRunner:
         except ImportError:
             raise BundleError(f"{bundle.root / 'bundle.json'}: a TorchScript bundle needs torch; "
                               f"export with --format onnx to run without it") from None
+        from ..ops.resampling import _likelihood
+
         self.torch = torch
+        self._likelihood = _likelihood
         self.bundle = bundle
         self.device = torch.device(device)
         self.providers = [f"torch.jit ({self.device})"]
@@ -231,8 +234,7 @@ class TorchScriptRunner:
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
             if graph == "prior":
                 codes = args[0]
-                p = torch.softmax(outs[0].float().movedim(1, -1), dim=-1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
-                outs = [outs[0], p]
+                outs = [outs[0], self._likelihood(outs[0], codes)]
         names = [d["name"] for d in spec.outputs] + (["likelihood"] if graph == "prior" else [])
         return {n: t.cpu().numpy() for n, t in zip(names, outs)}
 

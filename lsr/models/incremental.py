@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .pixelsnail import Block, CausalAttention, GatedResBlock, PixelSNAIL
+from .pixelsnail import Block, CausalAttention, GatedResBlock, PixelSNAIL, background_grid
 
 
 def _extend(caches: List[Tensor], slot: int, rows: Tensor, new: Tensor, r0: int, ctx: int, left: int, right: int,
@@ -193,24 +193,38 @@ class _NoOut(nn.Module):
         return x
 
 
+class _ResPair(nn.Module):
+    """One residual step of both stacks: v = v_res(v), then h = h_res(h, aux=v)."""
+
+    def __init__(self, v: _Gated, h: _Gated):
+        super().__init__()
+        self.v, self.h = v, h
+
+    def forward(self, v: Tensor, h: Tensor, rows: Tensor, r0: int, whole: bool,
+                cache: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        v = self.v(v, None, rows, r0, whole, cache)
+        return v, self.h(h, v, rows, r0, whole, cache)
+
+
 class _Block(nn.Module):
     def __init__(self, block: Block, slot: int, native: bool):
         super().__init__()
-        self.v_res = nn.ModuleList()
-        self.h_res = nn.ModuleList()
+        self.res = nn.ModuleList()
+        self.gated: List[_Gated] = []            # every gated block, for the cache geometry
         for vr, hr in zip(block.v_res, block.h_res):
-            g = _Gated(vr, slot)
-            slot += g.n_cache()
-            self.v_res.append(g)
-            g = _Gated(hr, slot)
-            slot += g.n_cache()
-            self.h_res.append(g)
+            gv = _Gated(vr, slot)
+            slot += gv.n_cache()
+            gh = _Gated(hr, slot)
+            slot += gh.n_cache()
+            self.res.append(_ResPair(gv, gh))
+            self.gated += [gv, gh]
         self.has_attn = block.attn is not None
         if block.attn is not None:
             self.attn = _Attention(block.attn, slot, native)
             slot += 2
             self.out = _Gated(block.out, slot)
             slot += self.out.n_cache()
+            self.gated.append(self.out)
         else:
             self.attn = _NoAttention()
             self.out = _NoOut()
@@ -218,11 +232,8 @@ class _Block(nn.Module):
 
     def forward(self, v: Tensor, h: Tensor, emb: Tensor, bg: Tensor, rows: Tensor, r0: int, whole: bool,
                 cache: List[Tensor]) -> Tuple[Tensor, Tensor]:
-        for i, vr in enumerate(self.v_res):
-            v = vr(v, None, rows, r0, whole, cache)
-            for j, hr in enumerate(self.h_res):     # TorchScript: no zip over ModuleLists
-                if j == i:
-                    h = hr(h, v, rows, r0, whole, cache)
+        for pair in self.res:
+            v, h = pair(v, h, rows, r0, whole, cache)
         if self.has_attn:
             a = self.attn(torch.cat([h, bg], 1), torch.cat([h, emb, bg], 1), rows, r0, whole, cache)
             h = self.out(h, a, rows, r0, whole, cache)
@@ -274,8 +285,7 @@ class IncrementalPrior(nn.Module):
         # [-1, 0, 0]; conv inputs (B, C, ctx + H, left + W + right) carry [ctx, left, right]
         geom: List[List[int]] = [[-1, 0, 0] for _ in range(slot)]
         for blk in self.blocks:
-            gated = list(blk.v_res) + list(blk.h_res) + ([blk.out] if blk.has_attn else [])
-            for g in gated:
+            for g in blk.gated:
                 if g.ctx > 0:
                     geom[g.slot] = [g.ctx, g.left, g.right]
                     geom[g.slot + 1] = [g.ctx, g.left, g.right]
@@ -305,13 +315,6 @@ class IncrementalPrior(nn.Module):
         cache.append(torch.empty(B, H, 0, dtype=w.dtype, device=w.device))
         return cache
 
-    def _background(self, H: int, Hc: int, W: int, r0: int, like: Tensor) -> Tensor:
-        """Rows [r0, Hc) of PixelSNAIL.background for an H x W grid."""
-        rows = torch.linspace(-1.0, 1.0, H, dtype=like.dtype, device=like.device)
-        cols = torch.linspace(-1.0, 1.0, W, dtype=like.dtype, device=like.device)
-        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))      # (2, H, W)
-        return grid[:, r0:Hc].unsqueeze(0).expand(like.shape[0], -1, -1, -1)
-
     def _grid_height(self, codes: Tensor, cache: List[Tensor]) -> int:
         """The full grid height H (codes may stop at row r1 < H)."""
         if len(cache) == 0:              # the no-cache pass: codes are the whole grid
@@ -328,7 +331,7 @@ class IncrementalPrior(nn.Module):
         kh = self.v_pad[2] + 1
         lo = max(0, r0 - kh)                     # x rows the vertical input conv needs
         emb_all = self.embed(codes[:, lo:]).permute(0, 3, 1, 2)            # rows [lo, Hc)
-        x = torch.cat([emb_all, self._background(H, Hc, W, lo, emb_all)], 1)
+        x = torch.cat([emb_all, background_grid(A, H, W, emb_all)[:, :, lo:Hc]], 1)
         # v0 rows [r0, H) = v_in(x) rows [r0 - 1, H - 1) (down shift; row 0 is zeros)
         a = max(r0 - 1, 0)
         start = a - (kh - 1)
@@ -347,7 +350,7 @@ class IncrementalPrior(nn.Module):
         hin = F.conv2d(F.pad(xr, (self.h_left, 0, 0, 0)), self.h_w, self.h_b)
         h = F.pad(hin, (1, 0, 0, 0))[:, :, :, :-1] + v
         emb = emb_all[:, :, r0 - lo:]
-        bg = self._background(H, Hc, W, r0, emb)
+        bg = background_grid(A, H, W, emb)[:, :, r0:Hc]
         for blk in self.blocks:
             v, h = blk(v, h, emb, bg, rows, r0, whole, cache)
         return self.head(F.elu(h))                                          # (A, K, Hc - r0, W)

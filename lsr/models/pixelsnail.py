@@ -26,6 +26,15 @@ from .. import ops
 from ..config import PriorConfig
 
 
+def background_grid(B: int, H: int, W: int, like: Tensor) -> Tensor:
+    """Normalised row and column coordinates in [-1, 1]: (B, 2, H, W) (the background
+    channels; also used by :mod:`lsr.models.incremental`, which slices rows of it)."""
+    rows = torch.linspace(-1.0, 1.0, H, dtype=like.dtype, device=like.device)
+    cols = torch.linspace(-1.0, 1.0, W, dtype=like.dtype, device=like.device)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))      # (2, H, W)
+    return grid.unsqueeze(0).expand(B, -1, -1, -1)
+
+
 def down_shift(x: Tensor) -> Tensor:
     """Move every row one down (row 0 becomes zeros): (B, C, H, W)."""
     return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
@@ -149,10 +158,7 @@ class PixelSNAIL(nn.Module):
     @staticmethod
     def background(B: int, H: int, W: int, like: Tensor) -> Tensor:
         """Normalised row and column coordinates in [-1, 1]: (B, 2, H, W)."""
-        rows = torch.linspace(-1.0, 1.0, H, dtype=like.dtype, device=like.device)
-        cols = torch.linspace(-1.0, 1.0, W, dtype=like.dtype, device=like.device)
-        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))      # (2, H, W)
-        return grid.unsqueeze(0).expand(B, -1, -1, -1)
+        return background_grid(B, H, W, like)
 
     def forward(self, codes: Tensor) -> Tensor:
         B, H, W = codes.shape

@@ -190,7 +190,6 @@ def resample_native(prior, codes: Tensor, noise: Tensor, tau: float,
                            "`pip install --no-build-isolation .` (see README), or use --resampler fast")
     from lsr import _C
     scripted = _scripted(prior)
-    B, H, W = codes.shape
     c, resampled, first, passes, evaluated = _C.resample_incremental(
         scripted, codes.long(), noise, float(tau), float(temperature))
     return ResampleResult(c, resampled, first, passes, evaluated)
