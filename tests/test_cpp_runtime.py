@@ -151,6 +151,39 @@ def test_cpp_runtime_bad_bundles_and_images(ts_bundle, images, tmp_path):
     assert p.returncode == 2 and "usage" in p.stderr
 
 
+def test_cpp_runtime_keeps_finished_work(ts_bundle, images, tmp_path):
+    """Every input's PNG header is checked before any work; an image whose header is fine
+    but whose data is cut short fails in libpng's decode (reported through its longjmp
+    protocol, not an exception through C), naming the file, after the results of the
+    images before it are written. No temporary files are left."""
+    out = tmp_path / "o"
+    missing = tmp_path / "missing.png"
+    p = run_bin(ts_bundle, images[0], missing, "--out", out, check=False)
+    assert p.returncode == 2 and "missing.png" in p.stderr and "cannot open" in p.stderr
+    assert not out.exists()                                        # failed before any work
+
+    data = images[0].read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[:data.index(b"IDAT") + 20])               # header intact, pixels cut
+    p = run_bin(ts_bundle, images[0], images[1], cut, "--out", out, "--batch-size", "1", check=False)
+    assert p.returncode == 2 and "cut.png" in p.stderr and "cannot decode PNG (libpng:" in p.stderr
+    assert "results of the 2 images before it" in p.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in rows] == [str(images[0]), str(images[1])]
+    assert all(Path(r["map_png"]).is_file() for r in rows)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_cpp_runtime_rejects_deeply_nested_bundle_json(ts_bundle, images, tmp_path):
+    b = _copy(ts_bundle, tmp_path)
+    (b / "bundle.json").write_text("[" * 100000 + "]" * 100000)
+    p = run_bin(b, images[0], "--out", tmp_path / "o", check=False)
+    assert p.returncode == 2 and "bundle.json" in p.stderr and "nested deeper than 64" in p.stderr
+    (b / "bundle.json").write_text('{"a": "\\uZZZZ"}')
+    p = run_bin(b, images[0], "--out", tmp_path / "o", check=False)
+    assert p.returncode == 2 and "bad \\u escape" in p.stderr
+
+
 def test_native_prior_of_a_bundle_is_checked(ts_bundle, images, tmp_path):
     """prior_native.pt (used by the C++ runtime and by Python's TorchScript runner when the
     extension is loaded) is hash-checked like the four graphs."""

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <csetjmp>
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
@@ -18,58 +19,106 @@ struct File {
   }
 };
 
+// libpng reports errors by longjmp (its documented protocol); throwing a C++ exception
+// through libpng's C frames is not portable. The message goes into the error pointer.
+struct PngError {
+  char msg[200] = {0};
+};
 void png_error_fn(png_structp png, png_const_charp msg) {
-  throw std::runtime_error(std::string("libpng: ") + msg);
+  auto* e = static_cast<PngError*>(png_get_error_ptr(png));
+  std::snprintf(e->msg, sizeof e->msg, "%s", msg ? msg : "unknown error");
+  png_longjmp(png, 1);
 }
 void png_warning_fn(png_structp, png_const_charp) {}
 
+// The setjmp frames: only trivially destructible locals between setjmp and any longjmp,
+// so unwinding by longjmp skips no destructor. false: libpng failed (message in PngError).
+bool png_read_all(png_structp png, png_infop info, FILE* f) {
+  if (setjmp(png_jmpbuf(png))) return false;
+  png_init_io(png, f);
+  png_set_sig_bytes(png, 8);
+  png_read_png(png, info, PNG_TRANSFORM_EXPAND, nullptr);  // palette -> RGB, low-bit grey -> 8 bit
+  return true;
+}
+bool png_read_header(png_structp png, png_infop info, FILE* f) {
+  if (setjmp(png_jmpbuf(png))) return false;
+  png_init_io(png, f);
+  png_set_sig_bytes(png, 8);
+  png_read_info(png, info);
+  return true;
+}
+bool png_write_all(png_structp png, png_infop info, FILE* f, png_bytepp rows, int height, int width) {
+  if (setjmp(png_jmpbuf(png))) return false;
+  png_init_io(png, f);
+  png_set_IHDR(png, info, static_cast<png_uint_32>(width), static_cast<png_uint_32>(height), 8, PNG_COLOR_TYPE_GRAY,
+               PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+  png_set_rows(png, info, rows);
+  png_write_png(png, info, PNG_TRANSFORM_IDENTITY, nullptr);
+  return true;
+}
+
+// Opens `path`, checks the PNG signature and makes the read structs (error pointer `err`).
+struct Reader {
+  File file;
+  png_structp png = nullptr;
+  png_infop info = nullptr;
+  PngError err;
+  explicit Reader(const std::string& path) {
+    file.f = std::fopen(path.c_str(), "rb");
+    if (!file.f) throw std::runtime_error(path + ": cannot open (missing or unreadable)");
+    unsigned char sig[8];
+    if (std::fread(sig, 1, 8, file.f) != 8 || png_sig_cmp(sig, 0, 8) != 0)
+      throw std::runtime_error(path + ": not a PNG file (the C++ runtime reads PNG images)");
+    png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &err, png_error_fn, png_warning_fn);
+    info = png ? png_create_info_struct(png) : nullptr;
+    if (!png || !info) {
+      png_destroy_read_struct(png ? &png : nullptr, nullptr, nullptr);
+      throw std::runtime_error(path + ": out of memory");
+    }
+  }
+  ~Reader() { png_destroy_read_struct(&png, &info, nullptr); }
+  Reader(const Reader&) = delete;
+  Reader& operator=(const Reader&) = delete;
+};
+
 }  // namespace
 
+std::pair<int, int> png_size(const std::string& path) {
+  Reader r(path);
+  if (!png_read_header(r.png, r.info, r.file.f))
+    throw std::runtime_error(path + ": cannot decode PNG (libpng: " + r.err.msg + ")");
+  return {static_cast<int>(png_get_image_height(r.png, r.info)), static_cast<int>(png_get_image_width(r.png, r.info))};
+}
+
 Float read_png(const std::string& path) {
-  File file;
-  file.f = std::fopen(path.c_str(), "rb");
-  if (!file.f) throw std::runtime_error(path + ": cannot open (missing or unreadable)");
-  unsigned char sig[8];
-  if (std::fread(sig, 1, 8, file.f) != 8 || png_sig_cmp(sig, 0, 8) != 0)
-    throw std::runtime_error(path + ": not a PNG file (the C++ runtime reads PNG images)");
-  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, png_error_fn, png_warning_fn);
-  png_infop info = png ? png_create_info_struct(png) : nullptr;
-  if (!png || !info) {
-    png_destroy_read_struct(png ? &png : nullptr, nullptr, nullptr);
-    throw std::runtime_error(path + ": out of memory");
-  }
+  Reader r(path);
+  if (!png_read_all(r.png, r.info, r.file.f))
+    throw std::runtime_error(path + ": cannot decode PNG (libpng: " + r.err.msg + ")");
+  png_structp png = r.png;
+  png_infop info = r.info;
   Float out;
-  try {
-    png_init_io(png, file.f);
-    png_set_sig_bytes(png, 8);
-    png_read_png(png, info, PNG_TRANSFORM_EXPAND, nullptr);  // palette -> RGB, low-bit grey -> 8 bit
-    const int w = static_cast<int>(png_get_image_width(png, info));
-    const int h = static_cast<int>(png_get_image_height(png, info));
-    const int depth = png_get_bit_depth(png, info);
-    const int color = png_get_color_type(png, info);
-    const int n_in = png_get_channels(png, info);
-    const bool grey = !(color & PNG_COLOR_MASK_COLOR);
-    out.channels = grey ? 1 : 3;
-    out.height = h;
-    out.width = w;
-    out.data.assign(static_cast<size_t>(out.channels) * h * w, 0.f);
-    png_bytepp rows = png_get_rows(png, info);
-    const int bytes = depth == 16 ? 2 : 1;
-    // as Pillow (so as lsr.data): a 16-bit grey PNG is read at 16 bits (I;16, / 65535), a
-    // 16-bit colour or grey+alpha PNG is opened as 8-bit RGB(A) (its high bytes, / 255)
-    const bool full16 = depth == 16 && color == PNG_COLOR_TYPE_GRAY;
-    for (int y = 0; y < h; ++y)
-      for (int x = 0; x < w; ++x)
-        for (int c = 0; c < out.channels; ++c) {
-          const png_bytep px = rows[y] + (static_cast<size_t>(x) * n_in + c) * bytes;
-          float v = full16 ? static_cast<float>((px[0] << 8) | px[1]) / 65535.0f : static_cast<float>(px[0]) / 255.0f;
-          out.data[(static_cast<size_t>(c) * h + y) * w + x] = std::clamp(v, 0.0f, 1.0f);
-        }
-  } catch (const std::exception& e) {
-    png_destroy_read_struct(&png, &info, nullptr);
-    throw std::runtime_error(path + ": cannot decode PNG (" + e.what() + ")");
-  }
-  png_destroy_read_struct(&png, &info, nullptr);
+  const int w = static_cast<int>(png_get_image_width(png, info));
+  const int h = static_cast<int>(png_get_image_height(png, info));
+  const int depth = png_get_bit_depth(png, info);
+  const int color = png_get_color_type(png, info);
+  const int n_in = png_get_channels(png, info);
+  const bool grey = !(color & PNG_COLOR_MASK_COLOR);
+  out.channels = grey ? 1 : 3;
+  out.height = h;
+  out.width = w;
+  out.data.assign(static_cast<size_t>(out.channels) * h * w, 0.f);
+  png_bytepp rows = png_get_rows(png, info);
+  const int bytes = depth == 16 ? 2 : 1;
+  // as Pillow (so as lsr.data): a 16-bit grey PNG is read at 16 bits (I;16, / 65535), a
+  // 16-bit colour or grey+alpha PNG is opened as 8-bit RGB(A) (its high bytes, / 255)
+  const bool full16 = depth == 16 && color == PNG_COLOR_TYPE_GRAY;
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x)
+      for (int c = 0; c < out.channels; ++c) {
+        const png_bytep px = rows[y] + (static_cast<size_t>(x) * n_in + c) * bytes;
+        float v = full16 ? static_cast<float>((px[0] << 8) | px[1]) / 65535.0f : static_cast<float>(px[0]) / 255.0f;
+        out.data[(static_cast<size_t>(c) * h + y) * w + x] = std::clamp(v, 0.0f, 1.0f);
+      }
   return out;
 }
 
@@ -190,28 +239,40 @@ Float resize_bilinear(const Float& img, int height, int width) {
 }
 
 void write_png_gray8(const std::string& path, const std::vector<uint8_t>& pixels, int height, int width) {
-  File file;
-  file.f = std::fopen(path.c_str(), "wb");
-  if (!file.f) throw std::runtime_error(path + ": cannot write");
-  png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, png_error_fn, png_warning_fn);
-  png_infop info = png ? png_create_info_struct(png) : nullptr;
-  if (!png || !info) {
-    png_destroy_write_struct(png ? &png : nullptr, nullptr);
-    throw std::runtime_error(path + ": out of memory");
-  }
-  try {
-    png_init_io(png, file.f);
-    png_set_IHDR(png, info, width, height, 8, PNG_COLOR_TYPE_GRAY, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
-                 PNG_FILTER_TYPE_DEFAULT);
+  // to a temporary file, renamed over `path` once complete: an earlier map is never half overwritten
+  const std::string tmp = path + ".tmp";
+  {
+    File file;
+    file.f = std::fopen(tmp.c_str(), "wb");
+    if (!file.f) throw std::runtime_error(path + ": cannot write");
+    PngError err;
+    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, &err, png_error_fn, png_warning_fn);
+    png_infop info = png ? png_create_info_struct(png) : nullptr;
+    if (!png || !info) {
+      png_destroy_write_struct(png ? &png : nullptr, nullptr);
+      throw std::runtime_error(path + ": out of memory");
+    }
     std::vector<png_bytep> rows(height);
     for (int y = 0; y < height; ++y) rows[y] = const_cast<png_bytep>(pixels.data() + static_cast<size_t>(y) * width);
-    png_set_rows(png, info, rows.data());
-    png_write_png(png, info, PNG_TRANSFORM_IDENTITY, nullptr);
-  } catch (const std::exception& e) {
+    const bool ok = png_write_all(png, info, file.f, rows.data(), height, width);
     png_destroy_write_struct(&png, &info);
-    throw std::runtime_error(path + ": cannot write PNG (" + e.what() + ")");
+    if (!ok) {
+      std::fclose(file.f);
+      file.f = nullptr;
+      std::remove(tmp.c_str());
+      throw std::runtime_error(path + ": cannot write PNG (libpng: " + err.msg + ")");
+    }
+    const bool closed = std::fclose(file.f) == 0;
+    file.f = nullptr;
+    if (!closed) {
+      std::remove(tmp.c_str());
+      throw std::runtime_error(path + ": cannot write PNG (disk full?)");
+    }
   }
-  png_destroy_write_struct(&png, &info);
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw std::runtime_error(path + ": cannot rename the finished PNG into place");
+  }
 }
 
 }  // namespace lsr::image

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace lsr::image {
@@ -19,13 +20,17 @@ struct Float {
 // Throws std::runtime_error("<path>: ...") on a missing, truncated or non-PNG file.
 Float read_png(const std::string& path);
 
+// (height, width) from the PNG header alone; throws as read_png. For checking every input
+// before any work is done.
+std::pair<int, int> png_size(const std::string& path);
+
 // To the model's channels (1 or 3), as lsr.data.load_image does.
 Float to_channels(const Float& img, int channels);
 
 // Pillow's Image.resize(BILINEAR) on float ("F") planes, then clipped to [0, 1].
 Float resize_bilinear(const Float& img, int height, int width);
 
-// Writes an 8-bit grey PNG from (height, width) values in [0, 255].
+// Writes an 8-bit grey PNG from (height, width) values in [0, 255], atomically (PATH.tmp, renamed).
 void write_png_gray8(const std::string& path, const std::vector<uint8_t>& pixels, int height, int width);
 
 }  // namespace lsr::image

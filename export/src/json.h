@@ -80,9 +80,21 @@ class Parser {
     return false;
   }
 
+  // bounded nesting: a hostile file cannot exhaust the stack (bundle.json nests 3 deep)
+  static constexpr int kMaxDepth = 64;
+  int depth_ = 0;
+  struct Nest {
+    Parser& p;
+    explicit Nest(Parser& parser) : p(parser) {
+      if (++p.depth_ > kMaxDepth) p.fail("nested deeper than " + std::to_string(kMaxDepth));
+    }
+    ~Nest() { --p.depth_; }
+  };
+
   Value value() {
     ws();
     if (i_ >= s_.size()) fail("unexpected end");
+    Nest nest(*this);
     Value v;
     const char c = s_[i_];
     if (c == '{') {
@@ -148,7 +160,14 @@ class Parser {
         case 'f': out += '\f'; break;
         case 'u': {
           if (i_ + 4 > s_.size()) fail("bad \\u escape");
-          const unsigned cp = static_cast<unsigned>(std::stoul(s_.substr(i_, 4), nullptr, 16));
+          unsigned cp = 0;
+          for (size_t j = i_; j < i_ + 4; ++j) {
+            const char h = s_[j];
+            const int d = h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10
+                        : h >= 'A' && h <= 'F' ? h - 'A' + 10 : -1;
+            if (d < 0) fail("bad \\u escape");
+            cp = cp * 16 + static_cast<unsigned>(d);
+          }
           i_ += 4;
           if (cp < 0x80) {
             out += static_cast<char>(cp);

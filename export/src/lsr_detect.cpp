@@ -235,86 +235,98 @@ int main(int argc, char** argv) {
       }
       m.at(name).eval();
     }
-    fs::create_directories(out);
     std::vector<fs::path> paths(pos.begin() + 1, pos.end());
+    for (const auto& p : paths) lsr::image::png_size(p.string());  // every input readable before any work
+    fs::create_directories(out);
     const auto stems = unique_stems(paths);
     const int S = b.image_size, C = b.channels, n = b.restorations;
     const int64_t T = static_cast<int64_t>(b.grid) * b.grid;
     std::ostringstream lines;
+    size_t done = 0;
     torch::NoGradGuard no_grad;
-    for (size_t start = 0; start < paths.size(); start += batch_size) {
-      const size_t B = std::min(paths.size() - start, static_cast<size_t>(batch_size));
-      at::Tensor x = at::empty({static_cast<int64_t>(B), C, S, S}, at::kFloat);
-      std::vector<std::pair<int, int>> sizes;
-      for (size_t i = 0; i < B; ++i) {
-        lsr::image::Float img = lsr::image::read_png(paths[start + i].string());
-        sizes.emplace_back(img.height, img.width);
-        img = lsr::image::resize_bilinear(lsr::image::to_channels(img, C), S, S);
-        std::memcpy(x[static_cast<int64_t>(i)].data_ptr<float>(), img.data.data(), img.data.size() * sizeof(float));
-      }
-      const auto t0 = std::chrono::steady_clock::now();
-      x = x.to(device);
-      at::Tensor codes = m.at("encoder").forward({x}).toTensor();
-      at::Tensor direct = m.at("decoder").forward({codes}).toTensor();
-      at::Tensor chains = codes.repeat_interleave(n, 0);
-      std::vector<at::Tensor> noise;
-      for (size_t i = 0; i < B; ++i)
-        for (int r = 0; r < n; ++r) noise.push_back(gumbel(chain_seed(b.seed, static_cast<int64_t>(start + i), r), T, b.K));
-      auto rs = lsr::resample_incremental(m.at("prior"), chains, at::stack(noise).to(device), b.tau, b.temperature);
-      at::Tensor restored = m.at("decoder").forward({rs.codes}).toTensor();
-      auto post = m.at("postprocess")
-                      .forward({x, direct, restored.view({static_cast<int64_t>(B), n, C, S, S})})
-                      .toTuple()
-                      ->elements();
-      at::Tensor amap = post[0].toTensor().to(at::kCPU), score = post[1].toTensor().to(at::kCPU);
-      at::Tensor direct_score = post[5].toTensor().to(at::kCPU);
-      using at::indexing::Slice;
-      at::Tensor lik = rs.likelihood.index({Slice(at::indexing::None, at::indexing::None, n)}).to(at::kCPU);
-      at::Tensor nll = at::where(lik.lt(b.tau), -at::log(lik.clamp_min(1e-30)), at::zeros_like(lik)).flatten(1).sum(1);
-      at::Tensor n_res = rs.resampled.to(at::kCPU).view({static_cast<int64_t>(B), n, -1}).sum(-1).to(at::kFloat).mean(1);
-      at::Tensor passes = rs.prior_passes.view({static_cast<int64_t>(B), n}).sum(1);
-      at::Tensor evaluated = rs.positions_evaluated.view({static_cast<int64_t>(B), n}).sum(1);
-      at::Tensor first_codes = rs.codes.index({Slice(at::indexing::None, at::indexing::None, n)}).to(at::kCPU);
-      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / B;
-      for (size_t i = 0; i < B; ++i) {
-        const std::string& stem = stems[start + i];
-        const auto [H, W] = sizes[i];
-        at::Tensor mi = amap[static_cast<int64_t>(i)];
-        if (H != S || W != S)  // lsr.anomaly.resize_maps
-          mi = at::upsample_bilinear2d(mi.unsqueeze(0).unsqueeze(0), {H, W}, false).squeeze(0).squeeze(0);
-        mi = mi.contiguous();
-        const fs::path raw = out / (stem + "_map.f32"), png = out / (stem + "_map.png");
-        write_atomic(raw, std::string(reinterpret_cast<const char*>(mi.data_ptr<float>()), mi.numel() * sizeof(float)));
-        const float lo = mi.min().item<float>(), hi = mi.max().item<float>();
-        std::vector<uint8_t> px(mi.numel());
-        const float* mp = mi.data_ptr<float>();
-        for (size_t k = 0; k < px.size(); ++k)
-          px[k] = static_cast<uint8_t>(std::lround(hi > lo ? 255.0 * (mp[k] - lo) / (hi - lo) : 0.0));
-        lsr::image::write_png_gray8(png.string(), px, H, W);
-        const int64_t p = passes[static_cast<int64_t>(i)].item<int64_t>();
-        const int64_t e = evaluated[static_cast<int64_t>(i)].item<int64_t>();
-        const int64_t later = p - n;
-        std::ostringstream row;
-        row << "{\"image\": " << lsr::json::quote(paths[start + i].string())
-            << ", \"score\": " << fmt(score[static_cast<int64_t>(i)].item<double>())
-            << ", \"nll_score\": " << fmt(nll[static_cast<int64_t>(i)].item<double>())
-            << ", \"direct_score\": " << fmt(direct_score[static_cast<int64_t>(i)].item<double>())
-            << ", \"n_resampled\": " << fmt(n_res[static_cast<int64_t>(i)].item<double>()) << ", \"prior_passes\": " << p
-            << ", \"positions_evaluated\": " << e << ", \"recomputed_fraction\": "
-            << (later > 0 ? fmt(static_cast<double>(e - n * T) / static_cast<double>(later * T)) : "null")
-            << ", \"n_codes\": " << T << ", \"time_ms\": " << fmt(ms) << ", \"map_png\": " << lsr::json::quote(png.string())
-            << ", \"map_raw\": " << lsr::json::quote(raw.string()) << ", \"map_shape\": [" << H << ", " << W << "]";
-        if (save_codes) {
-          row << ", \"resampled_codes\": [";
-          const at::Tensor c = first_codes[static_cast<int64_t>(i)].flatten().contiguous();
-          for (int64_t k = 0; k < c.numel(); ++k) row << (k ? ", " : "") << c[k].item<int64_t>();
-          row << "]";
+    try {
+      for (size_t start = 0; start < paths.size(); start += batch_size) {
+        const size_t B = std::min(paths.size() - start, static_cast<size_t>(batch_size));
+        at::Tensor x = at::empty({static_cast<int64_t>(B), C, S, S}, at::kFloat);
+        std::vector<std::pair<int, int>> sizes;
+        for (size_t i = 0; i < B; ++i) {
+          lsr::image::Float img = lsr::image::read_png(paths[start + i].string());
+          sizes.emplace_back(img.height, img.width);
+          img = lsr::image::resize_bilinear(lsr::image::to_channels(img, C), S, S);
+          std::memcpy(x[static_cast<int64_t>(i)].data_ptr<float>(), img.data.data(), img.data.size() * sizeof(float));
         }
-        row << "}";
-        lines << row.str() << "\n";
-        std::cout << paths[start + i].string() << ": score " << fmt(score[static_cast<int64_t>(i)].item<double>())
-                  << "  passes " << p << "  " << fmt(ms) << " ms\n";
+        const auto t0 = std::chrono::steady_clock::now();
+        x = x.to(device);
+        at::Tensor codes = m.at("encoder").forward({x}).toTensor();
+        at::Tensor direct = m.at("decoder").forward({codes}).toTensor();
+        at::Tensor chains = codes.repeat_interleave(n, 0);
+        std::vector<at::Tensor> noise;
+        for (size_t i = 0; i < B; ++i)
+          for (int r = 0; r < n; ++r) noise.push_back(gumbel(chain_seed(b.seed, static_cast<int64_t>(start + i), r), T, b.K));
+        auto rs = lsr::resample_incremental(m.at("prior"), chains, at::stack(noise).to(device), b.tau, b.temperature);
+        at::Tensor restored = m.at("decoder").forward({rs.codes}).toTensor();
+        auto post = m.at("postprocess")
+                        .forward({x, direct, restored.view({static_cast<int64_t>(B), n, C, S, S})})
+                        .toTuple()
+                        ->elements();
+        at::Tensor amap = post[0].toTensor().to(at::kCPU), score = post[1].toTensor().to(at::kCPU);
+        at::Tensor direct_score = post[5].toTensor().to(at::kCPU);
+        using at::indexing::Slice;
+        at::Tensor lik = rs.likelihood.index({Slice(at::indexing::None, at::indexing::None, n)}).to(at::kCPU);
+        at::Tensor nll = at::where(lik.lt(b.tau), -at::log(lik.clamp_min(1e-30)), at::zeros_like(lik)).flatten(1).sum(1);
+        at::Tensor n_res = rs.resampled.to(at::kCPU).view({static_cast<int64_t>(B), n, -1}).sum(-1).to(at::kFloat).mean(1);
+        at::Tensor passes = rs.prior_passes.view({static_cast<int64_t>(B), n}).sum(1);
+        at::Tensor evaluated = rs.positions_evaluated.view({static_cast<int64_t>(B), n}).sum(1);
+        at::Tensor first_codes = rs.codes.index({Slice(at::indexing::None, at::indexing::None, n)}).to(at::kCPU);
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / B;
+        for (size_t i = 0; i < B; ++i) {
+          const std::string& stem = stems[start + i];
+          const auto [H, W] = sizes[i];
+          at::Tensor mi = amap[static_cast<int64_t>(i)];
+          if (H != S || W != S)  // lsr.anomaly.resize_maps
+            mi = at::upsample_bilinear2d(mi.unsqueeze(0).unsqueeze(0), {H, W}, false).squeeze(0).squeeze(0);
+          mi = mi.contiguous();
+          const fs::path raw = out / (stem + "_map.f32"), png = out / (stem + "_map.png");
+          write_atomic(raw, std::string(reinterpret_cast<const char*>(mi.data_ptr<float>()), mi.numel() * sizeof(float)));
+          const float lo = mi.min().item<float>(), hi = mi.max().item<float>();
+          std::vector<uint8_t> px(mi.numel());
+          const float* mp = mi.data_ptr<float>();
+          for (size_t k = 0; k < px.size(); ++k)
+            px[k] = static_cast<uint8_t>(std::lround(hi > lo ? 255.0 * (mp[k] - lo) / (hi - lo) : 0.0));
+          lsr::image::write_png_gray8(png.string(), px, H, W);
+          const int64_t p = passes[static_cast<int64_t>(i)].item<int64_t>();
+          const int64_t e = evaluated[static_cast<int64_t>(i)].item<int64_t>();
+          const int64_t later = p - n;
+          std::ostringstream row;
+          row << "{\"image\": " << lsr::json::quote(paths[start + i].string())
+              << ", \"score\": " << fmt(score[static_cast<int64_t>(i)].item<double>())
+              << ", \"nll_score\": " << fmt(nll[static_cast<int64_t>(i)].item<double>())
+              << ", \"direct_score\": " << fmt(direct_score[static_cast<int64_t>(i)].item<double>())
+              << ", \"n_resampled\": " << fmt(n_res[static_cast<int64_t>(i)].item<double>()) << ", \"prior_passes\": " << p
+              << ", \"positions_evaluated\": " << e << ", \"recomputed_fraction\": "
+              << (later > 0 ? fmt(static_cast<double>(e - n * T) / static_cast<double>(later * T)) : "null")
+              << ", \"n_codes\": " << T << ", \"time_ms\": " << fmt(ms) << ", \"map_png\": " << lsr::json::quote(png.string())
+              << ", \"map_raw\": " << lsr::json::quote(raw.string()) << ", \"map_shape\": [" << H << ", " << W << "]";
+          if (save_codes) {
+            row << ", \"resampled_codes\": [";
+            const at::Tensor c = first_codes[static_cast<int64_t>(i)].flatten().contiguous();
+            for (int64_t k = 0; k < c.numel(); ++k) row << (k ? ", " : "") << c[k].item<int64_t>();
+            row << "]";
+          }
+          row << "}";
+          lines << row.str() << "\n";
+          ++done;
+          std::cout << paths[start + i].string() << ": score " << fmt(score[static_cast<int64_t>(i)].item<double>())
+                    << "  passes " << p << "  " << fmt(ms) << " ms\n";
+        }
       }
+    } catch (const std::exception& e) {
+      // keep what is finished: the rows of the images done so far, then the error
+      if (done > 0) write_atomic(out / "results.jsonl", lines.str());
+      throw Error(std::string(e.what()) + (done > 0 ? " (results of the " + std::to_string(done) +
+                                                         " images before it written to " +
+                                                         (out / "results.jsonl").string() + ")"
+                                                   : ""));
     }
     write_atomic(out / "results.jsonl", lines.str());
     std::cout << "results: " << (out / "results.jsonl").string() << "\n";
