@@ -14,7 +14,7 @@ import torch
 import lsr.ops as ops
 from lsr.ops import reference as R
 
-OPS = ("vq_nearest", "causal_attention_fwd", "causal_attention_bwd")
+OPS = ("vq_nearest", "causal_attention_fwd", "causal_attention_bwd", "causal_attention_rows")
 
 
 def _cuda_kernels_built() -> bool:
@@ -229,7 +229,7 @@ def attention_inputs(B, h, T, d, dtype, seed, requires_grad=False, scale=1.0):
             for _ in range(3)]
 
 
-ATT_T = [1, 2, 255, 1024, 4096]
+ATT_T = [1, 2, 64, 65, 255, 1024, 4096]     # 64, 65: a block boundary, a last block of one row
 ATT_D = [16, 32, 64, 128]
 ATT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
@@ -358,9 +358,49 @@ def test_causal_attention_empty_inputs():
         assert dq.shape == dk.shape == dv.shape == shape
 
 
+@pytest.mark.parametrize("d", [1, 8, 12, 20, 48, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_causal_attention_any_head_dim(d, dtype):
+    """Head dims other than 16/32/64/128 (the presets use 8 and 12) run on zero-padded
+    copies with the scale of the real d: forward and backward."""
+    B, h, T = 2, 3, 130
+    q, k, v = attention_inputs(B, h, T, d, dtype, seed=d, requires_grad=True)
+    out, lse = native_fwd(q, k, v)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    expected, expected_lse = naive_attention(q, k, v)
+    assert rel_err(out, expected) < ATT_TOL[dtype]
+    torch.testing.assert_close(lse[:, :, 1:].double(), expected_lse[:, :, 1:], rtol=1e-5, atol=1e-5)
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    grad_out = torch.randn(B, h, T, d, generator=g, device=DEVICE).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = torch.autograd.grad(R.causal_attention(q64, k64, v64), (q64, k64, v64), grad_out.double())
+    for got, want in zip(grads, ref):
+        assert got.shape == want.shape and rel_err(got, want) < GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [12, 16, 64])
+def test_causal_attention_rows_equal_the_full_kernel_bitwise(d, dtype):
+    """lsr::causal_attention_rows on CUDA (the incremental prior's later passes) gives the
+    rows of the full forward bit for bit, for any q0 (block-aligned or not)."""
+    B, h, T = 2, 2, 300
+    q, k, v = attention_inputs(B, h, T, d, dtype, seed=3)
+    full = native_fwd(q, k, v)[0]
+    for q0, Tq in ((0, 300), (0, 5), (1, 1), (63, 2), (64, 64), (65, 100), (200, 100), (299, 1)):
+        rows = torch.ops.lsr.causal_attention_rows(q[:, :, q0:q0 + Tq], k[:, :, :q0 + Tq], v[:, :, :q0 + Tq], q0)
+        assert rows.shape == (B, h, Tq, d) and rows.dtype == dtype
+        assert torch.equal(rows, full[:, :, q0:q0 + Tq]), (q0, Tq)
+    # and the reference (the composite formula other devices use)
+    ref = R.causal_attention(q.double(), k.double(), v.double())
+    assert rel_err(torch.ops.lsr.causal_attention_rows(q[:, :, 150:], k, v, 150), ref[:, :, 150:]) < ATT_TOL[dtype]
+    empty = torch.ops.lsr.causal_attention_rows(q[:, :, :0], k[:, :, :7], v[:, :, :7], 7)
+    assert empty.shape == (B, h, 0, d)
+
+
 def test_causal_attention_errors():
-    q = torch.zeros(1, 1, 4, 8, device=DEVICE)
-    with pytest.raises(RuntimeError, match="head dims"):
+    q = torch.zeros(1, 1, 4, 129, device=DEVICE)
+    with pytest.raises(RuntimeError, match="head dims d <= 128"):
         native_fwd(q, q, q)
     q = torch.zeros(1, 1, 4, 16, device=DEVICE)
     with pytest.raises(RuntimeError, match="same shape"):
@@ -384,6 +424,9 @@ def test_causal_attention_opcheck(dtype):
     qp, kp, vp = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
     assert not qp.is_contiguous()
     torch.library.opcheck(torch.ops.lsr.causal_attention_fwd.default, (qp, kp, vp))
+    # the rows op (inference only; a head dim the kernels pad)
+    q, k, v = attention_inputs(2, 2, 70, 12, dtype, seed=1)
+    torch.library.opcheck(torch.ops.lsr.causal_attention_rows.default, (q[:, :, 10:].contiguous(), k, v, 10))
 
 
 # ---------------------------------------------------------------- streams and devices
@@ -452,8 +495,9 @@ def test_ops_on_a_second_gpu():
 # ---------------------------------------------------------------- native resampling loop on CUDA
 
 def test_native_resampling_loop_on_cuda_equals_fast_and_naive():
-    """The C++ loop with incremental passes on the GPU (attention rows by the composite
-    kernel): the codes of the naive and fast loops, and of the same loop on the CPU."""
+    """The C++ loop with incremental passes on the GPU (attention rows by the CUDA kernel;
+    the tiny preset's head dim 8 runs padded): the codes of the naive and fast loops, and of
+    the same loop on the CPU."""
     from lsr.config import preset
     from lsr.models import PixelSNAIL
 

@@ -87,7 +87,8 @@ def reference_attention_rows(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor
 
 
 class _NativeRows(nn.Module):
-    """Attention rows by the native op (the CPU kernel of the full op, or its composite)."""
+    """Attention rows by the native op (the CPU or CUDA kernel of the full op; a composite
+    ATen kernel on other devices)."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
         if q0 == 0:   # the first pass: the very kernel PixelSNAIL.forward uses

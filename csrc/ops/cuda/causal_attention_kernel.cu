@@ -23,7 +23,15 @@
 //   deterministic, at the price of computing S and dP twice).
 //
 // Accumulation in float32 (float64 for float64 inputs); outputs in the input dtype, lse
-// float32 (B, h, T). Head dims 16, 32, 64, 128 (a template parameter); any T.
+// float32 (B, h, T). The kernels take head dims 16, 32, 64, 128 (a template parameter);
+// the host pads any other d <= 128 with zero dims to the next of these (zeros add
+// exactly nothing to a dot product; the scale stays 1/sqrt(d)); any T.
+//
+// lsr::causal_attention_rows (the incremental prior's later passes) is the forward kernel
+// on query rows [q0, q0 + Tq) with keys [0, q0 + Tq): each row streams the same key tiles
+// from key 0 in the same order as in the full forward, and a tile fully masked for a row
+// leaves its m, l and o exactly as they were, so the rows equal the full kernel's bit for
+// bit (as the CPU kernels do).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -36,6 +44,7 @@
 #include <cmath>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "ops/common.h"
 
@@ -91,12 +100,14 @@ __device__ __forceinline__ void load_row_slice(acc_t (&dst)[D / kLanesPerRow], c
 }
 
 // ------------------------------------------------------------------------ forward
-// grid (B*h, ceil(T / 64)); q, k, v, out (B*h, T, D) contiguous; lse (B*h, T).
+// grid (B*h, ceil(Tq / 64)); q, out (B*h, Tq, D) and k, v (B*h, Tk, D) contiguous, lse
+// (B*h, Tq) or null. Query row r is position q_start + r (Tk = q_start + Tq); the full
+// forward has q_start = 0, Tq = Tk = T.
 template <int D, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 causal_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                             const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
-                            float* __restrict__ lse, int64_t T, double scale_f) {
+                            float* __restrict__ lse, int64_t Tq, int64_t Tk, int64_t q_start, double scale_f) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kTile = tile_rows<acc_t>();
   constexpr int kSlice = D / kLanesPerRow;
@@ -104,20 +115,22 @@ causal_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __re
   __shared__ acc_t v_tile[kTile * D];
 
   const acc_t scale = static_cast<acc_t>(scale_f);
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * T * D;   // this (batch, head)
-  q += base;
-  k += base;
-  v += base;
-  out += base;
-  lse += static_cast<int64_t>(blockIdx.x) * T;
+  const int64_t q_base = static_cast<int64_t>(blockIdx.x) * Tq * D;   // this (batch, head)
+  const int64_t k_base = static_cast<int64_t>(blockIdx.x) * Tk * D;
+  q += q_base;
+  k += k_base;
+  v += k_base;
+  out += q_base;
+  if (lse != nullptr) lse += static_cast<int64_t>(blockIdx.x) * Tq;
   // query blocks in reverse order: the last ones have the most keys, start them first
-  const int64_t q0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kRowsPerBlock;
+  const int64_t r0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * kRowsPerBlock;
   const int lane = threadIdx.x % kLanesPerRow;
-  const int64_t t = q0 + threadIdx.x / kLanesPerRow;              // this quad's query row
-  const bool row_ok = t < T;
+  const int64_t r = r0 + threadIdx.x / kLanesPerRow;              // this quad's query row
+  const bool row_ok = r < Tq;
+  const int64_t t = q_start + r;                                  // its position: keys s < t
 
   acc_t qs[kSlice], o[kSlice];
-  load_row_slice<D>(qs, q, t, row_ok, lane);
+  load_row_slice<D>(qs, q, r, row_ok, lane);
 #pragma unroll
   for (int j = 0; j < kSlice; ++j) o[j] = acc_t(0);
   const acc_t neg_inf = static_cast<acc_t>(-INFINITY);
@@ -125,10 +138,10 @@ causal_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __re
   acc_t l = acc_t(0);                                             // running sum of exp(score - m)
 
   // the block's last row sees keys s < last_row: only tiles starting below it matter
-  const int64_t last_row = (q0 + kRowsPerBlock < T ? q0 + kRowsPerBlock : T) - 1;
+  const int64_t last_row = q_start + (r0 + kRowsPerBlock < Tq ? r0 + kRowsPerBlock : Tq) - 1;
   for (int64_t k0 = 0; k0 < last_row; k0 += kTile) {
-    load_tile<D, kTile>(k_tile, k, k0, T);
-    load_tile<D, kTile>(v_tile, v, k0, T);
+    load_tile<D, kTile>(k_tile, k, k0, Tk);
+    load_tile<D, kTile>(v_tile, v, k0, Tk);
     __syncthreads();
 
     acc_t s[kTile];                                               // scores, -inf where masked
@@ -163,8 +176,8 @@ causal_attention_fwd_kernel(const scalar_t* __restrict__ q, const scalar_t* __re
   if (row_ok) {
 #pragma unroll
     for (int j = 0; j < kSlice; ++j)
-      out[t * D + j * kLanesPerRow + lane] = static_cast<scalar_t>(l > acc_t(0) ? o[j] / l : acc_t(0));
-    if (lane == 0) lse[t] = l > acc_t(0) ? static_cast<float>(m + acc_log(l)) : -INFINITY;
+      out[r * D + j * kLanesPerRow + lane] = static_cast<scalar_t>(l > acc_t(0) ? o[j] / l : acc_t(0));
+    if (lane == 0 && lse != nullptr) lse[r] = l > acc_t(0) ? static_cast<float>(m + acc_log(l)) : -INFINITY;
   }
 }
 
@@ -322,14 +335,22 @@ causal_attention_bwd_dkv_kernel(const scalar_t* __restrict__ grad_out, const sca
 
 // ------------------------------------------------------------------------ host side
 
-void check_head_dim(const at::Tensor& q) {
+// The kernels' head dim for a tensor's d: the next of 16, 32, 64, 128 (inputs with
+// another d are padded with zero dims to it, see pad_head).
+int64_t head_capacity(const at::Tensor& q) {
   const int64_t d = q.size(3);
-  TORCH_CHECK(d == 16 || d == 32 || d == 64 || d == 128,
-              "lsr::causal_attention (CUDA) supports head dims d in {16, 32, 64, 128}; got q ", shape_str(q),
-              " (use the reference path, lsr.ops.backend('fast'), for other d)");
+  const int64_t cap = d <= 16 ? 16 : d <= 32 ? 32 : d <= 64 ? 64 : d <= 128 ? 128 : -1;
+  TORCH_CHECK(cap > 0, "lsr::causal_attention (CUDA) supports head dims d <= 128; got q ", shape_str(q),
+              " (use the reference path, lsr.ops.backend('fast'), for larger d)");
+  return cap;
 }
 
-// Calls f(std::integral_constant<int, D>) for the head dim d (checked by check_head_dim).
+// x (B, h, T, d) -> contiguous (B, h, T, cap), the extra dims zero.
+at::Tensor pad_head(const at::Tensor& x, int64_t cap) {
+  return x.size(3) == cap ? x.contiguous() : at::constant_pad_nd(x, {0, cap - x.size(3)}).contiguous();
+}
+
+// Calls f(std::integral_constant<int, D>) for a head capacity (see head_capacity).
 template <typename F>
 void dispatch_head_dim(int64_t d, F&& f) {
   switch (d) {
@@ -341,7 +362,7 @@ void dispatch_head_dim(int64_t d, F&& f) {
   }
 }
 
-// grid (B*h, ceil(T / 64)), checked against CUDA's limits.
+// grid (B*h, ceil(T / 64)) for T query rows, checked against CUDA's limits.
 dim3 attention_grid(const at::Tensor& q) {
   const int64_t bh = q.size(0) * q.size(1);
   const int64_t blocks = (q.size(2) + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -352,44 +373,71 @@ dim3 attention_grid(const at::Tensor& q) {
 }
 
 // The outputs have the layout of torch.empty_like(input), as the fake kernels in
-// lsr/ops/_native.py promise: the kernels write into it directly when it is contiguous,
-// else into a contiguous buffer that is copied over afterwards (a permuted input).
+// lsr/ops/_native.py promise: the kernels write into it directly when it is contiguous and
+// needs no head padding, else into a contiguous (B, h, T, cap) buffer whose first d dims are
+// copied over afterwards (a permuted input, or a padded head dim).
 struct OutputLike {
   at::Tensor result, buffer;
-  explicit OutputLike(const at::Tensor& like)
-      : result(at::empty_like(like)),
-        buffer(result.is_contiguous() ? result : at::empty(like.sizes(), like.options())) {}
+  OutputLike(const at::Tensor& like, int64_t cap) : result(at::empty_like(like)) {
+    if (cap == like.size(3) && result.is_contiguous()) {
+      buffer = result;
+    } else {
+      std::vector<int64_t> sizes = like.sizes().vec();
+      sizes[3] = cap;
+      buffer = at::empty(sizes, like.options());
+    }
+  }
   at::Tensor finish() {
-    if (!buffer.is_same(result)) result.copy_(buffer);
+    if (!buffer.is_same(result)) result.copy_(buffer.narrow(3, 0, result.size(3)));
     return result;
   }
 };
+
+// Launches the forward kernel on q (B, h, Tq, cap) and k, v (B, h, q_start + Tq, cap), padded
+// and contiguous, scale 1/sqrt(d) of the unpadded d; lse may be undefined (not written).
+void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                    const at::Tensor& lse, int64_t q_start, int64_t d) {
+  const dim3 grid = attention_grid(q);
+  const int64_t Tq = q.size(2), Tk = k.size(2), cap = q.size(3);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  float* lse_ptr = lse.defined() ? lse.mutable_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lsr::causal_attention_fwd (CUDA)", [&] {
+    dispatch_head_dim(cap, [&](auto head_dim) {
+      constexpr int D = decltype(head_dim)::value;
+      causal_attention_fwd_kernel<D, scalar_t><<<grid, kThreads, 0, stream>>>(
+          q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), lse_ptr, Tq, Tk, q_start, scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                              const at::Tensor& v_in) {
   check_attention_inputs(q_in, k_in, v_in);
   TORCH_CHECK(q_in.is_cuda(), "lsr::causal_attention_fwd (CUDA): expects CUDA tensors; got q on ", q_in.device());
-  check_head_dim(q_in);
   c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), d = q_in.size(3);
-  OutputLike out(q_in);
   at::Tensor lse = at::empty({B, H, T}, q_in.options().dtype(at::kFloat));
-  if (q_in.numel() == 0) return {out.finish(), lse};
-  const dim3 grid = attention_grid(q_in);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lsr::causal_attention_fwd (CUDA)", [&] {
-    dispatch_head_dim(d, [&](auto head_dim) {
-      constexpr int D = decltype(head_dim)::value;
-      causal_attention_fwd_kernel<D, scalar_t><<<grid, kThreads, 0, stream>>>(
-          q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-          out.buffer.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), T, scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  if (q_in.numel() == 0) return {at::empty_like(q_in), lse};
+  const int64_t cap = head_capacity(q_in);
+  OutputLike out(q_in, cap);
+  launch_forward(pad_head(q_in, cap), pad_head(k_in, cap), pad_head(v_in, cap), out.buffer, lse, 0, d);
   return {out.finish(), lse};
+}
+
+at::Tensor causal_attention_rows_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                      int64_t q0) {
+  check_attention_rows_inputs(q_in, k_in, v_in, q0);
+  TORCH_CHECK(q_in.is_cuda(), "lsr::causal_attention_rows (CUDA): expects CUDA tensors; got q on ", q_in.device());
+  c10::cuda::CUDAGuard guard(q_in.device());
+  if (q_in.numel() == 0) return at::zeros_like(q_in);
+  const int64_t cap = head_capacity(q_in);
+  OutputLike out(q_in, cap);
+  launch_forward(pad_head(q_in, cap), pad_head(k_in, cap), pad_head(v_in, cap), out.buffer, at::Tensor(), q0,
+                 q_in.size(3));
+  return out.finish();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cuda(const at::Tensor& grad_out_in,
@@ -409,24 +457,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cuda(const a
   TORCH_CHECK(grad_out_in.device() == q_in.device() && out_in.device() == q_in.device() &&
                   lse_in.device() == q_in.device(),
               "lsr::causal_attention_bwd: all tensors must be on one device");
-  check_head_dim(q_in);
   c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t T = q_in.size(2), d = q_in.size(3);
-  OutputLike grad_q(q_in), grad_k(k_in), grad_v(v_in);
-  if (q_in.numel() == 0) return {grad_q.finish(), grad_k.finish(), grad_v.finish()};
+  if (q_in.numel() == 0) return {at::empty_like(q_in), at::empty_like(k_in), at::empty_like(v_in)};
+  const int64_t cap = head_capacity(q_in);
+  OutputLike grad_q(q_in, cap), grad_k(k_in, cap), grad_v(v_in, cap);
   const dim3 grid = attention_grid(q_in);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous();
+  const at::Tensor q = pad_head(q_in, cap), k = pad_head(k_in, cap), v = pad_head(v_in, cap);
+  const at::Tensor grad_out = pad_head(grad_out_in.to(q.scalar_type()), cap);
   const at::Tensor lse = lse_in.contiguous();
-  // D_t = dO_t . O_t in the accumulation type, (B, h, T) (ATen ops on the current stream)
+  // D_t = dO_t . O_t in the accumulation type, (B, h, T) (ATen ops on the current stream;
+  // over the unpadded dims)
   const auto acc_type = at::toOpMathType(q.scalar_type());
-  const at::Tensor delta = (grad_out.to(acc_type) * out_in.to(acc_type)).sum(-1).contiguous();
+  const at::Tensor delta = (grad_out_in.to(acc_type) * out_in.to(acc_type)).sum(-1).contiguous();
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lsr::causal_attention_bwd (CUDA)", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_head_dim(d, [&](auto head_dim) {
+    dispatch_head_dim(cap, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
       causal_attention_bwd_dq_kernel<D, scalar_t><<<grid, kThreads, 0, stream>>>(
           grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
@@ -449,4 +498,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cuda(const a
 TORCH_LIBRARY_IMPL(lsr, CUDA, m) {
   m.impl("causal_attention_fwd", &lsr::causal_attention_fwd_cuda);
   m.impl("causal_attention_bwd", &lsr::causal_attention_bwd_cuda);
+  m.impl("causal_attention_rows", &lsr::causal_attention_rows_cuda);
 }
