@@ -94,8 +94,25 @@ def test_wrong_input_shape_and_options(onnx_bundle):
         inf.predict(np.full((32, 32), 255.0, np.float32))
     with pytest.raises(ValueError, match="sigma is 4.0 in this bundle's postprocess graph"):
         Inferencer(onnx_bundle, sigma=2.0)
-    with pytest.raises(ValueError, match="resampler 'native' is not available for a bundle"):
-        Inferencer(onnx_bundle, resampler="native")
+    with pytest.raises(ValueError, match="resampler 'turbo' is not available for a bundle"):
+        Inferencer(onnx_bundle, resampler="turbo")
+    assert Inferencer(onnx_bundle, resampler="native").loop == "incremental"
+
+
+def test_native_resampler_needs_prior_rows(bundle_copy):
+    """A bundle without prior_rows (as written before it existed) runs fast under auto and
+    refuses native with a clear message."""
+    meta = json.loads((bundle_copy / "bundle.json").read_text())
+    del meta["graphs"]["prior_rows"]
+    (bundle_copy / "prior_rows.onnx").unlink()
+    (bundle_copy / "bundle.json").write_text(json.dumps(meta))
+    assert Inferencer(bundle_copy, providers=[CPU]).loop == "fast"
+    with pytest.raises(ValueError, match="resampler native needs an ONNX bundle with a prior_rows graph"):
+        Inferencer(bundle_copy, providers=[CPU], resampler="native")
+    meta["graphs"]["prior_rows"] = {"file": "prior.onnx", "sha256": "0" * 64, "inputs": [], "outputs": []}
+    (bundle_copy / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="prior.onnx: sha256"):
+        Inferencer(bundle_copy, providers=[CPU])
 
 
 def test_providers(onnx_bundle, capfd):
@@ -131,19 +148,28 @@ def test_predict_accepts_path_pil_array_tensor(onnx_bundle, test_paths):
     assert r.input_size == (40, 48) and r.map_at_input_size().shape == (40, 48)
 
 
-def test_lsr_detect_bundle_equals_run(onnx_bundle, tiny_run, test_paths, tmp_path):
+@pytest.mark.parametrize("loop", ["fast", "native"])
+def test_lsr_detect_bundle_equals_run(onnx_bundle, tiny_run, test_paths, tmp_path, loop):
+    """`lsr detect BUNDLE` against `lsr detect RUN` with the matching loop: fast with fast;
+    the bundle's default (the numpy incremental loop over prior_rows) with the C++ loop of
+    --resampler native (same batches: the same calls, so the same passes and positions)."""
+    from lsr import ops
+    if loop == "native" and not ops.native_available():
+        pytest.skip("--resampler native needs lsr._C")
     imgs = [str(p) for p in test_paths[:4]]
     assert main(["detect", str(tiny_run), *imgs, "--out", str(tmp_path / "run"), "--tiff", "--no-progress",
-                 "--resampler", "fast"]) == 0                   # the bundle runs the fast loop
+                 "--resampler", loop, "--batch-size", "3"]) == 0
     assert main(["detect", str(onnx_bundle), *imgs, "--out", str(tmp_path / "bundle"), "--tiff", "--no-progress",
-                 "--batch-size", "3", "--providers", "cpu"]) == 0
+                 "--batch-size", "3", "--providers", "cpu", *(["--resampler", "fast"] if loop == "fast" else [])]) == 0
     rows_run = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     rows_b = [json.loads(line) for line in (tmp_path / "bundle" / "results.jsonl").read_text().splitlines()]
     assert [r["image"] for r in rows_b] == imgs
+    assert {r["resampler"] for r in rows_b} == {"fast" if loop == "fast" else "incremental"}
     for a, b in zip(rows_run, rows_b):
         for k in ("score", "nll_score", "direct_score"):
             assert b[k] == pytest.approx(a[k], abs=1e-4), k
-        assert (b["n_resampled"], b["prior_passes"], b["n_codes"]) == (a["n_resampled"], a["prior_passes"], a["n_codes"])
+        for k in ("n_resampled", "prior_passes", "n_codes", "positions_evaluated", "recomputed_fraction"):
+            assert b[k] == a[k], k
         assert Path(b["panel"]).is_file() and Path(b["map_tiff"]).is_file()
         import tifffile
         np.testing.assert_allclose(tifffile.imread(b["map_tiff"]), tifffile.imread(a["map_tiff"]), atol=1e-4)

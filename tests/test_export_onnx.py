@@ -108,6 +108,76 @@ def test_numpy_loops_equal_torch_loops(one_thread, temperature):
     assert np.array_equal(naive.codes, got.codes) and np.array_equal(naive.resampled, got.resampled)
 
 
+ROWS_PRIORS = {
+    "attention": PriorConfig(codebook_size=8, grid_size=6, channels=8, n_blocks=2, n_res_blocks=1, kernel_size=5,
+                             n_heads=2, dropout=0.0),
+    "no-attention": PriorConfig(codebook_size=6, grid_size=5, channels=8, n_blocks=1, n_res_blocks=2,
+                                kernel_size=3, n_heads=2, attention=False, dropout=0.0),
+    "no-cached-layers": PriorConfig(codebook_size=5, grid_size=4, channels=4, n_blocks=1, n_res_blocks=1,
+                                    kernel_size=1, n_heads=1, dropout=0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(ROWS_PRIORS))
+def test_numpy_incremental_loop_equals_fast_loop(one_thread, name):
+    """The numpy incremental loop over PriorRowsGraph (run eagerly, float64) gives the fast
+    loop's codes, and the C++ loop's call and position counts; row ranges from state equal
+    full passes."""
+    from lsr.deploy.graphs import PriorRowsGraph
+
+    torch.manual_seed(0)
+    cfg = ROWS_PRIORS[name]
+    prior = PixelSNAIL(cfg).double().eval()
+    graph = PriorRowsGraph(prior).double().eval()
+    G, K, B = cfg.grid_size, cfg.codebook_size, 5
+    codes = torch.randint(0, K, (B, G, G), generator=torch.Generator().manual_seed(1))
+    seeds = [chain_seed(3, i, 0) for i in range(B)]
+    noise = ops.gumbel_noise(B, G * G, K, seeds)
+
+    def prior_np(c):
+        with torch.no_grad():
+            logits = prior(torch.from_numpy(c))
+        return logits.numpy(), torch.softmax(logits, 1).gather(1, torch.from_numpy(c).unsqueeze(1)).squeeze(1).numpy()
+
+    def rows_np(c, ids, state):
+        with torch.no_grad():
+            out = graph(torch.from_numpy(c), torch.from_numpy(ids), *map(torch.from_numpy, state))
+        return out[0].numpy(), out[1].numpy(), [o.numpy() for o in out[2:]]
+
+    geometry = graph.state_geometry()
+    full = prior_np(codes.numpy())[0]
+    state = nops.new_state(geometry, B, G, G, np.float64)
+    for r0, r1 in ((0, 1), (1, 3), (3, G)):                          # row ranges == the full pass
+        ids = np.arange(r0 - graph.context_rows, r1)
+        lg, _, new = rows_np(codes.numpy()[:, np.clip(ids, 0, None)], ids,
+                             nops.state_above(state, geometry, slice(None), r0, G))
+        nops.store_rows(state, geometry, slice(None), r0, r1, G, new)
+        np.testing.assert_allclose(lg, full[:, :, r0:r1], rtol=1e-12, atol=1e-12)
+    for q in (0.2, 0.5):
+        tau = float(np.quantile(prior_np(codes.numpy())[1], q))
+        with torch.no_grad():
+            want = ops.resample_fast(prior, codes, noise, tau)
+        got = nops.resample_incremental(prior_np, rows_np, geometry, graph.context_rows, codes.numpy(),
+                                        nops.LazyNoise(seeds, G * G, K), tau)
+        assert int(want.resampled.sum()) >= 3
+        assert np.array_equal(got.codes, want.codes.numpy()) and np.array_equal(got.resampled, want.resampled.numpy())
+        np.testing.assert_allclose(got.likelihood, want.likelihood.numpy(), rtol=1e-6)   # float32 there
+        if ops.native_available():
+            with torch.no_grad():
+                nat = ops.resample_native(prior, codes, noise, tau)
+            assert np.array_equal(got.prior_passes, nat.prior_passes.numpy())
+            assert np.array_equal(got.positions_evaluated, nat.positions_evaluated.numpy())
+
+
+def test_numpy_split_groups_is_the_cpp_cost_model():
+    assert nops.split_groups([], [], 16) == []
+    assert nops.split_groups([4], [7], 16) == [[0]]
+    # close requests share a call; a far one gets its own (overhead 0.15 * 32 = 4.8 rows)
+    groups = nops.split_groups([10, 11, 0, 10], [13, 14, 3, 13], 32)
+    assert sorted(map(sorted, groups)) == [[0, 1, 3], [2]]
+    assert sorted(map(sorted, nops.split_groups([0, 1], [3, 4], 32))) == [[0, 1]]
+
+
 def test_numpy_resize_and_nll_equal_torch():
     from lsr import anomaly
 
@@ -130,7 +200,12 @@ def test_onnx_bundle_files_and_metadata(onnx_bundle, tiny_run):
     assert meta["detect"]["tau"] == run_cfg["tau"] and meta["detect"]["sigma"] == run_cfg["sigma"]
     assert meta["parity"]["passed"] and meta["parity"]["codes_equal"]
     assert sorted(p.name for p in onnx_bundle.iterdir()) == ["bundle.json", "decoder.onnx", "encoder.onnx",
-                                                             "postprocess.onnx", "prior.onnx"]
+                                                             "postprocess.onnx", "prior.onnx", "prior_rows.onnx"]
+    assert meta["detect"]["resampler"] == "auto" and "prior_rows" in b.graphs
+    assert meta["parity"]["default_loop"] == "incremental" and meta["parity"]["default_loop_codes_equal"]
+    assert meta["parity"]["max_abs_rows_logits"] < 1e-4
+    rows = meta["graphs"]["prior_rows"]
+    assert rows["context_rows"] == 2 and {e["kind"] for e in rows["state"]} == {"conv", "attention"}
     for name, g in meta["graphs"].items():
         model = onnx.load(str(onnx_bundle / g["file"]))
         onnx.checker.check_model(model)
@@ -143,9 +218,9 @@ def test_onnx_bundle_files_and_metadata(onnx_bundle, tiny_run):
 
 
 def test_onnx_round_trip_same_codes_as_pytorch(onnx_bundle, tiny_run, tiny_dataset):
-    det = Detector.load(tiny_run, "cpu").with_options(resampler="fast")   # as the bundle: same passes
+    det = Detector.load(tiny_run, "cpu").with_options(resampler="fast")
     x = _images(tiny_dataset, det)
-    inf = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"])
+    inf = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"], resampler="fast")   # same passes
     got = inf.predict_batch(x)
     for backend in ("reference", "auto"):          # the exported path, and what `lsr detect RUN` runs
         with ops.backend(backend), torch.no_grad():
@@ -161,6 +236,29 @@ def test_onnx_round_trip_same_codes_as_pytorch(onnx_bundle, tiny_run, tiny_datas
         np.testing.assert_allclose(got.nll_score, want.nll_score.numpy(), rtol=1e-4)
 
 
+@pytest.mark.skipif(not ops.native_available(), reason="compares with the native loop (lsr._C)")
+def test_onnx_incremental_loop_equals_native_loop(onnx_bundle, tiny_run, tiny_dataset):
+    """The bundle's default loop (numpy, over prior_rows.onnx) makes the decisions of the
+    C++ loop of `--resampler native`: the same codes, and the same calls over the same rows
+    (one cost model), so the same prior_passes and positions_evaluated."""
+    det = Detector.load(tiny_run, "cpu").with_options(resampler="native")
+    x = _images(tiny_dataset, det)
+    inf = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"])
+    assert inf.loop == "incremental"
+    got = inf.predict_batch(x)
+    with torch.no_grad():
+        want = det.detect(torch.from_numpy(x))
+    assert int(want.resampled.sum()) >= 3 and (want.prior_passes > 2).any()
+    assert np.array_equal(got.resampled_codes, want.resampled_codes.numpy())
+    assert np.array_equal(got.resampled, want.resampled.numpy())
+    assert np.array_equal(got.prior_passes, want.prior_passes.numpy())
+    assert np.array_equal(got.positions_evaluated, want.positions_evaluated.numpy())
+    assert (got.positions_evaluated < got.prior_passes * 64).any()        # calls of a few rows
+    np.testing.assert_allclose(got.anomaly_map, want.anomaly_map.numpy(), atol=1e-4)
+    fast = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"], resampler="fast").predict_batch(x)
+    assert np.array_equal(fast.resampled_codes, got.resampled_codes)
+
+
 def test_onnx_runtime_options_match_pytorch(onnx_bundle, tiny_run, tiny_dataset):
     """Seed, temperature, restorations (the postprocess graph's dynamic N axis) and image
     ids change at run time exactly as in the PyTorch path."""
@@ -170,14 +268,15 @@ def test_onnx_runtime_options_match_pytorch(onnx_bundle, tiny_run, tiny_dataset)
     ids = [5, 9, 2, 40]
     with ops.backend("reference"), torch.no_grad():
         want = det.detect(torch.from_numpy(x), ids)
-    got = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"], **opts).predict_batch(x, ids)
+    got = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"], resampler="fast", **opts).predict_batch(x, ids)
     assert int(want.resampled.sum()) > 0
     assert np.array_equal(got.resampled_codes, want.resampled_codes.numpy())
     assert np.array_equal(got.prior_passes, want.prior_passes.numpy())
     np.testing.assert_allclose(got.n_resampled, want.n_resampled.numpy())
     np.testing.assert_allclose(got.anomaly_map, want.anomaly_map.numpy(), atol=1e-4)
-    naive = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"], resampler="naive", **opts)
-    assert np.array_equal(naive.predict_batch(x, ids).resampled_codes, got.resampled_codes)
+    for loop in ("naive", "auto"):                   # auto: the incremental loop
+        other = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"], resampler=loop, **opts)
+        assert np.array_equal(other.predict_batch(x, ids).resampled_codes, got.resampled_codes), loop
 
 
 def test_export_cli_and_check(onnx_bundle, tiny_run, tmp_path, capsys):
@@ -219,7 +318,9 @@ def test_torchscript_round_trip(ts_bundle, tiny_run, tiny_dataset):
         want = det.detect(torch.from_numpy(x))
     b = read_bundle(ts_bundle)
     assert b.format == "torchscript" and b.meta["parity"]["passed"]
-    got = Inferencer(ts_bundle).predict_batch(x)
+    inf = Inferencer(ts_bundle)
+    assert inf.loop == ("native" if ops.native_available() else "fast")    # the C++ loop when lsr._C is here
+    got = inf.predict_batch(x)
     assert np.array_equal(got.codes, want.codes.numpy())
     assert np.array_equal(got.resampled_codes, want.resampled_codes.numpy())
     np.testing.assert_allclose(got.anomaly_map, want.anomaly_map.numpy(), atol=1e-5)

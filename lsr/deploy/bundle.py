@@ -7,6 +7,8 @@ Layout of a bundle written by ``lsr-export``::
     prior.onnx         codes (B, h, w) int64 -> logits (B, K, h, w), likelihood (B, h, w)
     decoder.onnx       codes (B, h, w) int64 -> image (B, C, S, S) float32, clamped to [0, 1]
     postprocess.onnx   image, direct (B, C, S, S), restored (B, N, C, S, S) -> maps and scores
+    prior_rows.onnx    (optional) rows r0..r1-1 of a prior pass from the state of the rows
+                       above (lsr.deploy.graphs.PriorRowsGraph): the incremental loop
 
 (``*.pt`` instead of ``*.onnx`` for the TorchScript format, whose prior returns the logits
 only.) ``bundle.json`` records the sha256 of every graph file, so a graph edited or
@@ -34,6 +36,9 @@ from typing import Any, Iterator, NamedTuple
 BUNDLE_VERSION = 1
 FORMATS = ("onnx", "torchscript")
 GRAPHS = ("encoder", "prior", "decoder", "postprocess")
+#: Graphs a bundle may hold besides :data:`GRAPHS` (checked like them when present):
+#: ``prior_rows`` (ONNX: the row-range prior of the incremental loop).
+OPTIONAL_GRAPHS = ("prior_rows",)
 EXTENSIONS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: Detection settings a bundle user may change at run time (the rest are baked into
 #: the postprocess graph).
@@ -137,8 +142,10 @@ def read_bundle(root: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
     if meta["format"] not in FORMATS:
         raise BundleError(f"{meta_path}: unknown format {meta['format']!r} (expected one of {FORMATS})")
     graphs: dict[str, GraphSpec] = {}
-    for name in GRAPHS:
+    for name in GRAPHS + OPTIONAL_GRAPHS:
         g = meta["graphs"].get(name)
+        if name in OPTIONAL_GRAPHS and g is None:
+            continue
         if not isinstance(g, dict) or not {"file", "sha256", "inputs", "outputs"} <= set(g):
             raise BundleError(f"{meta_path}: graph {name!r} is missing or incomplete")
         path = root / g["file"]
@@ -152,7 +159,25 @@ def read_bundle(root: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
                 raise BundleError(f"{path}: sha256 {digest[:12]}... does not match bundle.json "
                                   f"({g['sha256'][:12]}...): the graph was edited or replaced after export")
         graphs[name] = GraphSpec(name, path, g["sha256"], list(g["inputs"]), list(g["outputs"]))
+    if "prior_rows" in graphs:
+        _check_rows_meta(meta_path, meta["graphs"]["prior_rows"])
     return Bundle(root, meta, graphs)
+
+
+def _check_rows_meta(meta_path: Path, g: dict[str, Any]) -> None:
+    """graphs.prior_rows must say how to build and slice its state."""
+    state, ctx = g.get("state"), g.get("context_rows")
+    ok = isinstance(ctx, int) and ctx >= 1 and isinstance(state, list)
+    for e in state if isinstance(state, list) else []:
+        if not (isinstance(e, dict) and (
+                (e.get("kind") == "conv" and all(isinstance(e.get(k), int) and e[k] >= 0
+                                                 for k in ("channels", "rows", "left", "right")))
+                or (e.get("kind") == "attention" and all(isinstance(e.get(k), int) and e[k] >= 1
+                                                         for k in ("heads", "head_dim"))))):
+            ok = False
+    if not ok or len(g["inputs"]) != 2 + len(state) or len(g["outputs"]) != 2 + len(state):
+        raise BundleError(f"{meta_path}: graphs.prior_rows needs context_rows (>= 1) and a state entry "
+                          f"(conv: channels, rows, left, right; attention: heads, head_dim) per state input")
 
 
 def write_bundle_json(root: str | os.PathLike, meta: dict[str, Any]) -> None:
@@ -234,6 +259,25 @@ def tensor_spec(name: str, dtype: str, shape: list[Any]) -> dict[str, Any]:
     return {"name": name, "dtype": dtype, "shape": list(shape)}
 
 
+def prior_rows_io(state: list[dict[str, Any]], context_rows: int, h: int, K: int) -> tuple[list[dict], list[dict]]:
+    """Inputs and outputs of ``prior_rows`` for its state entries (``rows`` is the dynamic
+    number of rows evaluated, ``past`` the positions above them)."""
+    ctx = f"rows + {context_rows}"
+    ins = [tensor_spec("codes", "int64", ["batch", ctx, h]), tensor_spec("row_ids", "int64", [ctx])]
+    outs = [tensor_spec("logits", "float32", ["batch", K, "rows", h]),
+            tensor_spec("likelihood", "float32", ["batch", "rows", h])]
+    for i, e in enumerate(state):
+        if e["kind"] == "conv":
+            ins.append(tensor_spec(f"state_{i}", "float32", ["batch", e["channels"], e["rows"],
+                                                             e["left"] + h + e["right"]]))
+            outs.append(tensor_spec(f"state_out_{i}", "float32", ["batch", e["channels"], "rows", h]))
+        else:
+            ins.append(tensor_spec(f"state_{i}", "float32", ["batch", e["heads"], "past", e["head_dim"]]))
+            outs.append(tensor_spec(f"state_out_{i}", "float32", ["batch", e["heads"], "rows * " + str(h),
+                                                                  e["head_dim"]]))
+    return ins, outs
+
+
 def graph_io(fmt: str, C: int, S: int, h: int, K: int) -> dict[str, tuple[list[dict], list[dict]]]:
     """Input and output names, dtypes and shapes of every graph ("batch", "chains" and
     "restorations" are the dynamic axes). The names are stable: code that runs a bundle
@@ -258,6 +302,6 @@ def graph_io(fmt: str, C: int, S: int, h: int, K: int) -> dict[str, tuple[list[d
     }
 
 
-__all__ = ["BUNDLE_VERSION", "FORMATS", "GRAPHS", "Bundle", "BundleError", "GraphSpec", "read_bundle",
+__all__ = ["BUNDLE_VERSION", "FORMATS", "GRAPHS", "OPTIONAL_GRAPHS", "prior_rows_io", "Bundle", "BundleError", "GraphSpec", "read_bundle",
            "is_bundle", "sha256_file", "staged_folder", "write_bundle_json", "graph_entry", "graph_io",
            "RUNTIME_OPTIONS", "BAKED_OPTIONS"]

@@ -8,7 +8,9 @@ bundle behind.
 
 ONNX graphs come from ``torch.onnx.export(dynamo=True)`` (the ``torch.export``-based
 exporter, default since torch 2.9; needs onnxscript): standard ONNX ops only, opset 18 by
-default, dynamic batch (and restorations) axes. The legacy TorchScript-based exporter
+default, dynamic batch (and restorations) axes. ONNX bundles also hold ``prior_rows``
+(:class:`lsr.deploy.graphs.PriorRowsGraph`, dynamic rows and past positions too): the
+row-range prior the bundle's incremental resampling loop calls. The legacy TorchScript-based exporter
 also works in torch 2.13 but is deprecated and writes a graph five times larger.
 
 TorchScript graphs are traced (encoder, decoder, postprocess) with the batch dimension
@@ -33,8 +35,9 @@ from .. import ops
 from ..config import RunConfig
 from ..detect import load_run
 from ..models import PixelSNAIL
-from .bundle import BUNDLE_VERSION, EXTENSIONS, FORMATS, graph_entry, graph_io, staged_folder, write_bundle_json
-from .graphs import build_graphs
+from .bundle import (BUNDLE_VERSION, EXTENSIONS, FORMATS, graph_entry, graph_io, prior_rows_io, staged_folder,
+                     write_bundle_json)
+from .graphs import PriorRowsGraph, build_graphs, fold_weight_norm
 
 DEFAULT_OPSET = 18
 
@@ -104,17 +107,20 @@ def _examples(cfg: RunConfig) -> dict[str, tuple[torch.Tensor, ...]]:
             "postprocess": (img, torch.rand(2, C, S, S, generator=g), torch.rand(2, 2, C, S, S, generator=g))}
 
 
-def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, io_spec, opset: int) -> None:
+def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, io_spec, opset: int,
+                 dynamic: Any = None) -> None:
     import onnx
 
     inputs, outputs = io_spec
     batch = torch.export.Dim("batch", min=1)
-    dyn: dict[str, Any] = {}
+    dyn: Any = {}
     for spec in inputs:
         axes = {0: batch}
         if "restorations" in spec["shape"]:
             axes[1] = torch.export.Dim("restorations", min=1)
         dyn[spec["name"]] = axes
+    if dynamic is not None:
+        dyn = dynamic
     with ops.backend("reference"), torch.no_grad(), _quiet_export():
         prog = torch.onnx.export(module, example, dynamo=True, opset_version=opset,
                                  input_names=[s["name"] for s in inputs],
@@ -131,6 +137,29 @@ def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Pat
     if non_standard:
         raise RuntimeError(f"{path.name}: graph uses non-standard op domains {non_standard}")
     path.write_bytes(model.SerializeToString())
+
+
+def _prior_rows_example(graph: nn.Module, h: int, K: int) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """Example inputs of :class:`PriorRowsGraph` (rows [h // 2, h) of 2 images, so that
+    no dynamic size is 0 or 1, which torch.export would specialise) and their dynamic
+    shapes: batch, rows evaluated, positions above them (0 allowed)."""
+    ctx = graph.context_rows
+    r0 = h // 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(r0 - ctx, h)
+    codes = torch.randint(0, K, (2, len(ids), h), generator=g)
+    state = []
+    for e in graph.state_geometry():
+        if e["kind"] == "conv":
+            state.append(torch.randn(2, e["channels"], e["rows"], e["left"] + h + e["right"], generator=g))
+        else:
+            state.append(torch.randn(2, e["heads"], r0 * h, e["head_dim"], generator=g))
+    A = torch.export.Dim("batch", min=1)
+    R = torch.export.Dim("rows", min=1)
+    P = torch.export.Dim("past", min=0)
+    dyn = {"codes": {0: A, 1: R + ctx}, "row_ids": {0: R + ctx},
+           "state_in": tuple({0: A, 2: P} if e["kind"] == "attention" else {0: A} for e in graph.state_geometry())}
+    return (codes, ids, *state), dyn
 
 
 def _export_torchscript(name: str, module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
@@ -181,7 +210,7 @@ def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str,
             "in_graph": "the encoder maps [0, 1] to [-1, 1] itself (x * 2 - 1)",
         },
         "detect": {"tau": float(d.tau), "temperature": float(d.temperature), "restorations": int(d.restorations),
-                   "seed": int(d.seed), "resampler": "fast", "map_kind": d.map_kind, "distance": d.distance,
+                   "seed": int(d.seed), "resampler": "auto", "map_kind": d.map_kind, "distance": d.distance,
                    "smoothing": d.smoothing, "sigma": float(d.sigma), "score": d.score, "topk": int(d.topk)},
         "noise": {
             "kind": "gumbel-max, noise fixed per chain and position (h*w, K)",
@@ -244,6 +273,18 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "on
             else:
                 _export_torchscript(name, module, examples[name], path, prior)
             entries[name] = graph_entry(path, *io_specs[name])
+        if fmt == "onnx" and cfg.grid_size >= 4:
+            # the incremental loop's row-range prior (the bundle's default resampler)
+            rows_graph = PriorRowsGraph(prior).eval()
+            fold_weight_norm(rows_graph)
+            path = tmp / f"prior_rows{ext}"
+            log(f"lsr-export: prior rows (incremental loop) -> {path.name}")
+            state = rows_graph.state_geometry()
+            io = prior_rows_io(state, rows_graph.context_rows, cfg.grid_size, cfg.vqvae.codebook_size)
+            example, dyn = _prior_rows_example(rows_graph, cfg.grid_size, cfg.vqvae.codebook_size)
+            _export_onnx(rows_graph, example, path, io, opset, dynamic=dyn)
+            entries["prior_rows"] = {**graph_entry(path, *io), "context_rows": rows_graph.context_rows,
+                                     "state": state}
         if fmt == "torchscript" and ops.native_available():
             # for runtimes that load the lsr op library (the C++ runtime links it): the same
             # prior on the native attention kernels; prior.pt stays loadable without lsr

@@ -8,15 +8,24 @@ comparisons), with fixed input and output names (:func:`lsr.deploy.bundle.graph_
 * :class:`PriorGraph`        codes -> logits (B, K, h, w), likelihood (B, h, w)
 * :class:`DecodeGraph`       codes -> image (B, C, S, S), clamped to [0, 1]
 * :class:`PostprocessGraph`  image, direct, restored (B, N, C, S, S) -> maps and scores
+
+and, for ONNX bundles, the prior's incremental form :class:`PriorRowsGraph` (rows r0..r1-1
+of a pass from explicit state: what the bundle's incremental resampling loop calls).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from typing import Any, List, Optional
+
+import torch.nn.functional as F
+
 from .. import anomaly
 from ..config import DetectConfig
 from ..models import VQVAE, PixelSNAIL
+from ..models.incremental import IncrementalPrior, _Gated, reference_attention_rows
+from ..models.pixelsnail import background_grid
 from ..ops.resampling import _likelihood
 
 
@@ -54,6 +63,106 @@ class PriorGraph(nn.Module):
     def forward(self, codes: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.prior(codes)
         return logits, _likelihood(logits, codes)
+
+
+class PriorRowsGraph(nn.Module):
+    """Rows [r0, r1) of a prior pass, given the state the rows above left: the prior of
+    :mod:`lsr.models.incremental` as a pure function, so that it exports to ONNX.
+
+    Inputs (ctx = :attr:`context_rows`, n = r1 - r0):
+
+    * ``codes`` (A, ctx + n, W) int64: the codes of rows [r0 - ctx, r1); rows above the
+      grid (negative) are ignored (any value);
+    * ``row_ids`` (ctx + n,) int64: those row numbers, r0 - ctx .. r1 - 1;
+    * ``state_i`` for each entry of :meth:`state_geometry`, in order: for a causal
+      convolution with ``rows`` = kh - 1, the padded input rows it reads above r0,
+      (A, C, rows, left + W + right) (cache rows [r0, r0 + rows) of a zero-padded
+      (B, C, rows + H, left + W + right) buffer whose interior row y is grid row y - rows);
+      for attention, the keys or values of positions [0, r0 * W), (A, heads, r0 * W, d).
+
+    Outputs: ``logits`` (A, K, n, W), ``likelihood`` (A, n, W) of the codes in rows
+    [r0, r1) (as :class:`PriorGraph`), and ``state_out_i`` per state entry: the new rows
+    [r0, r1) to store (convolutions: the interior (A, C, n, W); attention: (A, heads,
+    n * W, d) at positions [r0 * W, r1 * W)). Rows computed this way equal a full pass's
+    to float rounding (different convolution shapes; tested); with r0 = 0 and every
+    state entry empty above, it is a full pass that also returns the state.
+    """
+
+    def __init__(self, prior: PixelSNAIL):
+        super().__init__()
+        inc = IncrementalPrior(prior.cpu().eval(), native=False)
+        self.inc = inc
+        H = W = prior.cfg.grid_size
+        self.context_rows = inc.v_pad[2] + 1            # x rows above r0 the vertical input conv reads
+        self.register_buffer("bg", background_grid(1, H, W, inc.embed.weight.detach())[0].clone())  # (2, H, W)
+
+    def state_geometry(self) -> list[dict[str, Any]]:
+        """One record per state input: ``{"kind": "conv", "channels", "rows", "left",
+        "right"}`` or ``{"kind": "attention", "heads", "head_dim"}`` (keys, then values)."""
+        inc = self.inc
+        d = inc.channels // inc.n_heads
+        out = []
+        for g in inc.cache_geometry[:inc.n_cache]:
+            if g[0] < 0:
+                out.append({"kind": "attention", "heads": inc.n_heads, "head_dim": d})
+            else:
+                out.append({"kind": "conv", "channels": inc.channels, "rows": g[0], "left": g[1], "right": g[2]})
+        return out
+
+    @staticmethod
+    def _gated(g: _Gated, x: Tensor, aux: Optional[Tensor], state: List[Tensor], outs: List[Tensor]) -> Tensor:
+        xe = F.elu(x)
+        if g.ctx > 0:
+            outs.append(xe)
+            xe = torch.cat([state.pop(0), F.pad(xe, (g.left, g.right, 0, 0))], 2)
+        else:
+            xe = F.pad(xe, (g.left, g.right, 0, 0))
+        t = F.conv2d(xe, g.w1, g.b1)
+        if g.has_aux and aux is not None:
+            t = t + g.aux(F.elu(aux))
+        te = F.elu(t)
+        if g.ctx > 0:
+            outs.append(te)
+            te = torch.cat([state.pop(0), F.pad(te, (g.left, g.right, 0, 0))], 2)
+        else:
+            te = F.pad(te, (g.left, g.right, 0, 0))
+        a, gate = F.conv2d(te, g.w2, g.b2).chunk(2, dim=1)
+        return x + a * torch.sigmoid(gate)
+
+    def forward(self, codes: Tensor, row_ids: Tensor, *state_in: Tensor):
+        inc, ctx = self.inc, self.context_rows
+        state, outs = list(state_in), []
+        A, R, W = codes.shape
+        n = R - ctx
+        emb_all = inc.embed(codes).permute(0, 3, 1, 2)                     # (A, C, ctx + n, W)
+        bg_all = self.bg.index_select(1, row_ids.clamp(min=0)).unsqueeze(0).expand(A, -1, -1, -1)
+        # rows above the grid are the zero padding of the full pass
+        x = torch.cat([emb_all, bg_all], 1) * (row_ids >= 0).to(emb_all.dtype).view(1, 1, -1, 1)
+        # v rows [r0, r1) = v_in(x) rows [r0 - 1, r1 - 1) (down shift; row 0 is zeros)
+        vin = F.conv2d(F.pad(x[:, :, :-1], (inc.v_pad[0], inc.v_pad[1], 0, 0)), inc.v_w, inc.v_b)
+        v = vin * (row_ids[ctx:] > 0).to(vin.dtype).view(1, 1, -1, 1)
+        hin = F.conv2d(F.pad(x[:, :, ctx:], (inc.h_left, 0, 0, 0)), inc.h_w, inc.h_b)
+        h = F.pad(hin, (1, 0, 0, 0))[:, :, :, :-1] + v
+        emb, bg = emb_all[:, :, ctx:], bg_all[:, :, ctx:]
+        for blk in inc.blocks:
+            for pair in blk.res:
+                v = self._gated(pair.v, v, None, state, outs)
+                h = self._gated(pair.h, h, v, state, outs)
+            if blk.has_attn:
+                attn, nh = blk.attn, blk.attn.n_heads
+
+                def heads(t: Tensor) -> Tensor:                              # (A, C, n, W) -> (A, nh, n*W, d)
+                    return t.reshape(A, nh, -1, n * W).transpose(2, 3)
+
+                q = heads(attn.q(torch.cat([h, bg], 1)))
+                k, val = (heads(t) for t in attn.kv(torch.cat([h, emb, bg], 1)).chunk(2, dim=1))
+                k_past, v_past = state.pop(0), state.pop(0)
+                outs += [k, val]
+                o = reference_attention_rows(q, torch.cat([k_past, k], 2), torch.cat([v_past, val], 2),
+                                             k_past.shape[2])
+                h = self._gated(blk.out, h, o.transpose(2, 3).reshape(A, -1, n, W), state, outs)
+        logits = inc.head(F.elu(h))
+        return (logits, _likelihood(logits, codes[:, ctx:]), *outs)
 
 
 class DecodeGraph(nn.Module):
@@ -135,4 +244,4 @@ def fold_weight_norm(module: nn.Module) -> int:
     return n
 
 
-__all__ = ["EncodeGraph", "PriorGraph", "DecodeGraph", "PostprocessGraph", "build_graphs", "fold_weight_norm"]
+__all__ = ["EncodeGraph", "PriorGraph", "PriorRowsGraph", "DecodeGraph", "PostprocessGraph", "build_graphs", "fold_weight_norm"]

@@ -157,7 +157,11 @@ class Inferencer:
         providers: onnxruntime providers (default: CUDA when it loads, else CPU).
         threads: intra-op threads per onnxruntime session (default: onnxruntime's).
         **options: detection settings to change at run time: ``tau``, ``temperature``,
-            ``seed``, ``restorations``, ``resampler`` (``fast`` or ``naive``). The map,
+            ``seed``, ``restorations``, ``resampler``: ``auto`` (the default: the
+            incremental loop when the bundle can run it, else ``fast``), ``native`` (the
+            incremental loop: an ONNX bundle's ``prior_rows`` graph with the numpy loop of
+            :func:`lsr.deploy.numpy_ops.resample_incremental`, or, for a TorchScript
+            bundle with lsr's extension loaded, its C++ loop), ``fast`` or ``naive``. The map,
             distance, smoothing, sigma, score and top-k are baked into the postprocess
             graph: passing a different value is an error (re-export instead).
 
@@ -170,6 +174,22 @@ class Inferencer:
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
         self.options = self._merge_options(options)
         self.runner = make_runner(self.bundle, providers, threads)
+        self.loop = self._choose_loop(self.options["resampler"])
+
+    def _choose_loop(self, resampler: str) -> str:
+        """The loop that runs: ``incremental`` (numpy, ONNX prior_rows), ``native`` (lsr's
+        C++ loop on a TorchScript prior), ``fast`` or ``naive``."""
+        if resampler in ("fast", "naive"):
+            return resampler
+        if "prior_rows" in self.bundle.graphs and hasattr(self.runner, "sessions"):
+            return "incremental"
+        if getattr(self.runner, "native_loop_available", lambda: False)():
+            return "native"
+        if resampler == "native":
+            raise ValueError(f"{self.bundle.root / 'bundle.json'}: resampler native needs an ONNX bundle with a "
+                             f"prior_rows graph (re-export with this lsr-export) or a TorchScript bundle with "
+                             f"lsr's extension built; use fast")
+        return "fast"
 
     def _merge_options(self, options: dict[str, Any]) -> dict[str, Any]:
         d = dict(self.bundle.detect)
@@ -186,9 +206,9 @@ class Inferencer:
             if k not in ("tau", "temperature", "seed", "restorations", "resampler"):
                 raise ValueError(f"unknown detection option {k!r}")
             d[k] = v
-        if d["resampler"] not in ("fast", "naive"):
-            raise ValueError(f"resampler {d['resampler']!r} is not available for a bundle: use fast "
-                             f"(exact, 1 + changes prior passes) or naive")
+        if d["resampler"] not in ("auto", "native", "fast", "naive"):
+            raise ValueError(f"resampler {d['resampler']!r} is not available for a bundle: use auto, native "
+                             f"(incremental passes), fast (exact, 1 + changes prior passes) or naive")
         if float(d["temperature"]) <= 0 or int(d["restorations"]) < 1:
             raise ValueError(f"temperature must be > 0 and restorations >= 1, got {d['temperature']}, "
                              f"{d['restorations']}")
@@ -213,6 +233,17 @@ class Inferencer:
         """One prior pass: codes (B, h, w) -> (logits (B, K, h, w), likelihood (B, h, w))."""
         out = self.runner.run("prior", codes=np.ascontiguousarray(codes, dtype=np.int64))
         return out["logits"], out["likelihood"]
+
+    def prior_rows(self, codes: np.ndarray, row_ids: np.ndarray, state: list[np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Rows of a prior pass from the state of the rows above (the ``prior_rows`` graph;
+        see :class:`lsr.deploy.graphs.PriorRowsGraph`)."""
+        feed = {"codes": np.ascontiguousarray(codes, dtype=np.int64),
+                "row_ids": np.ascontiguousarray(row_ids, dtype=np.int64)}
+        for i, st in enumerate(state):
+            feed[f"state_{i}"] = np.ascontiguousarray(st, dtype=np.float32)
+        out = self.runner.run("prior_rows", **feed)
+        return out["logits"], out["likelihood"], [out[f"state_out_{i}"] for i in range(len(state))]
 
     def load(self, images: Sequence[Any]) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Images (paths, PIL images, arrays, tensors) -> (B, C, S, S) float32 and their sizes."""
@@ -262,8 +293,17 @@ class Inferencer:
         seeds = [nops.chain_seed(int(d["seed"]), i, r) for i in ids for r in range(n)]
         noise = nops.LazyNoise(seeds, h * w, K)
         chains = np.repeat(codes, n, axis=0)
-        loop = nops.resample_fast if d["resampler"] == "fast" else nops.resample_naive
-        rs = loop(self.prior, chains, noise, tau, float(d["temperature"]))
+        temperature = float(d["temperature"])
+        if self.loop == "incremental":
+            meta = self.bundle.meta["graphs"]["prior_rows"]
+            rs = nops.resample_incremental(self.prior, self.prior_rows, meta["state"], int(meta["context_rows"]),
+                                           chains, noise, tau, temperature)
+        elif self.loop == "native":
+            rs = self.runner.resample_native(chains, nops.gumbel_noise(len(seeds), h * w, K, seeds), tau,
+                                             temperature)
+        else:
+            loop = nops.resample_fast if self.loop == "fast" else nops.resample_naive
+            rs = loop(self.prior, chains, noise, tau, temperature)
         restored = self.runner.run("decoder", codes=rs.codes)["image"]
         post = self.runner.run("postprocess", image=x, direct=direct,
                                restored=np.ascontiguousarray(restored.reshape(B, n, C, S, S)))
@@ -279,7 +319,8 @@ class Inferencer:
             resampled_codes=rs.codes[first], resampled=rs.resampled[first], likelihood=likelihood,
             n_resampled=rs.resampled.reshape(B, n, -1).sum(-1).astype(np.float32).mean(axis=1),
             prior_passes=rs.prior_passes.reshape(B, n).sum(axis=1),
-            positions_evaluated=rs.prior_passes.reshape(B, n).sum(axis=1) * (h * w),   # whole passes
+            positions_evaluated=(rs.prior_passes * (h * w) if rs.positions_evaluated is None   # whole passes
+                                 else rs.positions_evaluated).reshape(B, n).sum(axis=1),
         )
 
 
@@ -343,12 +384,13 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
         for i, (path, size) in enumerate(zip(chunk, sizes)):
             stem = stems[start + i]
             passes, n_codes = int(res.prior_passes[i]), int(res.codes[i].size)
+            evaluated, n_rest = int(res.positions_evaluated[i]), int(d["restorations"])
+            later = passes - n_rest       # as lsr.detect.recomputed_fraction
             row = {"image": str(path), "score": float(res.score[i]), "nll_score": float(res.nll_score[i]),
                    "direct_score": float(res.direct_score[i]), "n_resampled": float(res.n_resampled[i]),
-                   "prior_passes": passes, "positions_evaluated": int(res.positions_evaluated[i]),
-                   # whole passes: 1.0 once a code changed (as lsr.detect.recomputed_fraction for fast)
-                   "recomputed_fraction": 1.0 if passes > int(d["restorations"]) else None,
-                   "n_codes": n_codes, "time_ms": ms, "resampler": d["resampler"], "map": d["map_kind"],
+                   "prior_passes": passes, "positions_evaluated": evaluated,
+                   "recomputed_fraction": (evaluated - n_rest * n_codes) / (later * n_codes) if later > 0 else None,
+                   "n_codes": n_codes, "time_ms": ms, "resampler": inf.loop, "map": d["map_kind"],
                    "bundle": str(inf.bundle.root), "providers": inf.providers}
             if save_panel is not None:
                 row["panel"] = str(out / f"{stem}.png")

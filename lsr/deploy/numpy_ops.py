@@ -8,6 +8,8 @@ Each function mirrors a torch one and is tested against it:
 * :func:`flag_positions`  == :func:`lsr.ops.flag_positions`
 * :func:`resample_fast`   == :func:`lsr.ops.resample_fast` (same codes from the same noise)
 * :func:`resample_naive`  == :func:`lsr.ops.resample_naive`
+* :func:`resample_incremental` == :func:`lsr.ops.resample_native` (the lazy loop of
+  csrc/resample over a row-range prior graph: the codes of the fast loop)
 * :func:`nll_score`       == :func:`lsr.anomaly.nll_score`
 * :func:`resize_maps`     == :func:`lsr.anomaly.resize_maps` (bilinear, half-pixel centres)
 
@@ -25,6 +27,10 @@ import numpy as np
 
 #: prior(codes (A, H, W) int64) -> (logits (A, K, H, W) float32, likelihood (A, H, W) float32)
 PriorFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
+#: rows(codes (A, ctx + n, W), row_ids (ctx + n,), state [per entry]) -> (logits (A, K, n, W),
+#: likelihood (A, n, W), new state rows [per entry]): see lsr.deploy.graphs.PriorRowsGraph
+RowsFn = Callable[[np.ndarray, np.ndarray, "list[np.ndarray]"],
+                  "tuple[np.ndarray, np.ndarray, list[np.ndarray]]"]
 
 _TINY = float(np.finfo(np.float32).tiny)
 _U_MAX = 1.0 - 1e-7
@@ -94,7 +100,8 @@ class ResampleResult(NamedTuple):
     codes: np.ndarray          # (B, H, W) int64, the resampled grid c'
     resampled: np.ndarray      # (B, H, W) bool, positions whose code was redrawn
     likelihood: np.ndarray     # (B, H, W) p_t of the original codes (first prior pass)
-    prior_passes: np.ndarray   # (B,) int64
+    prior_passes: np.ndarray   # (B,) int64: prior calls (whole passes, or row ranges)
+    positions_evaluated: "np.ndarray | None" = None   # (B,) int64 over all calls (None: passes x H*W)
 
 
 def flag_positions(p: np.ndarray, tau: float) -> np.ndarray:
@@ -202,6 +209,154 @@ def resample_naive(prior: PriorFn, codes: np.ndarray, noise: "np.ndarray | LazyN
             resampled[rows, t] = True
     assert first is not None
     return ResampleResult(c, resampled.reshape(B, H, W), first, np.full(B, T, dtype=np.int64))
+
+
+def split_groups(r0: Sequence[int], r1: Sequence[int], H: int, overhead: float | None = None) -> list[list[int]]:
+    """Groups of row requests [r0[i], r1[i]) for one step, each served by one call over
+    rows [its smallest r0, its largest r1): the cost model of csrc/resample's split_groups
+    (a call costs ``overhead`` image-rows, default 15% of a full pass, plus images x rows),
+    optimal over contiguous groups of the requests sorted by r0."""
+    n = len(r0)
+    order = sorted(range(n), key=lambda i: r0[i])
+    over = max(1.0, 0.15 * H) if overhead is None else float(overhead)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        hi = 0
+        for i in range(j, 0, -1):
+            hi = max(hi, r1[order[i - 1]])
+            cost = best[i - 1] + over + (j - i + 1) * (hi - r0[order[i - 1]])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups
+
+
+def resample_incremental(prior: PriorFn, rows: RowsFn, geometry: Sequence[dict], context_rows: int,
+                         codes: np.ndarray, noise: "np.ndarray | LazyNoise", tau: float,
+                         temperature: float = 1.0) -> ResampleResult:
+    """Exact fast loop with lazy, incremental prior passes: the numpy twin of the C++ loop
+    of ``--resampler native`` (csrc/resample/resample.cpp), over an exported row-range
+    prior (:class:`lsr.deploy.graphs.PriorRowsGraph`).
+
+    The first pass is ``prior`` (no state kept). A position is decided once its row and
+    the row below are evaluated (the neighbour rule); after a change at t the image's
+    rows from row(t) on are stale, and ``rows`` evaluates [row(t), row(t) + 3), then
+    chunks of doubling size while nothing is flagged, from the state of the rows above
+    (kept here per image: each causal convolution's padded input and each attention
+    layer's keys and values). Same decisions in the same order as :func:`resample_fast`:
+    the same codes (up to float rounding of logits computed on other shapes).
+
+    Args:
+        prior: full pass, as for :func:`resample_fast`.
+        rows: the row-range pass (see :data:`RowsFn`).
+        geometry: the state entries, ``bundle.json`` graphs.prior_rows.state.
+        context_rows: rows above r0 the graph reads codes of (graphs.prior_rows.context_rows).
+        codes, noise, tau, temperature: as :func:`resample_fast`.
+    """
+    rows_after_change = 3
+    c = np.array(codes, dtype=np.int64, copy=True)
+    B, H, W = c.shape
+    T = H * W
+    flat = c.reshape(B, T)
+    resampled = np.zeros((B, T), dtype=bool)
+    logits, p = prior(c)
+    first = p
+    K = logits.shape[1]
+    L = np.array(logits).reshape(B, K, T)                             # rows updated in place
+    P = np.array(p).reshape(B, T)
+    passes = np.ones(B, dtype=np.int64)
+    evaluated = np.full(B, T, dtype=np.int64)
+    pointer = np.zeros(B, dtype=np.int64)
+    valid = np.full(B, H, dtype=np.int64)                             # rows [0, valid) exact
+    chunk = np.full(B, rows_after_change, dtype=np.int64)
+    cached = np.zeros(B, dtype=bool)
+    state: list[np.ndarray] | None = None
+    positions = np.arange(T)
+    active = np.arange(B)
+    while active.size > 0:
+        lo = pointer[active]
+        hi = np.where(valid[active] == H, T, (valid[active] - 1) * W)  # decidable positions end
+        flag = flag_positions(P[active].reshape(-1, H, W), tau).reshape(-1, T)
+        cand = flag & (positions[None, :] >= lo[:, None]) & (positions[None, :] < hi[:, None])
+        has = cand.any(axis=1)
+        first_t = cand.argmax(axis=1)
+        changed, ts, req_b, req_r0, req_r1 = [], [], [], [], []
+        for a, b in enumerate(active.tolist()):
+            if has[a]:                           # a decision: redraw c[t]; rows from row(t) on are stale
+                t = int(first_t[a])
+                changed.append(b)
+                ts.append(t)
+                pointer[b] = t + 1
+                valid[b] = t // W
+                chunk[b] = rows_after_change
+            elif valid[b] == H:
+                continue                         # finished
+            else:
+                pointer[b] = max(pointer[b], hi[a])
+            req_b.append(b)
+            req_r0.append(int(valid[b]) if cached[b] else 0)
+            req_r1.append(int(min(H, valid[b] + chunk[b])))
+            chunk[b] *= 2
+        if changed:
+            rb, tb = np.array(changed), np.array(ts)
+            flat[rb, tb] = draw(L[rb, :, tb], _noise_at(noise, rb, tb), temperature)
+            resampled[rb, tb] = True
+        active = np.array(sorted(req_b), dtype=np.int64)
+        if req_b and state is None:
+            state = new_state(geometry, B, H, W, L.dtype)
+        for group in split_groups(req_r0, req_r1, H):
+            imgs = np.array(sorted(req_b[i] for i in group), dtype=np.int64)
+            r0, r1 = min(req_r0[i] for i in group), max(req_r1[i] for i in group)
+            n = r1 - r0
+            ids = np.arange(r0 - context_rows, r1, dtype=np.int64)
+            sub_codes = c[imgs][:, np.clip(ids, 0, None)]
+            assert state is not None
+            lg, lk, new = rows(sub_codes, ids, state_above(state, geometry, imgs, r0, W))
+            L[imgs, :, r0 * W:r1 * W] = np.asarray(lg).reshape(len(imgs), K, n * W)
+            P[imgs, r0 * W:r1 * W] = np.asarray(lk).reshape(len(imgs), n * W)
+            store_rows(state, geometry, imgs, r0, r1, W, new)
+            passes[imgs] += 1
+            evaluated[imgs] += n * W
+            valid[imgs] = r1
+            cached[imgs] = True
+    return ResampleResult(c, resampled.reshape(B, H, W), first, passes, evaluated)
+
+
+def state_above(state: Sequence[np.ndarray], geometry: Sequence[dict], imgs, r0: int, W: int) -> list[np.ndarray]:
+    """The ``prior_rows`` state inputs for rows from r0 of images ``imgs`` (an index
+    array or a slice): each conv's padded input rows above r0, each attention layer's keys
+    or values of positions [0, r0 * W)."""
+    return [s[imgs, :, r0:r0 + g["rows"]] if g["kind"] == "conv" else s[imgs, :, :r0 * W]
+            for s, g in zip(state, geometry)]
+
+
+def store_rows(state: Sequence[np.ndarray], geometry: Sequence[dict], imgs, r0: int, r1: int, W: int,
+               new: Sequence[np.ndarray]) -> None:
+    """Write the ``state_out_i`` rows [r0, r1) of images ``imgs`` into the state buffers."""
+    for s, g, v in zip(state, geometry, new):
+        if g["kind"] == "conv":
+            s[imgs, :, g["rows"] + r0:g["rows"] + r1, g["left"]:g["left"] + W] = v
+        else:
+            s[imgs, :, r0 * W:r1 * W] = v
+
+
+def new_state(geometry: Sequence[dict], B: int, H: int, W: int, dtype=np.float32) -> list[np.ndarray]:
+    """Zeroed state buffers: a conv input (B, C, rows + H, left + W + right) with its zero
+    padding; attention keys or values (B, heads, H * W, d)."""
+    out = []
+    for g in geometry:
+        if g["kind"] == "conv":
+            out.append(np.zeros((B, g["channels"], g["rows"] + H, g["left"] + W + g["right"]), dtype))
+        elif g["kind"] == "attention":
+            out.append(np.zeros((B, g["heads"], H * W, g["head_dim"]), dtype))
+        else:
+            raise ValueError(f"unknown state entry kind {g.get('kind')!r}")
+    return out
 
 
 def nll_score(likelihood_: np.ndarray, tau: float) -> np.ndarray:

@@ -4,7 +4,10 @@ The same images go through :class:`lsr.detect.Detector` (on the reference path o
 op, as exported; the bundle's detection settings) and through the bundle
 (:class:`lsr.deploy.Inferencer`). Reported: whether the codes, the resampled codes and
 the number of prior passes are identical, and the max abs difference of the logits
-(first prior pass), the likelihoods, the maps, the scores and the decoded images.
+(first prior pass), the likelihoods, the maps, the scores and the decoded images, all with
+both sides on the ``fast`` loop; then the bundle's own default loop (the incremental one
+when it has a ``prior_rows`` graph) must give the same resampled codes, and the
+``prior_rows`` graph, run over the grid in row ranges, the logits of a full pass.
 ``lsr-export`` runs it before it commits a bundle; ``lsr-export --check BUNDLE`` re-runs it.
 """
 from __future__ import annotations
@@ -35,6 +38,9 @@ class ParityReport(NamedTuple):
     max_abs_map: float             # over the four maps
     max_abs_score: float           # score, direct_score; nll_score relative to its size
     max_abs_image: float           # direct and restored images
+    default_loop: str              # the loop the bundle runs by default (resampler auto)
+    default_loop_codes_equal: bool  # its resampled codes == the fast loop's
+    max_abs_rows_logits: float     # prior_rows in row ranges vs a full pass (0 without prior_rows)
     tolerance: dict[str, float]
     providers: list[str]
     images: list[str]
@@ -44,7 +50,9 @@ class ParityReport(NamedTuple):
         return (f"parity {ok} on {self.n_images} images ({self.n_resampled} codes resampled; providers "
                 f"{', '.join(self.providers)}): codes {'identical' if self.codes_equal else 'DIFFER'}, "
                 f"resampled codes {'identical' if self.resampled_codes_equal else 'DIFFER'}, prior passes "
-                f"{'identical' if self.prior_passes_equal else 'DIFFER'}; max abs diff: logits "
+                f"{'identical' if self.prior_passes_equal else 'DIFFER'}; default loop {self.default_loop}: "
+                f"codes {'identical' if self.default_loop_codes_equal else 'DIFFER'}, row-range logits "
+                f"{self.max_abs_rows_logits:.2e}; max abs diff: logits "
                 f"{self.max_abs_logits:.2e} (tol {self.tolerance['logits']:.0e}), likelihood "
                 f"{self.max_abs_likelihood:.2e}, maps {self.max_abs_map:.2e} (tol {self.tolerance['map']:.0e}), "
                 f"scores {self.max_abs_score:.2e}, images {self.max_abs_image:.2e}")
@@ -136,7 +144,8 @@ def check_bundle(bundle: str | os.PathLike | Bundle, run: str | os.PathLike | No
     if images is None:
         images, names = sample_images(run, b.channels, b.image_size, n_images)
     x = np.ascontiguousarray(images, dtype=np.float32)
-    inf = Inferencer(b, providers=providers)
+    inf = Inferencer(b, providers=providers, resampler="fast")
+    default = Inferencer(b, providers=providers)
     with ops.backend(backend), torch.no_grad():
         rt = det.detect(torch.from_numpy(x))
         logits_t = det.prior(rt.codes)
@@ -153,11 +162,38 @@ def check_bundle(bundle: str | os.PathLike | Bundle, run: str | os.PathLike | No
     d_score = max(_maxdiff(rt.score, ro.score), _maxdiff(rt.direct_score, ro.direct_score),
                   _maxdiff(rt.nll_score, ro.nll_score) / nll_scale)
     d_img = max(_maxdiff(rt.direct, ro.direct), _maxdiff(rt.restored, ro.restored))
-    passed = (codes_equal and res_equal and passes_equal and d_logits <= tol["logits"]
+    rd = default.predict_batch(x) if default.loop != "fast" else ro
+    loop_equal = bool(np.array_equal(rd.resampled_codes, ro.resampled_codes))
+    d_rows = _rows_vs_full(default, ro.codes) if "prior_rows" in b.graphs else 0.0
+    passed = (codes_equal and res_equal and passes_equal and loop_equal and d_rows <= tol["logits"]
+              and d_logits <= tol["logits"]
               and d_lik <= tol["likelihood"] and d_map <= tol["map"] and d_img <= tol["image"]
               and d_score <= tol["score"])
     return ParityReport(passed, len(x), codes_equal, res_equal, passes_equal, int(rt.resampled.sum()),
-                        d_logits, d_lik, d_map, d_score, d_img, tol, inf.providers, names)
+                        d_logits, d_lik, d_map, d_score, d_img, default.loop, loop_equal, d_rows, tol,
+                        inf.providers, names)
+
+
+def _rows_vs_full(inf: Any, codes: np.ndarray) -> float:
+    """Max abs difference between a full prior pass and the ``prior_rows`` graph run over
+    the grid in three row ranges (the first from row 0 with empty state), state carried
+    between them by :func:`lsr.deploy.numpy_ops.resample_incremental`'s layout."""
+    from . import numpy_ops as nops
+
+    meta = inf.bundle.meta["graphs"]["prior_rows"]
+    geometry, ctx = meta["state"], int(meta["context_rows"])
+    full, _ = inf.prior(codes)
+    B, H, W = codes.shape
+    state = nops.new_state(geometry, B, H, W)
+    cuts = sorted({0, max(1, H // 3), max(1, (2 * H) // 3), H})
+    worst = 0.0
+    for r0, r1 in zip(cuts[:-1], cuts[1:]):
+        ids = np.arange(r0 - ctx, r1)
+        st = nops.state_above(state, geometry, slice(None), r0, W)
+        logits, _, new = inf.prior_rows(codes[:, np.clip(ids, 0, None)], ids, st)
+        nops.store_rows(state, geometry, slice(None), r0, r1, W, new)
+        worst = max(worst, _maxdiff(logits, full[:, :, r0:r1]))
+    return worst
 
 
 __all__ = ["check_bundle", "ParityReport", "DEFAULT_TOLERANCE", "sample_images", "synthetic_images"]

@@ -225,6 +225,28 @@ class TorchScriptRunner:
             self.modules["prior"] = self.torch.jit.load(str(path), map_location=self.device).eval()
         self.providers = self.active_providers = [f"torch.jit ({self.device}, native prior)"]
 
+    def native_loop_available(self) -> bool:
+        """Whether lsr's C++ resampling loop can run this bundle's prior here: the lsr
+        extension is loaded and the scripted prior has the incremental methods."""
+        try:
+            from lsr import ops
+        except ImportError:
+            return False
+        return ops.native_available() and hasattr(self.modules["prior"], "partial")
+
+    def resample_native(self, codes: np.ndarray, noise: np.ndarray, tau: float, temperature: float):
+        """The C++ loop of ``--resampler native`` over the scripted prior: a
+        :class:`lsr.deploy.numpy_ops.ResampleResult`."""
+        from lsr import ops
+        from .numpy_ops import ResampleResult
+
+        torch = self.torch
+        with torch.inference_mode():
+            r = ops.resample_native(self.modules["prior"], torch.from_numpy(np.ascontiguousarray(codes)).to(self.device),
+                                    torch.from_numpy(np.ascontiguousarray(noise)).to(self.device), tau, temperature)
+        return ResampleResult(r.codes.cpu().numpy(), r.resampled.cpu().numpy(), r.likelihood.cpu().numpy(),
+                              r.prior_passes.cpu().numpy(), r.positions_evaluated.cpu().numpy())
+
     def run(self, graph: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
         spec = self.bundle.graphs[graph]
