@@ -19,6 +19,21 @@ def _no_grad():
         yield
 
 
+_LIMITS: dict = {}
+
+
+@pytest.fixture
+def machine_limits():
+    """limits(device) -> lsr.profiling.Limits, measured once per device and session."""
+    from lsr.profiling import measure_limits
+
+    def get(device="cpu"):
+        if device not in _LIMITS:
+            _LIMITS[device] = measure_limits(device)
+        return _LIMITS[device]
+    return get
+
+
 @pytest.fixture
 def bench_means(request):
     """{group: {name: mean seconds}}, filled by the benchmarks that compare to `native`."""
@@ -28,6 +43,7 @@ def bench_means(request):
 def pytest_terminal_summary(terminalreporter, config):
     means = dict(config.stash.get(_MEANS, {}))
     later = means.pop("_later_pass", {})
+    roof = means.pop("_roofline", {})
     if not any("native" in by for by in means.values()):
         return
     terminalreporter.section("speed-up of native (other mean / native mean)")
@@ -41,3 +57,11 @@ def pytest_terminal_summary(terminalreporter, config):
         for group, (cost, frac) in later.items():
             terminalreporter.write_line(f"{group}: {cost:.2f} of a full pass in time, "
                                         f"{frac:.2f} of the grid evaluated, per changed code")
+    if roof:
+        lim = next(iter(roof.values()))[2]
+        terminalreporter.section(f"fraction of the machine's limit ({lim.device}: measured float32 matmul "
+                                 f"{lim.matmul_flops_per_s / 1e9:.0f} GFLOP/s, copy {lim.copy_bytes_per_s / 1e9:.0f} GB/s)")
+        for (group, name), (r, _, _) in roof.items():
+            terminalreporter.write_line(f"{group} {name}: {r['gflop']:.2f} GFLOP, {r['gbyte']:.3f} GB, "
+                                        f"{r['achieved_gflop_per_s']:.1f} GFLOP/s, {r['bound_by']}-bound, "
+                                        f"{r['fraction_of_limit']:.0%} of the limit")

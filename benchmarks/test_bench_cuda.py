@@ -127,10 +127,23 @@ def _paper_detector(batch: int):
 
 @pytest.mark.parametrize("resampler", ["fast", "native"])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_detect_latency_paper_preset(benchmark, bench_means, batch, resampler):
+def test_detect_latency_paper_preset(benchmark, bench_means, machine_limits, batch, resampler):
+    """Latency per batch, and the fraction of the GPU's limit reached: FLOPs and bytes of
+    the operators the detection actually ran (lsr.profiling, an instrumented run of the
+    same call: encoder, every prior pass or partial call, decoders, post-processing)
+    against the measured float32 matrix rate and copy bandwidth."""
+    from lsr.profiling import count_cost, roofline
     det, x = _paper_detector(batch)
     d = det.with_options(resampler=resampler)
     res = d.detect(x)                                        # warm-up (scripts the prior once)
-    _bench(benchmark, bench_means, f"detect paper preset 256px batch {batch}", resampler, d.detect, x, rounds=3)
+    group = f"detect paper preset 256px batch {batch}"
+    _bench(benchmark, bench_means, group, resampler, d.detect, x, rounds=3)
     benchmark.extra_info.update(prior_passes=int(res.prior_passes.sum()), changed=float(res.n_resampled.sum()),
                                 positions_evaluated=int(res.positions_evaluated.sum()), images=batch)
+    if benchmark.stats is None:                              # --benchmark-disable
+        return
+    limits = machine_limits("cuda")
+    _, cost = count_cost(d.detect, x)
+    r = roofline(cost, benchmark.stats.stats.median, limits)
+    benchmark.extra_info.update(r, uncounted_ops=list(cost.uncounted))
+    bench_means.setdefault("_roofline", {})[(group, resampler)] = (r, cost, limits)

@@ -10,7 +10,9 @@ depend on training), at the grid size of the case; tau is the smallest value at 
 the rule flags the wanted share of the first pass's codes (0% = a normal image: nothing
 flagged, one pass). The terminal summary gives, per group, every loop's time over the
 native loop's, and per native case the cost of one pass after a change relative to a
-full pass (measured in the same run).
+full pass (measured in the same run), and for fast and native the FLOPs and bytes of the
+operators that ran (lsr.profiling, counted in a separate instrumented run) against the
+machine's measured matrix rate and copy bandwidth: the fraction of its limit reached.
 """
 import time
 
@@ -48,7 +50,15 @@ def setup_case(grid: int, batch: int, flagged: float, seed: int = 0):
     return _CASES[key]
 
 
-def _run(benchmark, bench_means, method, grid, batch, flagged, rounds):
+def _roofline(benchmark, bench_means, limits, group, method, prior, codes, noise, tau):
+    from lsr.profiling import count_cost, roofline
+    _, cost = count_cost(ops.resample, prior, codes, noise, tau, 1.0, method)
+    r = roofline(cost, benchmark.stats.stats.median, limits)
+    benchmark.extra_info.update(r)
+    bench_means.setdefault("_roofline", {})[(group, method)] = (r, cost, limits)
+
+
+def _run(benchmark, bench_means, method, grid, batch, flagged, rounds, limits=None):
     prior, codes, noise, tau = setup_case(grid, batch, flagged)
     if method == "native":
         ops.resample(prior, codes, noise, tau, 1.0, "native")        # script the prior once, outside the timing
@@ -61,6 +71,8 @@ def _run(benchmark, bench_means, method, grid, batch, flagged, rounds):
     benchmark.extra_info.update(prior_passes=passes, changed=changed,
                                 positions_evaluated=int(res.positions_evaluated.sum()))
     bench_means.setdefault(group, {})[method] = benchmark.stats.stats.mean
+    if limits is not None and method != "naive":
+        _roofline(benchmark, bench_means, limits, group, method, prior, codes, noise, tau)
     if method == "native" and changed > 0:
         # one full pass of the same batch through the same C++ loop (tau = 0: nothing flagged)
         t = []
@@ -82,17 +94,17 @@ def _run(benchmark, bench_means, method, grid, batch, flagged, rounds):
 @pytest.mark.parametrize("flagged", [0.0, 0.02, 0.10])
 @pytest.mark.parametrize("grid", [16, 32, 64])
 @pytest.mark.parametrize("method", ["naive", "fast", "native"])
-def test_resample_batch1(benchmark, bench_means, method, grid, flagged):
+def test_resample_batch1(benchmark, bench_means, machine_limits, method, grid, flagged):
     if method == "naive" and grid == 64:
         pytest.skip("naive at 64x64 runs 4096 passes per image (minutes); compared at 16x16 and 32x32")
     rounds = {"naive": 1, "fast": 3, "native": 3}[method]
-    _run(benchmark, bench_means, method, grid, 1, flagged, rounds)
+    _run(benchmark, bench_means, method, grid, 1, flagged, rounds, machine_limits("cpu"))
 
 
 @pytest.mark.parametrize("flagged", [0.0, 0.02, 0.10])
 @pytest.mark.parametrize("grid", [16, 32])
 @pytest.mark.parametrize("method", ["naive", "fast", "native"])
-def test_resample_batch16(benchmark, bench_means, request, method, grid, flagged):
+def test_resample_batch16(benchmark, bench_means, machine_limits, request, method, grid, flagged):
     if method == "naive" and (grid == 32 or flagged == 0.10) and not request.config.getoption("--run-big"):
         pytest.skip("naive at batch 16 beyond 16x16 / 2% takes minutes; pass --run-big")
-    _run(benchmark, bench_means, method, grid, 16, flagged, 1 if method == "naive" else 2)
+    _run(benchmark, bench_means, method, grid, 16, flagged, 1 if method == "naive" else 2, machine_limits("cpu"))

@@ -1,0 +1,207 @@
+"""What a computation cost, against what the machine can do: FLOPs and bytes of the
+operators that actually ran, and the machine's measured matrix rate and copy bandwidth.
+
+:func:`count_cost` runs a function under a ``TorchDispatchMode``, which sees every ATen
+and lsr operator dispatched on the calling thread, including those called from C++ (the
+native resampling loop and its TorchScript prior). It sums
+
+* FLOPs: PyTorch's formulas (``torch.utils.flop_counter``: matrix products,
+  convolutions, attention) plus lsr's ops (``vq_nearest``: 2 N K D; causal attention:
+  4 d per (query, visible key) pair forward, 10 d backward);
+* bytes: each operator reading its tensor inputs and writing its outputs once (views
+  move nothing; an expanded input counts its distinct elements; an in-place update
+  counts the data written, not the whole buffer). This is the traffic of unfused
+  execution, an estimate, not a hardware counter.
+
+:func:`measure_limits` times a large matrix product and a large copy on the device, and
+:func:`roofline` turns a cost and a measured time into the fraction of the machine's
+limit reached: (the larger of FLOPs / matrix rate and bytes / copy bandwidth) / time.
+The benchmarks use these for "fraction of the GPU's (or CPU's) limit".
+
+Example:
+    >>> import torch
+    >>> a, b = torch.ones(64, 32), torch.ones(32, 16)
+    >>> _, cost = count_cost(torch.mm, a, b)
+    >>> cost.flops, cost.bytes
+    (65536.0, 14336.0)
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class Cost(NamedTuple):
+    flops: float          # floating-point operations (a multiply-add is 2)
+    bytes: float          # bytes read and written, unfused (see the module docstring)
+    ops: int              # operators dispatched (views included)
+    uncounted: tuple      # names of operators with no FLOP formula that may do arithmetic at scale
+
+
+class Limits(NamedTuple):
+    device: str
+    matmul_flops_per_s: float     # measured: float32 matrix product, current backend settings
+    copy_bytes_per_s: float       # measured: read + write of a large contiguous copy
+
+
+def _dense_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements of ``t`` (an expanded dim counts once)."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size() if t.numel() else 0
+
+
+def _attention_pairs(T: int, q0: int = 0, Tq: int | None = None) -> int:
+    """Visible (query, key) pairs of strictly causal attention for queries [q0, q0 + Tq)."""
+    Tq = T - q0 if Tq is None else Tq
+    return Tq * q0 + Tq * (Tq - 1) // 2
+
+
+def _lsr_flops(name: str, args: tuple) -> float | None:
+    if name == "lsr::vq_nearest":
+        z, e = args[0], args[1]
+        return 2.0 * z.shape[0] * e.shape[0] * z.shape[1]
+    if name in ("lsr::causal_attention_fwd", "lsr::causal_attention_bwd"):
+        q = args[0] if name.endswith("fwd") else args[1]
+        B, h, T, d = q.shape
+        per_pair = 4 if name.endswith("fwd") else 10          # fwd: QK^T, PV; bwd: 5 products
+        return float(per_pair * d * B * h * _attention_pairs(T))
+    if name == "lsr::causal_attention_rows":
+        q, q0 = args[0], int(args[3])
+        B, h, Tq, d = q.shape
+        return float(4 * d * B * h * _attention_pairs(q0 + Tq, q0, Tq))
+    return None
+
+
+# operators that do O(n) or no arithmetic: not "uncounted" (their bytes are counted)
+_ELEMENTWISE_HINT = ("add", "sub", "mul", "div", "elu", "sigmoid", "exp", "log", "softmax", "copy", "cat",
+                     "pad", "index", "gather", "scatter", "where", "fill", "clone", "clamp", "max", "min",
+                     "argmax", "argmin", "sum", "mean", "any", "all", "eq", "ne", "lt", "le", "gt", "ge",
+                     "logical", "neg", "abs", "pow", "sqrt", "rsqrt", "to_copy", "empty", "zeros", "ones",
+                     "arange", "full", "rand", "normal", "bernoulli", "embedding", "masked", "linspace", "stack",
+                     "repeat", "topk", "sort", "cumsum", "upsample", "avg_pool", "max_pool", "tanh", "relu",
+                     "silu", "gelu", "dropout", "native_layer_norm", "native_group_norm", "batch_norm",
+                     "_local_scalar_dense", "item", "is_nonzero", "nonzero", "flip", "roll", "remainder",
+                     "floor", "ceil", "round", "sign", "bitwise", "isnan", "isinf", "isfinite", "nan_to_num",
+                     "std", "var", "prod", "amax", "amin", "log_softmax", "lerp", "reciprocal", "square",
+                     "constant_pad_nd", "reflection_pad", "replication_pad", "quantile", "maximum", "minimum")
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+        self.registry = flop_registry
+        self.flops = 0.0
+        self.bytes = 0.0
+        self.ops = 0
+        self.uncounted: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops += 1
+        name = func.name()
+        packet = func._overloadpacket
+        flops = _lsr_flops(name, args)
+        if flops is None and packet in self.registry:
+            flops = float(self.registry[packet](*args, **kwargs, out_val=out))
+        if flops is not None:
+            self.flops += flops
+        elif not any(h in name for h in _ELEMENTWISE_HINT) and not func.is_view:
+            self.uncounted.add(name)
+        if not func.is_view:
+            self.bytes += self._traffic(func, args, kwargs, out)
+        return out
+
+    @staticmethod
+    def _traffic(func, args, kwargs, out) -> float:
+        schema = func._schema
+        mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        read = 0
+        written_in_place = False
+        for a, v in zip(schema.arguments, args):
+            if a.name in mutated:
+                written_in_place = True
+                continue
+            for t in (v if isinstance(v, (list, tuple)) else (v,)):
+                if isinstance(t, torch.Tensor):
+                    read += _dense_bytes(t)
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor) and k not in mutated:
+                read += _dense_bytes(v)
+        if written_in_place:                  # copy_, index_copy_, index_put_, ...: the data written
+            return 2.0 * read
+        written = 0
+        for t in (out if isinstance(out, (list, tuple)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                written += _dense_bytes(t)
+        return float(read + written)
+
+
+def count_cost(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, Cost]:
+    """Run ``fn(*args, **kwargs)`` and count its FLOPs and bytes (see the module
+    docstring). Returns (its result, :class:`Cost`). Slower than a plain call: time the
+    function separately."""
+    with _Counter() as c:
+        result = fn(*args, **kwargs)
+    return result, Cost(c.flops, c.bytes, c.ops, tuple(sorted(c.uncounted)))
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_limits(device: str | torch.device = "cpu", repeats: int = 5) -> Limits:
+    """The device's float32 matrix-product rate (n x n by n x n, n = 4096 on a GPU, 1024
+    on a CPU; whatever TF32 setting is current) and copy bandwidth (a 256 MiB copy on a
+    GPU, 64 MiB on a CPU; read + write counted), best-effort medians after a warm-up."""
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    n = 4096 if gpu else 1024
+    a = torch.randn(n, n, device=dev)
+    b = torch.randn(n, n, device=dev)
+    out = torch.empty(n, n, device=dev)
+    torch.mm(a, b, out=out)
+    t_mm = _median_time(lambda: torch.mm(a, b, out=out), dev, repeats)
+    elems = (256 if gpu else 64) * 2 ** 20 // 4
+    src = torch.randn(elems, device=dev)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t_cp = _median_time(lambda: dst.copy_(src), dev, repeats)
+    return Limits(str(dev), 2.0 * n ** 3 / t_mm, 2.0 * src.numel() * 4 / t_cp)
+
+
+def roofline(cost: Cost, seconds: float, limits: Limits) -> dict[str, Any]:
+    """How close ``seconds`` for ``cost`` came to the machine's limits: achieved rates,
+    the lower bound max(FLOPs / matrix rate, bytes / bandwidth), what bounds it, and
+    ``fraction_of_limit`` = bound / seconds (1.0 = at the roofline)."""
+    t_flops = cost.flops / limits.matmul_flops_per_s
+    t_bytes = cost.bytes / limits.copy_bytes_per_s
+    bound = max(t_flops, t_bytes)
+    return {
+        "gflop": cost.flops / 1e9, "gbyte": cost.bytes / 1e9,
+        "achieved_gflop_per_s": cost.flops / seconds / 1e9 if seconds > 0 else math.nan,
+        "achieved_gbyte_per_s": cost.bytes / seconds / 1e9 if seconds > 0 else math.nan,
+        "limit_gflop_per_s": limits.matmul_flops_per_s / 1e9, "limit_gbyte_per_s": limits.copy_bytes_per_s / 1e9,
+        "bound_by": "compute" if t_flops >= t_bytes else "memory",
+        "fraction_of_limit": bound / seconds if seconds > 0 else math.nan,
+    }
+
+
+__all__ = ["Cost", "Limits", "count_cost", "measure_limits", "roofline"]
