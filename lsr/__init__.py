@@ -24,6 +24,7 @@ Where things are:
 * :mod:`lsr.demo`, :mod:`lsr.demo_data` – ``lsr demo``
 * :mod:`lsr.deploy`   – ``lsr-export`` (ONNX / TorchScript bundles, parity check) and
   :class:`lsr.deploy.Inferencer`, which runs a bundle with numpy and onnxruntime only
+* :mod:`lsr.profiling` – FLOPs and bytes of what ran, the machine's measured limits
 * :mod:`lsr.cli`      – the command line (C++ runtime: ``export/``)
 
 Example:
@@ -48,7 +49,7 @@ _LAZY = {
     "evaluate": "evaluation", "train": "training", "TrainResult": "training",
 }
 _SUBMODULES = ("anomaly", "checkpoint", "cli", "config", "data", "demo", "demo_data", "deploy", "detect",
-               "distributed", "evaluation", "io", "metrics", "models", "ops", "report", "training")
+               "distributed", "evaluation", "io", "metrics", "models", "ops", "profiling", "report", "training")
 
 
 def __getattr__(name: str) -> Any:

@@ -26,7 +26,7 @@ if ! $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
 fi
 stamp "built"
 $PY -c "import torch, lsr.ops as o; assert o.native_available(), o._native_error; \
-print('CUDA kernels:', [torch._C._dispatch_has_kernel_for_dispatch_key(f'lsr::{n}', 'CUDA') for n in ('vq_nearest', 'causal_attention_fwd', 'causal_attention_bwd')])" 2>&1 | tee -a "$OUT/summary.txt"
+print('CUDA kernels:', [torch._C._dispatch_has_kernel_for_dispatch_key(f'lsr::{n}', 'CUDA') for n in ('vq_nearest', 'causal_attention_fwd', 'causal_attention_bwd', 'causal_attention_rows')])" 2>&1 | tee -a "$OUT/summary.txt"
 
 timeout 240 $PY -m pytest tests/test_native_cuda.py tests/test_native_ops.py tests/test_native_resample.py tests/test_build.py -q -rfEs \
   -p no:cacheprovider > "$OUT/tests.txt" 2>&1
@@ -36,4 +36,6 @@ stamp "tests"
 timeout 240 $PY -m pytest benchmarks/test_bench_cuda.py -q -p no:cacheprovider --benchmark-group-by=group \
   --benchmark-columns=mean,stddev,rounds --benchmark-json="$OUT/bench_cuda.json" > "$OUT/bench_cuda.txt" 2>&1
 echo "benchmarks exit $?" | tee -a "$OUT/summary.txt"
+# the speed-up and fraction-of-limit summaries pytest printed (benchmarks/conftest.py)
+sed -n "/speed-up of native/,/benchmark '/p" "$OUT/bench_cuda.txt" | grep -v "benchmark '" | tee -a "$OUT/summary.txt"
 stamp "benchmarks"
