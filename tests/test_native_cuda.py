@@ -187,6 +187,21 @@ def test_vq_nearest_non_contiguous(dtype):
             check_vq(z, e, idx)
 
 
+def test_vq_nearest_nan_and_inf_like_the_cpu_kernel():
+    """Non-finite inputs: the CUDA kernel picks what the CPU kernel picks (a NaN distance
+    wins, the first one; a row of +inf distances gives 0)."""
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    z = torch.randn(300, 16, generator=g, device=DEVICE)
+    e = torch.randn(70, 16, generator=g, device=DEVICE)
+    z[0, 0] = float("nan")
+    z[1] = float("inf")
+    z[2, 3] = -float("inf")
+    assert torch.equal(native_vq(z, e).cpu(), torch.ops.lsr.vq_nearest(z.cpu(), e.cpu()))
+    e[9, 2] = float("inf")
+    e[40, :] = float("nan")
+    assert torch.equal(native_vq(z, e).cpu(), torch.ops.lsr.vq_nearest(z.cpu(), e.cpu()))
+
+
 def test_vq_nearest_errors():
     with pytest.raises(RuntimeError, match="D="):
         native_vq(torch.zeros(3, 2, device=DEVICE), torch.zeros(4, 3, device=DEVICE))
@@ -281,6 +296,7 @@ def test_causal_attention_future_keys_do_not_matter():
 
 
 GRAD_CASES = [(T, d, dtype) for dtype in (torch.float32, torch.bfloat16) for d in ATT_D for T in (1, 2, 255, 1024)]
+GRAD_CASES += [(255, d, torch.float16) for d in (16, 64, 128)]
 GRAD_CASES += [(4096, 16, torch.float32), (4096, 64, torch.float32), (4096, 64, torch.bfloat16),
                (255, 64, torch.float64), (1024, 128, torch.float64), (255, 32, torch.float16)]
 # float64 gradients are limited by lse, which the schema keeps in float32: P = exp(S - lse)
