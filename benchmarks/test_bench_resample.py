@@ -67,6 +67,8 @@ def _run(benchmark, bench_means, method, grid, batch, flagged, rounds, limits=No
     benchmark.group = group
     res = benchmark.pedantic(ops.resample, args=(prior, codes, noise, tau, 1.0, method), rounds=rounds,
                              iterations=1, warmup_rounds={"naive": 0, "fast": 1, "native": 3}[method])
+    if benchmark.stats is None:                              # --benchmark-disable
+        return res
     passes, changed = int(res.prior_passes.sum()), int(res.resampled.sum())
     benchmark.extra_info.update(prior_passes=passes, changed=changed,
                                 positions_evaluated=int(res.positions_evaluated.sum()))

@@ -9,9 +9,11 @@ native resampling loop and its TorchScript prior). It sums
   convolutions, attention) plus lsr's ops (``vq_nearest``: 2 N K D; causal attention:
   4 d per (query, visible key) pair forward, 10 d backward);
 * bytes: each operator reading its tensor inputs and writing its outputs once (views
-  move nothing; an expanded input counts its distinct elements; an in-place update
-  counts the data written, not the whole buffer). This is the traffic of unfused
-  execution, an estimate, not a hardware counter.
+  and reshapes of fresh tensors move nothing; an expanded input counts its distinct
+  elements; an in-place update counts what it reads and writes, e.g. the rows an
+  index_copy_ writes, not the whole buffer). This is the traffic of unfused execution
+  (TorchScript's fusers are switched off while counting), an estimate, not a hardware
+  counter.
 
 :func:`measure_limits` times a large matrix product and a large copy on the device, and
 :func:`roofline` turns a cost and a measured time into the fraction of the machine's
@@ -44,8 +46,9 @@ class Cost(NamedTuple):
 
 class Limits(NamedTuple):
     device: str
-    matmul_flops_per_s: float     # measured: float32 matrix product, current backend settings
+    matmul_flops_per_s: float     # measured: float32 matrix product (TF32 where the model may use it)
     copy_bytes_per_s: float       # measured: read + write of a large contiguous copy
+    tf32: bool = False            # the matrix rate was measured with TF32
 
 
 def _dense_bytes(t: torch.Tensor) -> int:
@@ -79,18 +82,26 @@ def _lsr_flops(name: str, args: tuple) -> float | None:
     return None
 
 
-# operators that do O(n) or no arithmetic: not "uncounted" (their bytes are counted)
-_ELEMENTWISE_HINT = ("add", "sub", "mul", "div", "elu", "sigmoid", "exp", "log", "softmax", "copy", "cat",
-                     "pad", "index", "gather", "scatter", "where", "fill", "clone", "clamp", "max", "min",
-                     "argmax", "argmin", "sum", "mean", "any", "all", "eq", "ne", "lt", "le", "gt", "ge",
-                     "logical", "neg", "abs", "pow", "sqrt", "rsqrt", "to_copy", "empty", "zeros", "ones",
-                     "arange", "full", "rand", "normal", "bernoulli", "embedding", "masked", "linspace", "stack",
-                     "repeat", "topk", "sort", "cumsum", "upsample", "avg_pool", "max_pool", "tanh", "relu",
-                     "silu", "gelu", "dropout", "native_layer_norm", "native_group_norm", "batch_norm",
-                     "_local_scalar_dense", "item", "is_nonzero", "nonzero", "flip", "roll", "remainder",
-                     "floor", "ceil", "round", "sign", "bitwise", "isnan", "isinf", "isfinite", "nan_to_num",
-                     "std", "var", "prod", "amax", "amin", "log_softmax", "lerp", "reciprocal", "square",
-                     "constant_pad_nd", "reflection_pad", "replication_pad", "quantile", "maximum", "minimum")
+# operator names that do arithmetic at scale: reported in Cost.uncounted when no formula
+# covers them (everything else is O(bytes) work whose traffic is counted)
+_HEAVY = ("mm", "matmul", "conv", "attention", "linear", "einsum", "addmm", "baddbmm", "bmm")
+# not views by schema, but move no data (a reshape of a fresh tensor) or only allocate
+_NO_TRAFFIC = {"aten::_unsafe_view", "aten::lift_fresh", "aten::alias", "aten::detach", "aten::empty",
+               "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided"}
+_WRITE_ONLY = {"aten::fill_", "aten::zero_"}
+# in-place updates that write data read from their other inputs, not from the target
+_SCATTER = {"aten::index_copy_", "aten::index_put_", "aten::_index_put_impl_", "aten::scatter_",
+            "aten::masked_scatter_", "aten::index_fill_"}
+
+
+def _sdpa_cpu_flops(args: tuple) -> float | None:
+    """aten::_scaled_dot_product_flash_attention_for_cpu (no formula in torch): 4 d per
+    (query, key) pair, every pair (a mask is applied, not skipped)."""
+    q, k = args[0], args[1]
+    if q.dim() != 4:
+        return None
+    B, h, L, d = q.shape
+    return 4.0 * B * h * L * k.shape[-2] * d
 
 
 class _Counter(TorchDispatchMode):
@@ -107,16 +118,18 @@ class _Counter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.ops += 1
-        name = func.name()
+        name = func._schema.name            # without the overload: aten::empty, not aten::empty.memory_format
         packet = func._overloadpacket
         flops = _lsr_flops(name, args)
+        if flops is None and name == "aten::_scaled_dot_product_flash_attention_for_cpu":
+            flops = _sdpa_cpu_flops(args)
         if flops is None and packet in self.registry:
             flops = float(self.registry[packet](*args, **kwargs, out_val=out))
         if flops is not None:
             self.flops += flops
-        elif not any(h in name for h in _ELEMENTWISE_HINT) and not func.is_view:
+        elif any(h in name.split("::")[-1] for h in _HEAVY):
             self.uncounted.add(name)
-        if not func.is_view:
+        if not func.is_view and name not in _NO_TRAFFIC:
             self.bytes += self._traffic(func, args, kwargs, out)
         return out
 
@@ -126,9 +139,12 @@ class _Counter(TorchDispatchMode):
         mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
         read = 0
         written_in_place = False
+        target = 0                                       # bytes of the tensor updated in place
         for a, v in zip(schema.arguments, args):
             if a.name in mutated:
                 written_in_place = True
+                if isinstance(v, torch.Tensor):
+                    target += _dense_bytes(v)
                 continue
             for t in (v if isinstance(v, (list, tuple)) else (v,)):
                 if isinstance(t, torch.Tensor):
@@ -136,8 +152,12 @@ class _Counter(TorchDispatchMode):
         for k, v in kwargs.items():
             if isinstance(v, torch.Tensor) and k not in mutated:
                 read += _dense_bytes(v)
-        if written_in_place:                  # copy_, index_copy_, index_put_, ...: the data written
-            return 2.0 * read
+        if written_in_place:
+            if func._schema.name in _WRITE_ONLY or func._schema.name == "aten::copy_":
+                return float(read + target)          # fill_, zero_, copy_: the whole target written
+            if func._schema.name in _SCATTER:
+                return 2.0 * read                    # index_copy_, index_put_: the data written
+            return float(read + 2 * target)          # mul_(2), clamp_, add_(other): target read and written
         written = 0
         for t in (out if isinstance(out, (list, tuple)) else (out,)):
             if isinstance(t, torch.Tensor):
@@ -149,8 +169,13 @@ def count_cost(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, 
     """Run ``fn(*args, **kwargs)`` and count its FLOPs and bytes (see the module
     docstring). Returns (its result, :class:`Cost`). Slower than a plain call: time the
     function separately."""
-    with _Counter() as c:
-        result = fn(*args, **kwargs)
+    fuser = torch._C._jit_texpr_fuser_enabled()
+    torch._C._jit_set_texpr_fuser_enabled(False)   # TorchScript's fuser would hide ops from the mode
+    try:
+        with _Counter() as c:
+            result = fn(*args, **kwargs)
+    finally:
+        torch._C._jit_set_texpr_fuser_enabled(fuser)
     return result, Cost(c.flops, c.bytes, c.ops, tuple(sorted(c.uncounted)))
 
 
@@ -169,22 +194,30 @@ def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> f
 
 def measure_limits(device: str | torch.device = "cpu", repeats: int = 5) -> Limits:
     """The device's float32 matrix-product rate (n x n by n x n, n = 4096 on a GPU, 1024
-    on a CPU; whatever TF32 setting is current) and copy bandwidth (a 256 MiB copy on a
-    GPU, 64 MiB on a CPU; read + write counted), best-effort medians after a warm-up."""
+    on a CPU) and copy bandwidth (a 256 MiB copy on a GPU, 64 MiB on a CPU; read + write
+    counted), best-effort medians after a warm-up. On a GPU the product runs with TF32
+    when the current settings let matrix products or cuDNN convolutions use it (cuDNN's
+    default), so that the limit is the fastest rate the model's float32 work may reach."""
     dev = torch.device(device)
     gpu = dev.type == "cuda"
     n = 4096 if gpu else 1024
     a = torch.randn(n, n, device=dev)
     b = torch.randn(n, n, device=dev)
     out = torch.empty(n, n, device=dev)
-    torch.mm(a, b, out=out)
-    t_mm = _median_time(lambda: torch.mm(a, b, out=out), dev, repeats)
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    tf32 = gpu and (old_tf32 or torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = tf32 or old_tf32
+        torch.mm(a, b, out=out)
+        t_mm = _median_time(lambda: torch.mm(a, b, out=out), dev, repeats)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
     elems = (256 if gpu else 64) * 2 ** 20 // 4
     src = torch.randn(elems, device=dev)
     dst = torch.empty_like(src)
     dst.copy_(src)
     t_cp = _median_time(lambda: dst.copy_(src), dev, repeats)
-    return Limits(str(dev), 2.0 * n ** 3 / t_mm, 2.0 * src.numel() * 4 / t_cp)
+    return Limits(str(dev), 2.0 * n ** 3 / t_mm, 2.0 * src.numel() * 4 / t_cp, bool(tf32))
 
 
 def roofline(cost: Cost, seconds: float, limits: Limits) -> dict[str, Any]:

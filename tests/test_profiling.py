@@ -36,9 +36,28 @@ def test_views_move_nothing_expanded_inputs_count_once_in_place_counts_written_d
     row = torch.randn(1, 6)
     _, c = P.count_cost(lambda r: r.expand(100, 6) + 1.0, row)
     assert c.bytes == 6 * 4 + 100 * 6 * 4                      # the row once, the output
+    t = torch.randn(10, 6)
+    assert P.count_cost(lambda: t.mul_(2.0))[1].bytes == 2 * 240          # read and written
+    assert P.count_cost(lambda: t.zero_())[1].bytes == 240                 # written
+    row = torch.ones(1, 6)
+    assert P.count_cost(lambda: t.copy_(row.expand(10, 6)))[1].bytes == 24 + 240        # row read, t written
+    a3, w = torch.randn(4, 5, 6), torch.randn(6, 3)
+    _, c = P.count_cost(torch.matmul, a3, w)                 # reshape, mm, _unsafe_view: the mm's traffic
+    assert c.flops == 2 * 20 * 6 * 3 and c.bytes == (a3.numel() + w.numel() + 20 * 3) * 4
+    _, c = P.count_cost(lambda: torch.empty(1000, 1000))
+    assert c.bytes == 0
     buf, src, idx = torch.zeros(1000, 6), torch.randn(2, 6), torch.tensor([3, 7])
     _, c = P.count_cost(lambda: buf.index_copy_(0, idx, src))
     assert c.bytes == 2 * (2 * 6 * 4 + 2 * 8)                   # index and rows read, rows written: not the buffer
+
+
+def test_cpu_sdpa_is_counted():
+    """The CPU flash kernel behind scaled_dot_product_attention (the reference path of the
+    exported priors) has no formula in torch: lsr counts it (every pair: a mask is applied)."""
+    q = torch.randn(2, 3, 10, 8)
+    mask = torch.ones(10, 10, dtype=torch.bool).tril()
+    _, c = P.count_cost(torch.nn.functional.scaled_dot_product_attention, q, q, q, attn_mask=mask)
+    assert c.flops >= 4 * 2 * 3 * 10 * 10 * 8 and c.uncounted == ()
 
 
 def _pairs(T):
