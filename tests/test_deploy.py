@@ -96,7 +96,7 @@ def test_wrong_input_shape_and_options(onnx_bundle):
         Inferencer(onnx_bundle, sigma=2.0)
     with pytest.raises(ValueError, match="resampler 'turbo' is not available for a bundle"):
         Inferencer(onnx_bundle, resampler="turbo")
-    assert Inferencer(onnx_bundle, resampler="native").loop == "incremental"
+    assert (Inferencer(onnx_bundle, resampler="native").loop, Inferencer(onnx_bundle).loop_impl) == ("native", "numpy")
 
 
 def test_native_resampler_needs_prior_rows(bundle_copy):
@@ -105,9 +105,13 @@ def test_native_resampler_needs_prior_rows(bundle_copy):
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     del meta["graphs"]["prior_rows"]
     (bundle_copy / "prior_rows.onnx").unlink()
+    meta["bundle_version"], meta["detect"]["resampler"] = 1, "fast"      # as lsr-export wrote them then
     (bundle_copy / "bundle.json").write_text(json.dumps(meta))
     assert Inferencer(bundle_copy, providers=[CPU]).loop == "fast"
-    with pytest.raises(ValueError, match="resampler native needs an ONNX bundle with a prior_rows graph"):
+    meta["detect"]["resampler"] = "auto"
+    (bundle_copy / "bundle.json").write_text(json.dumps(meta))
+    assert Inferencer(bundle_copy, providers=[CPU]).loop == "fast"
+    with pytest.raises(ValueError, match="resampler native needs an ONNX bundle with a prior_rows graph .*grids of 3"):
         Inferencer(bundle_copy, providers=[CPU], resampler="native")
     meta["graphs"]["prior_rows"] = {"file": "prior.onnx", "sha256": "0" * 64, "inputs": [], "outputs": []}
     (bundle_copy / "bundle.json").write_text(json.dumps(meta))
@@ -164,7 +168,7 @@ def test_lsr_detect_bundle_equals_run(onnx_bundle, tiny_run, test_paths, tmp_pat
     rows_run = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     rows_b = [json.loads(line) for line in (tmp_path / "bundle" / "results.jsonl").read_text().splitlines()]
     assert [r["image"] for r in rows_b] == imgs
-    assert {r["resampler"] for r in rows_b} == {"fast" if loop == "fast" else "incremental"}
+    assert {r["resampler"] for r in rows_b} == {loop} == {r["resampler"] for r in rows_run}
     for a, b in zip(rows_run, rows_b):
         for k in ("score", "nll_score", "direct_score"):
             assert b[k] == pytest.approx(a[k], abs=1e-4), k

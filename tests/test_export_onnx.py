@@ -194,7 +194,7 @@ def test_numpy_resize_and_nll_equal_torch():
 def test_onnx_bundle_files_and_metadata(onnx_bundle, tiny_run):
     b = read_bundle(onnx_bundle)
     meta = b.meta
-    assert meta["format"] == "onnx" and meta["bundle_version"] == 1 and meta["versions"]["onnx_opset"] >= 17
+    assert meta["format"] == "onnx" and meta["bundle_version"] == 2 and meta["versions"]["onnx_opset"] >= 17
     assert meta["model"] == {**meta["model"], "image_size": 32, "channels": 1, "grid_size": 8, "codebook_size": 16}
     run_cfg = json.loads((tiny_run / "config.json").read_text())["detect"]
     assert meta["detect"]["tau"] == run_cfg["tau"] and meta["detect"]["sigma"] == run_cfg["sigma"]
@@ -202,7 +202,7 @@ def test_onnx_bundle_files_and_metadata(onnx_bundle, tiny_run):
     assert sorted(p.name for p in onnx_bundle.iterdir()) == ["bundle.json", "decoder.onnx", "encoder.onnx",
                                                              "postprocess.onnx", "prior.onnx", "prior_rows.onnx"]
     assert meta["detect"]["resampler"] == "auto" and "prior_rows" in b.graphs
-    assert meta["parity"]["default_loop"] == "incremental" and meta["parity"]["default_loop_codes_equal"]
+    assert meta["parity"]["default_loop"] == "native" and meta["parity"]["default_loop_codes_equal"]
     assert meta["parity"]["max_abs_rows_logits"] < 1e-4
     rows = meta["graphs"]["prior_rows"]
     assert rows["context_rows"] == 2 and {e["kind"] for e in rows["state"]} == {"conv", "attention"}
@@ -244,7 +244,7 @@ def test_onnx_incremental_loop_equals_native_loop(onnx_bundle, tiny_run, tiny_da
     det = Detector.load(tiny_run, "cpu").with_options(resampler="native")
     x = _images(tiny_dataset, det)
     inf = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"])
-    assert inf.loop == "incremental"
+    assert (inf.loop, inf.loop_impl) == ("native", "numpy")
     got = inf.predict_batch(x)
     with torch.no_grad():
         want = det.detect(torch.from_numpy(x))
@@ -257,6 +257,50 @@ def test_onnx_incremental_loop_equals_native_loop(onnx_bundle, tiny_run, tiny_da
     np.testing.assert_allclose(got.anomaly_map, want.anomaly_map.numpy(), atol=1e-4)
     fast = Inferencer(onnx_bundle, providers=["CPUExecutionProvider"], resampler="fast").predict_batch(x)
     assert np.array_equal(fast.resampled_codes, got.resampled_codes)
+
+
+@pytest.mark.parametrize("kind", ["stateless-prior", "grid-3", "grid-2"])
+def test_export_edge_models(tmp_path, kind):
+    """Priors and grids at the edges of prior_rows: a prior with no state (no cached conv,
+    no attention), a 3 x 3 grid (the smallest with prior_rows), a 2 x 2 grid (none: fast).
+    Export passes its parity check and the bundle gives the PyTorch path's codes."""
+    import dataclasses
+    from lsr.checkpoint import save_weights
+    from lsr.config import preset
+    from lsr.io import write_json
+    from lsr.models import VQVAE
+
+    cfg = preset("tiny", 1)
+    if kind == "stateless-prior":
+        cfg.prior = dataclasses.replace(cfg.prior, n_res_blocks=0, attention=False)
+    else:
+        size = {"grid-3": 12, "grid-2": 8}[kind]
+        cfg.vqvae = dataclasses.replace(cfg.vqvae, image_size=size)
+        cfg.prior = dataclasses.replace(cfg.prior, grid_size=cfg.grid_size)
+    torch.manual_seed(0)
+    vqvae, prior = VQVAE(cfg.vqvae).eval(), PixelSNAIL(cfg.prior).eval()
+    S = cfg.vqvae.image_size
+    x = synthetic_images(6, 1, S, seed=3)
+    with torch.no_grad():
+        codes = vqvae.encode(torch.from_numpy(x))
+        p = ops.resampling._likelihood(prior(codes), codes)
+    cfg.detect.tau = float(p.flatten().quantile(0.25))
+    run = tmp_path / "run"
+    write_json(run / "config.json", cfg.to_dict())
+    save_weights(run / "vqvae.safetensors", vqvae)
+    save_weights(run / "prior.safetensors", prior)
+    res = export_bundle(run, tmp_path / "b", "onnx")
+    assert res.parity.passed, res.parity.summary()
+    inf = Inferencer(tmp_path / "b", providers=["CPUExecutionProvider"])
+    assert inf.loop == ("fast" if kind == "grid-2" else "native")
+    if kind == "stateless-prior":
+        assert read_bundle(tmp_path / "b").meta["graphs"]["prior_rows"]["state"] == []
+    det = Detector.load(run, "cpu").with_options(resampler="fast")
+    with torch.no_grad():
+        want = det.detect(torch.from_numpy(x))
+    got = inf.predict_batch(x)
+    assert int(want.resampled.sum()) > 0
+    assert np.array_equal(got.resampled_codes, want.resampled_codes.numpy())
 
 
 def test_onnx_runtime_options_match_pytorch(onnx_bundle, tiny_run, tiny_dataset):
@@ -319,7 +363,7 @@ def test_torchscript_round_trip(ts_bundle, tiny_run, tiny_dataset):
     b = read_bundle(ts_bundle)
     assert b.format == "torchscript" and b.meta["parity"]["passed"]
     inf = Inferencer(ts_bundle)
-    assert inf.loop == ("native" if ops.native_available() else "fast")    # the C++ loop when lsr._C is here
+    assert (inf.loop, inf.loop_impl) == (("native", "lsr._C") if ops.native_available() else ("fast", "numpy"))
     got = inf.predict_batch(x)
     assert np.array_equal(got.codes, want.codes.numpy())
     assert np.array_equal(got.resampled_codes, want.resampled_codes.numpy())

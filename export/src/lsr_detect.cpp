@@ -35,7 +35,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int kBundleVersion = 1;  // lsr.deploy.bundle.BUNDLE_VERSION
+constexpr int kBundleVersionMin = 1, kBundleVersionMax = 2;  // lsr.deploy.bundle.READ_VERSIONS
 
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -67,9 +67,10 @@ Bundle read_bundle(const fs::path& dir) {
   b.dir = dir;
   try {
     const double version = meta.at("bundle_version").number("bundle_version");
-    if (version != kBundleVersion)
+    if (!(version >= kBundleVersionMin && version <= kBundleVersionMax && version == std::floor(version)))
       throw Error("bundle version " + std::to_string(static_cast<int>(version)) + " is not supported (this runtime "
-                  "reads version " + std::to_string(kBundleVersion) + "); re-export with the matching lsr-export");
+                  "reads versions " + std::to_string(kBundleVersionMin) + " to " + std::to_string(kBundleVersionMax) +
+                  "); re-export with the matching lsr-export");
     const std::string& format = meta.at("format").string("format");
     if (format != "torchscript")
       throw Error("a " + format + " bundle; the C++ runtime runs TorchScript bundles "

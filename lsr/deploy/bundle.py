@@ -32,8 +32,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-#: Version of the bundle layout; a reader refuses any other.
-BUNDLE_VERSION = 1
+#: Version of the bundle layout written. 2: ``detect.resampler`` may be ``auto`` and an
+#: ONNX bundle may hold ``prior_rows`` (version 1 readers would refuse both).
+BUNDLE_VERSION = 2
+#: Versions this lsr reads (a version 1 bundle runs the fast loop).
+READ_VERSIONS = (1, 2)
 FORMATS = ("onnx", "torchscript")
 GRAPHS = ("encoder", "prior", "decoder", "postprocess")
 #: Graphs a bundle may hold besides :data:`GRAPHS` (checked like them when present):
@@ -114,7 +117,7 @@ def read_bundle(root: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
     """Read and check a bundle folder.
 
     Checks: ``bundle.json`` exists and is JSON with every required key; the bundle
-    version is :data:`BUNDLE_VERSION`; the format is known; every graph file exists and
+    version is one of :data:`READ_VERSIONS`; the format is known; every graph file exists and
     (``verify_hashes``) its sha256 equals the recorded one.
 
     Raises:
@@ -135,9 +138,9 @@ def read_bundle(root: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise BundleError(f"{meta_path}: missing keys {missing}; not a bundle written by lsr-export")
-    if meta["bundle_version"] != BUNDLE_VERSION:
+    if meta["bundle_version"] not in READ_VERSIONS:
         raise BundleError(f"{meta_path}: bundle version {meta['bundle_version']!r} is not supported "
-                          f"(this lsr reads version {BUNDLE_VERSION}); re-export the run with this "
+                          f"(this lsr reads versions {', '.join(map(str, READ_VERSIONS))}); re-export the run with this "
                           f"lsr's lsr-export")
     if meta["format"] not in FORMATS:
         raise BundleError(f"{meta_path}: unknown format {meta['format']!r} (expected one of {FORMATS})")
@@ -302,6 +305,6 @@ def graph_io(fmt: str, C: int, S: int, h: int, K: int) -> dict[str, tuple[list[d
     }
 
 
-__all__ = ["BUNDLE_VERSION", "FORMATS", "GRAPHS", "OPTIONAL_GRAPHS", "prior_rows_io", "Bundle", "BundleError", "GraphSpec", "read_bundle",
+__all__ = ["BUNDLE_VERSION", "READ_VERSIONS", "FORMATS", "GRAPHS", "OPTIONAL_GRAPHS", "prior_rows_io", "Bundle", "BundleError", "GraphSpec", "read_bundle",
            "is_bundle", "sha256_file", "staged_folder", "write_bundle_json", "graph_entry", "graph_io",
            "RUNTIME_OPTIONS", "BAKED_OPTIONS"]

@@ -141,8 +141,9 @@ def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Pat
 
 def _prior_rows_example(graph: nn.Module, h: int, K: int) -> tuple[tuple[torch.Tensor, ...], Any]:
     """Example inputs of :class:`PriorRowsGraph` (rows [h // 2, h) of 2 images, so that
-    no dynamic size is 0 or 1, which torch.export would specialise) and their dynamic
-    shapes: batch, rows evaluated, positions above them (0 allowed)."""
+    no dynamic size is 0 or 1, which torch.export would specialise: hence grids of 3 rows
+    or more) and their dynamic shapes: batch, rows evaluated, positions above them (0
+    allowed)."""
     ctx = graph.context_rows
     r0 = h // 2
     g = torch.Generator().manual_seed(0)
@@ -157,8 +158,10 @@ def _prior_rows_example(graph: nn.Module, h: int, K: int) -> tuple[tuple[torch.T
     A = torch.export.Dim("batch", min=1)
     R = torch.export.Dim("rows", min=1)
     P = torch.export.Dim("past", min=0)
-    dyn = {"codes": {0: A, 1: R + ctx}, "row_ids": {0: R + ctx},
-           "state_in": tuple({0: A, 2: P} if e["kind"] == "attention" else {0: A} for e in graph.state_geometry())}
+    dyn: dict[str, Any] = {"codes": {0: A, 1: R + ctx}, "row_ids": {0: R + ctx}}
+    if state:            # a prior without state (no cached conv, no attention) has no state inputs
+        dyn["state_in"] = tuple({0: A, 2: P} if e["kind"] == "attention" else {0: A}
+                                for e in graph.state_geometry())
     return (codes, ids, *state), dyn
 
 
@@ -273,7 +276,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "on
             else:
                 _export_torchscript(name, module, examples[name], path, prior)
             entries[name] = graph_entry(path, *io_specs[name])
-        if fmt == "onnx" and cfg.grid_size >= 4:
+        if fmt == "onnx" and cfg.grid_size >= 3:
             # the incremental loop's row-range prior (the bundle's default resampler)
             rows_graph = PriorRowsGraph(prior).eval()
             fold_weight_norm(rows_graph)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+import copy
 from typing import Any, List, Optional
 
 import torch.nn.functional as F
@@ -90,7 +91,8 @@ class PriorRowsGraph(nn.Module):
 
     def __init__(self, prior: PixelSNAIL):
         super().__init__()
-        inc = IncrementalPrior(prior.cpu().eval(), native=False)
+        prior = copy.deepcopy(prior).cpu().eval()        # the caller's prior keeps its device and mode
+        inc = IncrementalPrior(prior, native=False)
         self.inc = inc
         H = W = prior.cfg.grid_size
         self.context_rows = inc.v_pad[2] + 1            # x rows above r0 the vertical input conv reads

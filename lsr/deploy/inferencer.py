@@ -174,22 +174,23 @@ class Inferencer:
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
         self.options = self._merge_options(options)
         self.runner = make_runner(self.bundle, providers, threads)
-        self.loop = self._choose_loop(self.options["resampler"])
+        self.loop, self.loop_impl = self._choose_loop(self.options["resampler"])
 
-    def _choose_loop(self, resampler: str) -> str:
-        """The loop that runs: ``incremental`` (numpy, ONNX prior_rows), ``native`` (lsr's
-        C++ loop on a TorchScript prior), ``fast`` or ``naive``."""
+    def _choose_loop(self, resampler: str) -> tuple[str, str]:
+        """(the loop, how it runs): ``native`` (the lazy incremental loop: ``numpy`` over
+        the ONNX prior_rows graph, or ``lsr._C``, lsr's C++ loop on a TorchScript prior),
+        ``fast`` or ``naive`` (``numpy``, full passes)."""
         if resampler in ("fast", "naive"):
-            return resampler
+            return resampler, "numpy"
         if "prior_rows" in self.bundle.graphs and hasattr(self.runner, "sessions"):
-            return "incremental"
+            return "native", "numpy"
         if getattr(self.runner, "native_loop_available", lambda: False)():
-            return "native"
+            return "native", "lsr._C"
         if resampler == "native":
             raise ValueError(f"{self.bundle.root / 'bundle.json'}: resampler native needs an ONNX bundle with a "
-                             f"prior_rows graph (re-export with this lsr-export) or a TorchScript bundle with "
-                             f"lsr's extension built; use fast")
-        return "fast"
+                             f"prior_rows graph (written by lsr-export since bundle version 2, for grids of 3 "
+                             f"rows or more) or a TorchScript bundle with lsr's extension built; use fast")
+        return "fast", "numpy"
 
     def _merge_options(self, options: dict[str, Any]) -> dict[str, Any]:
         d = dict(self.bundle.detect)
@@ -294,11 +295,11 @@ class Inferencer:
         noise = nops.LazyNoise(seeds, h * w, K)
         chains = np.repeat(codes, n, axis=0)
         temperature = float(d["temperature"])
-        if self.loop == "incremental":
+        if self.loop == "native" and self.loop_impl == "numpy":
             meta = self.bundle.meta["graphs"]["prior_rows"]
             rs = nops.resample_incremental(self.prior, self.prior_rows, meta["state"], int(meta["context_rows"]),
                                            chains, noise, tau, temperature)
-        elif self.loop == "native":
+        elif self.loop == "native":                      # lsr._C on the TorchScript prior
             rs = self.runner.resample_native(chains, nops.gumbel_noise(len(seeds), h * w, K, seeds), tau,
                                              temperature)
         else:

@@ -392,5 +392,6 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 __all__ = ["chain_seed", "uniform", "gumbel_from_uniform", "gumbel_noise", "LazyNoise", "ResampleResult",
+           "resample_incremental", "split_groups", "state_above", "store_rows", "new_state",
            "flag_positions", "draw", "likelihood", "resample_fast", "resample_naive", "nll_score",
            "resize_maps"]

@@ -38,7 +38,7 @@ class ParityReport(NamedTuple):
     max_abs_map: float             # over the four maps
     max_abs_score: float           # score, direct_score; nll_score relative to its size
     max_abs_image: float           # direct and restored images
-    default_loop: str              # the loop the bundle runs by default (resampler auto)
+    default_loop: str              # the loop the bundle runs by default (resampler auto): native or fast
     default_loop_codes_equal: bool  # its resampled codes == the fast loop's
     max_abs_rows_logits: float     # prior_rows in row ranges vs a full pass (0 without prior_rows)
     tolerance: dict[str, float]
