@@ -112,23 +112,21 @@ class PriorRowsGraph(nn.Module):
         return out
 
     @staticmethod
-    def _gated(g: _Gated, x: Tensor, aux: Optional[Tensor], state: List[Tensor], outs: List[Tensor]) -> Tensor:
-        xe = F.elu(x)
-        if g.ctx > 0:
-            outs.append(xe)
-            xe = torch.cat([state.pop(0), F.pad(xe, (g.left, g.right, 0, 0))], 2)
-        else:
-            xe = F.pad(xe, (g.left, g.right, 0, 0))
-        t = F.conv2d(xe, g.w1, g.b1)
+    def _conv_input(g: _Gated, x: Tensor, state: List[Tensor], outs: List[Tensor]) -> Tensor:
+        """What a causal conv of ``g`` reads for rows [r0, r1): ``x`` (those rows, also
+        returned as state output) padded left and right, under the state rows above."""
+        padded = F.pad(x, (g.left, g.right, 0, 0))
+        if g.ctx == 0:
+            return padded
+        outs.append(x)
+        return torch.cat([state.pop(0), padded], 2)
+
+    @classmethod
+    def _gated(cls, g: _Gated, x: Tensor, aux: Optional[Tensor], state: List[Tensor], outs: List[Tensor]) -> Tensor:
+        t = F.conv2d(cls._conv_input(g, F.elu(x), state, outs), g.w1, g.b1)
         if g.has_aux and aux is not None:
             t = t + g.aux(F.elu(aux))
-        te = F.elu(t)
-        if g.ctx > 0:
-            outs.append(te)
-            te = torch.cat([state.pop(0), F.pad(te, (g.left, g.right, 0, 0))], 2)
-        else:
-            te = F.pad(te, (g.left, g.right, 0, 0))
-        a, gate = F.conv2d(te, g.w2, g.b2).chunk(2, dim=1)
+        a, gate = F.conv2d(cls._conv_input(g, F.elu(t), state, outs), g.w2, g.b2).chunk(2, dim=1)
         return x + a * torch.sigmoid(gate)
 
     def forward(self, codes: Tensor, row_ids: Tensor, *state_in: Tensor):
