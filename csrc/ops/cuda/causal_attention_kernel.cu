@@ -467,9 +467,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cuda(const a
   const at::Tensor grad_out = pad_head(grad_out_in.to(q.scalar_type()), cap);
   const at::Tensor lse = lse_in.contiguous();
   // D_t = dO_t . O_t in the accumulation type, (B, h, T) (ATen ops on the current stream;
-  // over the unpadded dims)
+  // over the unpadded dims; dO rounded to q's dtype, as the kernels read it)
   const auto acc_type = at::toOpMathType(q.scalar_type());
-  const at::Tensor delta = (grad_out_in.to(acc_type) * out_in.to(acc_type)).sum(-1).contiguous();
+  const at::Tensor delta =
+      (grad_out_in.to(q.scalar_type()).to(acc_type) * out_in.to(acc_type)).sum(-1).contiguous();
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
