@@ -59,8 +59,10 @@ def pytest_terminal_summary(terminalreporter, config):
                                         f"{frac:.2f} of the grid evaluated, per changed code")
     if roof:
         lim = next(iter(roof.values()))[2]
-        terminalreporter.section(f"fraction of the machine's limit ({lim.device}: measured float32 matmul "
-                                 f"{lim.matmul_flops_per_s / 1e9:.0f} GFLOP/s, copy {lim.copy_bytes_per_s / 1e9:.0f} GB/s)")
+        terminalreporter.section(f"fraction of the machine's limit ({lim.device}: measured float32 matrix product "
+                                 f"{lim.matmul_flops_per_s / 1e9:.0f} GFLOP/s (mm {lim.mm_flops_per_s / 1e9:.0f}, "
+                                 f"1x1 conv {lim.conv_flops_per_s / 1e9:.0f}{', TF32' if lim.tf32 else ''}), "
+                                 f"copy {lim.copy_bytes_per_s / 1e9:.0f} GB/s)")
         for (group, name), (r, _, _) in roof.items():
             terminalreporter.write_line(f"{group} {name}: {r['gflop']:.2f} GFLOP, {r['gbyte']:.3f} GB, "
                                         f"{r['achieved_gflop_per_s']:.1f} GFLOP/s, {r['bound_by']}-bound, "

@@ -46,9 +46,11 @@ class Cost(NamedTuple):
 
 class Limits(NamedTuple):
     device: str
-    matmul_flops_per_s: float     # measured: float32 matrix product (TF32 where the model may use it)
+    matmul_flops_per_s: float     # measured: the faster of the two float32 matrix products below
     copy_bytes_per_s: float       # measured: read + write of a large contiguous copy
-    tf32: bool = False            # the matrix rate was measured with TF32
+    tf32: bool = False            # the matrix rates were measured with TF32
+    mm_flops_per_s: float = 0.0   # torch.mm (BLAS: MKL / cuBLAS)
+    conv_flops_per_s: float = 0.0  # the same product as a 1x1 convolution (oneDNN / cuDNN)
 
 
 def _dense_bytes(t: torch.Tensor) -> int:
@@ -193,31 +195,42 @@ def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> f
 
 
 def measure_limits(device: str | torch.device = "cpu", repeats: int = 5) -> Limits:
-    """The device's float32 matrix-product rate (n x n by n x n, n = 4096 on a GPU, 1024
-    on a CPU) and copy bandwidth (a 256 MiB copy on a GPU, 64 MiB on a CPU; read + write
-    counted), best-effort medians after a warm-up. On a GPU the product runs with TF32
-    when the current settings let matrix products or cuDNN convolutions use it (cuDNN's
-    default), so that the limit is the fastest rate the model's float32 work may reach."""
+    """The device's float32 matrix-product rate and copy bandwidth, best-effort medians
+    after a warm-up.
+
+    The rate is the faster of two ways to multiply n x n by n x n (n = 4096 on a GPU,
+    2048 on a CPU): ``torch.mm`` (MKL or cuBLAS) and the same product as a 1x1 convolution
+    (oneDNN or cuDNN, which run the model's convolutions; on some CPUs the two differ
+    several-fold, e.g. a BLAS that takes a narrower vector path). On a GPU both run with
+    TF32 when the current settings let matrix products or cuDNN convolutions use it
+    (cuDNN's default), so the limit is the fastest rate the model's float32 work may
+    reach. The copy: 256 MiB on a GPU, 64 MiB on a CPU, read + write counted."""
     dev = torch.device(device)
     gpu = dev.type == "cuda"
-    n = 4096 if gpu else 1024
+    n = 4096 if gpu else 2048
     a = torch.randn(n, n, device=dev)
     b = torch.randn(n, n, device=dev)
     out = torch.empty(n, n, device=dev)
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
-    tf32 = gpu and (old_tf32 or torch.backends.cudnn.allow_tf32)
+    x = torch.randn(1, n, 32, n // 32, device=dev)                  # n channels, n positions
+    w = torch.randn(n, n, 1, 1, device=dev)
+    old_mm, old_cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    tf32 = bool(gpu and (old_mm or old_cudnn))
     try:
-        torch.backends.cuda.matmul.allow_tf32 = tf32 or old_tf32
+        if gpu:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         torch.mm(a, b, out=out)
         t_mm = _median_time(lambda: torch.mm(a, b, out=out), dev, repeats)
+        torch.nn.functional.conv2d(x, w)
+        t_conv = _median_time(lambda: torch.nn.functional.conv2d(x, w), dev, repeats)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_mm, old_cudnn
+    rate_mm, rate_conv = 2.0 * n ** 3 / t_mm, 2.0 * n ** 3 / t_conv
     elems = (256 if gpu else 64) * 2 ** 20 // 4
     src = torch.randn(elems, device=dev)
     dst = torch.empty_like(src)
     dst.copy_(src)
     t_cp = _median_time(lambda: dst.copy_(src), dev, repeats)
-    return Limits(str(dev), 2.0 * n ** 3 / t_mm, 2.0 * src.numel() * 4 / t_cp, bool(tf32))
+    return Limits(str(dev), max(rate_mm, rate_conv), 2.0 * src.numel() * 4 / t_cp, tf32, rate_mm, rate_conv)
 
 
 def roofline(cost: Cost, seconds: float, limits: Limits) -> dict[str, Any]:
