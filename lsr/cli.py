@@ -28,8 +28,9 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 def _add_detect_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("detection options (default: the run's config.json)")
     g.add_argument("--resampler", choices=RESAMPLERS, help="naive (H*W prior passes, reference), "
-                   "fast (exact, 1 + changes passes), native (the same loop in C++, incremental passes) "
-                   "or auto (native when the extension is built, else fast; the default)")
+                   "fast (exact, 1 + changes passes), native (the same loop with lazy, incremental passes: in "
+                   "C++ for a run, in numpy over prior_rows.onnx for an ONNX bundle) or auto (native when "
+                   "it can run, else fast; the default)")
     g.add_argument("--seed", type=int, help="seed of the pre-drawn resampling noise")
     g.add_argument("--restorations", type=int, help="independent restorations per image, maps averaged")
     g.add_argument("--tau", type=float, help="likelihood threshold (default: calibrated)")
