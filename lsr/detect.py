@@ -111,10 +111,7 @@ class Detector:
     def resampler(self) -> str:
         """The resampling loop detection runs (``auto`` resolved: ``native`` when the
         extension is built, else ``fast``)."""
-        r = self.config.detect.resampler
-        if r == "auto":
-            return "native" if ops.native_available() else "fast"
-        return r
+        return ops.resolve_resampler(self.config.detect.resampler, self.prior)
 
     @property
     def image_size(self) -> int:

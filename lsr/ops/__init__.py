@@ -116,7 +116,18 @@ __all__ = ["vq_nearest", "causal_attention", "backend", "current_backend", "nati
 from .resampling import (ResampleResult, flag_positions, gumbel_noise,  # noqa: E402
                        resample_fast, resample_naive, resample_native)
 
-RESAMPLERS = ("auto", "naive", "fast", "native")
+from ..config import RESAMPLERS  # noqa: E402  (the one list; config imports no torch)
+
+
+def resolve_resampler(method: str, prior) -> str:
+    """``auto`` -> ``native`` when the extension is built and ``prior`` can be scripted for
+    the C++ loop (a PixelSNAIL, or a scripted incremental prior), else ``fast``; any other
+    method is returned as it is."""
+    if method != "auto":
+        return method
+    from lsr.models.pixelsnail import PixelSNAIL
+    scripted = isinstance(prior, torch.jit.ScriptModule) and hasattr(prior, "partial")
+    return "native" if (isinstance(prior, PixelSNAIL) or scripted) and native_available() else "fast"
 
 
 def resample(prior, codes: Tensor, noise: Tensor, tau: float, temperature: float = 1.0,
@@ -134,11 +145,7 @@ def resample(prior, codes: Tensor, noise: Tensor, tau: float, temperature: float
             lazy prior passes; needs the extension and a PixelSNAIL prior) or ``auto``
             (``native`` when both are there, else ``fast``; all give the same codes).
     """
-    if method == "auto":
-        from lsr.models.pixelsnail import PixelSNAIL
-        scripted = isinstance(prior, torch.jit.ScriptModule) and hasattr(prior, "partial")
-        native_ok = (isinstance(prior, PixelSNAIL) or scripted) and native_available()
-        method = "native" if native_ok else "fast"
+    method = resolve_resampler(method, prior)
     if method == "naive":
         return resample_naive(prior, codes, noise, tau, temperature)
     if method == "fast":
@@ -149,4 +156,4 @@ def resample(prior, codes: Tensor, noise: Tensor, tau: float, temperature: float
 
 
 __all__ += ["resample", "ResampleResult", "flag_positions", "gumbel_noise", "resample_fast",
-            "resample_naive", "resample_native", "RESAMPLERS"]
+            "resample_naive", "resample_native", "resolve_resampler", "RESAMPLERS"]
