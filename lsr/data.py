@@ -214,6 +214,17 @@ def _to_float(img: Image.Image, path: Path) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0, out=arr)
 
 
+def _to_channels(hwc: np.ndarray, channels: int) -> np.ndarray:
+    """float32 (H, W, c), c in {1, 3} -> (channels, H, W): colour to ITU-R 601 luminance
+    (clipped) or grey replicated to 3 channels."""
+    if hwc.shape[2] == channels:
+        return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+    if channels == 1:  # colour -> luminance
+        chw = (hwc @ _LUMA)[None].astype(np.float32, copy=False)
+        return np.clip(chw, 0.0, 1.0, out=chw)
+    return np.repeat(hwc.transpose(2, 0, 1), 3, axis=0)  # grey -> 3 identical channels
+
+
 def _resize_float(chw: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear (antialiased when shrinking) resize of a float32 (C, H, W) array."""
     if chw.shape[1:] == (height, width):
@@ -271,13 +282,7 @@ def load_image(path: str | os.PathLike, channels: int, size: int | None = None) 
             raise
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{path}: cannot convert image mode {img.mode!r} ({type(e).__name__}: {e})") from None
-    if hwc.shape[2] == channels:
-        chw = np.ascontiguousarray(hwc.transpose(2, 0, 1))
-    elif channels == 1:  # colour -> luminance
-        chw = (hwc @ _LUMA)[None].astype(np.float32, copy=False)
-        np.clip(chw, 0.0, 1.0, out=chw)
-    else:  # grey -> 3 identical channels
-        chw = np.repeat(hwc.transpose(2, 0, 1), 3, axis=0)
+    chw = _to_channels(hwc, channels)
     if size is not None:
         chw = _resize_float(chw, int(size), int(size))
     return chw

@@ -104,8 +104,15 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def save_tiff(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Save a float32 map (H, W) as a TIFF, atomically (the MVTec AD evaluation format)."""
-    import tifffile
-
+    """Save a float32 map (H, W) as a TIFF, atomically (the MVTec AD evaluation format):
+    through tifffile, or Pillow where tifffile is not installed (a bundle's runtime)."""
     arr = np.ascontiguousarray(array, dtype=np.float32)
+    try:
+        import tifffile
+    except ImportError:
+        from PIL import Image
+
+        with atomic_write(path, "wb") as f:
+            Image.fromarray(arr, mode="F").save(f, format="TIFF")
+        return
     atomic_save(path, lambda tmp: tifffile.imwrite(tmp, arr))

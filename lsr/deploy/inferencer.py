@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from . import numpy_ops as nops
-from .bundle import BAKED_OPTIONS, Bundle, BundleError, read_bundle
+from .bundle import BAKED_OPTIONS, RUNTIME_OPTIONS, Bundle, read_bundle
 from .runtime import make_runner
 
 
@@ -79,18 +79,6 @@ def _is_torch_tensor(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
 
 
-def _channels_to(hwc: np.ndarray, channels: int) -> np.ndarray:
-    """float32 (H, W, c), c in {1, 3} -> (channels, H, W), as :func:`lsr.data.load_image`."""
-    from ..data import _LUMA
-
-    if hwc.shape[2] == channels:
-        return np.ascontiguousarray(hwc.transpose(2, 0, 1))
-    if channels == 1:
-        chw = (hwc @ _LUMA)[None].astype(np.float32, copy=False)
-        return np.clip(chw, 0.0, 1.0, out=chw)
-    return np.repeat(hwc.transpose(2, 0, 1), 3, axis=0)
-
-
 def _array_to_hwc(a: np.ndarray, what: str) -> np.ndarray:
     """An image array (H, W) or (H, W, c), c in 1..4, uint8/uint16/bool/float in [0, 1],
     -> float32 (H, W, 1|3) in [0, 1] (alpha dropped)."""
@@ -125,7 +113,7 @@ def to_model_input(image: Any, channels: int, size: int) -> tuple[np.ndarray, tu
     ITU-R 601 luma; alpha dropped)."""
     from PIL import Image
 
-    from ..data import _decode, _resize_float, _to_float, image_size, load_image
+    from ..data import _decode, _resize_float, _to_channels, _to_float, image_size, load_image
 
     if isinstance(image, (str, os.PathLike)):
         return load_image(image, channels, size), image_size(image)
@@ -146,7 +134,7 @@ def to_model_input(image: Any, channels: int, size: int) -> tuple[np.ndarray, tu
         raise TypeError(f"cannot read an image from {type(image).__name__}: pass a path, PIL image, "
                         f"numpy array or torch tensor")
     H, W = hwc.shape[:2]
-    return _resize_float(_channels_to(hwc, channels), size, size), (int(H), int(W))
+    return _resize_float(_to_channels(hwc, channels), size, size), (int(H), int(W))
 
 
 class Inferencer:
@@ -204,7 +192,7 @@ class Inferencer:
                     raise ValueError(f"{where}: {k} is {d.get(k)!r} in this bundle's postprocess graph; "
                                      f"{k}={v!r} needs a bundle exported with it (lsr-export RUN {flag} {v} ...)")
                 continue
-            if k not in ("tau", "temperature", "seed", "restorations", "resampler"):
+            if k not in RUNTIME_OPTIONS:
                 raise ValueError(f"unknown detection option {k!r}")
             d[k] = v
         if d["resampler"] not in ("auto", "native", "fast", "naive"):
@@ -337,21 +325,6 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def _save_float_tiff(path: Path, array: np.ndarray) -> None:
-    """float32 TIFF, through tifffile when installed (as ``lsr detect``), else Pillow."""
-    try:
-        from ..io import save_tiff
-
-        import tifffile  # noqa: F401
-        save_tiff(path, array)
-    except ImportError:
-        from PIL import Image
-
-        from ..io import atomic_write
-        with atomic_write(path, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F").save(f, format="TIFF")
-
-
 def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                   batch_size: int = 8, providers: Sequence[str] | None = None, save_tiff_maps: bool = False,
                   panels: bool = True, progress: bool = True, log=None, **options: Any) -> list[dict[str, Any]]:
@@ -360,7 +333,7 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     ``--tiff`` raw float32 maps at each image's size in ``maps/``) from an exported
     bundle run by onnxruntime. Returns the result rows."""
     from ..data import list_images
-    from ..io import atomic_write
+    from ..io import atomic_write, save_tiff
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     inf = Inferencer(bundle, providers=providers, **options)
@@ -401,7 +374,7 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                                  f"resampled {row['n_resampled']:.0f}/{row['n_codes']}")
             if save_tiff_maps:
                 full = nops.resize_maps(res.anomaly_map[i:i + 1], size)[0]
-                _save_float_tiff(out / "maps" / f"{stem}.tiff", full)
+                save_tiff(out / "maps" / f"{stem}.tiff", full)
                 row["map_tiff"] = str(out / "maps" / f"{stem}.tiff")
             rows.append(row)
         if progress:
