@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import DISTANCES, MAP_KINDS, PRESETS, RESAMPLERS, SCORES, SMOOTHINGS, RunConfig
+from .deploy.bundle import is_bundle
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_table({k: v for k, v in r["methods"].items()},
                                ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"]))
             print(f"metrics: {Path(args.out) / 'metrics.json'}   report: {Path(args.out) / 'report.png'}")
-        elif args.command == "detect" and _is_bundle(args.run):
+        elif args.command == "detect" and is_bundle(args.run):
             return _detect_bundle(args, progress)
         elif args.command == "detect":
             if args.providers:
@@ -141,12 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = detect_images(args.run, args.images, args.out, batch_size=args.batch_size,
                                  device=args.device, save_tiff_maps=args.tiff, panels=not args.no_panels,
                                  progress=progress, **_detect_options(args))
-            for r in rows:
-                print(f"{r['image']}: score {r['score']:.4f}  nll {r['nll_score']:.1f}  "
-                      f"resampled {r['n_resampled']:.0f}  passes {r['prior_passes']}"
-                      + (f" (later passes evaluated {r['recomputed_fraction']:.0%} of the grid each)"
-                         if r.get("recomputed_fraction") is not None else "")
-                      + f"  {r['time_ms']:.0f} ms")
+            _print_rows(rows)
             print(f"results: {Path(args.out) / 'results.jsonl'}")
         elif args.command == "demo":
             from .demo import run_demo
@@ -167,8 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _is_bundle(path: str) -> bool:
-    return (Path(path) / "bundle.json").is_file()
+def _print_rows(rows: Sequence[dict[str, Any]]) -> None:
+    """A line per detected image (``lsr detect`` of a run or a bundle)."""
+    for r in rows:
+        later = (f" (later passes evaluated {r['recomputed_fraction']:.0%} of the grid each)"
+                 if r.get("recomputed_fraction") is not None else "")
+        print(f"{r['image']}: score {r['score']:.4f}  nll {r['nll_score']:.1f}  "
+              f"resampled {r['n_resampled']:.0f}  passes {r['prior_passes']}{later}  {r['time_ms']:.0f} ms")
 
 
 def _detect_bundle(args: argparse.Namespace, progress: bool) -> int:
@@ -183,9 +184,7 @@ def _detect_bundle(args: argparse.Namespace, progress: bool) -> int:
     rows = detect_bundle(args.run, args.images, args.out, batch_size=args.batch_size, providers=providers,
                          save_tiff_maps=args.tiff, panels=not args.no_panels, progress=progress,
                          **_detect_options(args))
-    for r in rows:
-        print(f"{r['image']}: score {r['score']:.4f}  nll {r['nll_score']:.1f}  "
-              f"resampled {r['n_resampled']:.0f}  passes {r['prior_passes']}  {r['time_ms']:.0f} ms")
+    _print_rows(rows)
     print(f"results: {Path(args.out) / 'results.jsonl'}  (bundle {args.run}, "
           f"{', '.join(rows[0]['providers']) if rows else 'no images'})")
     return 0
@@ -260,10 +259,11 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         from .deploy import export_bundle
         from .deploy.export import DEFAULT_OPSET
 
-        keys = ("tau", "temperature", "seed", "restorations", "map_kind", "distance", "smoothing", "sigma",
-                "score", "topk")
+        from .deploy.bundle import EXPORTED_OPTIONS
+
         res = export_bundle(args.run, args.out, args.format, check=not args.no_check, overwrite=args.overwrite,
-                            opset=args.opset or DEFAULT_OPSET, options={k: getattr(args, k) for k in keys},
+                            opset=args.opset or DEFAULT_OPSET,
+                            options={k: getattr(args, k) for k in EXPORTED_OPTIONS},
                             tolerance=tol or None, check_images=args.check_images,
                             log=lambda m: print(m, file=sys.stderr))
         print(f"bundle: {res.bundle} ({res.format}{'' if res.parity else ', not checked'})")

@@ -40,13 +40,16 @@ READ_VERSIONS = (1, 2)
 FORMATS = ("onnx", "torchscript")
 GRAPHS = ("encoder", "prior", "decoder", "postprocess")
 #: Graphs a bundle may hold besides :data:`GRAPHS` (checked like them when present):
-#: ``prior_rows`` (ONNX: the row-range prior of the incremental loop).
-OPTIONAL_GRAPHS = ("prior_rows",)
+#: ``prior_rows`` (ONNX: the row-range prior of the incremental loop) and ``prior_native``
+#: (TorchScript: the prior on lsr's native attention ops, for runtimes that load them).
+OPTIONAL_GRAPHS = ("prior_rows", "prior_native")
 EXTENSIONS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: Detection settings a bundle user may change at run time (the rest are baked into
 #: the postprocess graph).
 RUNTIME_OPTIONS = ("tau", "temperature", "seed", "restorations", "resampler")
 BAKED_OPTIONS = ("map_kind", "distance", "smoothing", "sigma", "score", "topk")
+#: The detection settings a bundle records from its run (all but the loop choice).
+EXPORTED_OPTIONS = tuple(k for k in RUNTIME_OPTIONS if k != "resampler") + BAKED_OPTIONS
 
 
 class BundleError(ValueError):
@@ -307,4 +310,4 @@ def graph_io(fmt: str, C: int, S: int, h: int, K: int) -> dict[str, tuple[list[d
 
 __all__ = ["BUNDLE_VERSION", "READ_VERSIONS", "FORMATS", "GRAPHS", "OPTIONAL_GRAPHS", "prior_rows_io", "Bundle", "BundleError", "GraphSpec", "read_bundle",
            "is_bundle", "sha256_file", "staged_folder", "write_bundle_json", "graph_entry", "graph_io",
-           "RUNTIME_OPTIONS", "BAKED_OPTIONS"]
+           "RUNTIME_OPTIONS", "BAKED_OPTIONS", "EXPORTED_OPTIONS"]

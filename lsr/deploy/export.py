@@ -49,19 +49,12 @@ class ExportResult(NamedTuple):
 
 
 def torchscript_prior(prior: PixelSNAIL) -> torch.jit.ScriptModule:
-    """The prior as TorchScript, ``forward(codes (B, h, w) int64) -> logits (B, K, h, w)``.
-
-    Uses :func:`lsr.models.incremental.script_prior` when that module exists (a scripted
-    prior with incremental methods for the C++ runtime), on pure-PyTorch ops
-    (``native=False``) so that ``torch.jit.load`` needs no lsr extension; else traces
-    the prior on the reference path of its ops (batch kept dynamic; checked). This is
-    the one place that chooses."""
-    if importlib.util.find_spec("lsr.models.incremental") is not None:
-        from ..models.incremental import script_prior
-        return script_prior(prior, native=False)
-    h = prior.cfg.grid_size
-    example = torch.randint(0, prior.cfg.codebook_size, (2, h, h), generator=torch.Generator().manual_seed(0))
-    return _trace(prior, (example,))
+    """The prior as TorchScript, ``forward(codes (B, h, w) int64) -> logits (B, K, h, w)``:
+    :func:`lsr.models.incremental.script_prior` (with the incremental methods the C++
+    runtime calls), on pure-PyTorch ops (``native=False``) so that ``torch.jit.load``
+    needs no lsr extension."""
+    from ..models.incremental import script_prior
+    return script_prior(prior, native=False)
 
 
 def _trace(module: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:

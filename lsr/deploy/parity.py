@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import ops
-from .bundle import Bundle, BundleError, read_bundle
+from .bundle import EXPORTED_OPTIONS, Bundle, BundleError, read_bundle
 
 #: max abs differences allowed (the codes must be identical in any case)
 DEFAULT_TOLERANCE = {"logits": 1e-3, "likelihood": 1e-4, "map": 1e-4, "score": 1e-4, "image": 1e-4}
@@ -134,9 +134,7 @@ def check_bundle(bundle: str | os.PathLike | Bundle, run: str | os.PathLike | No
             raise BundleError(f"{b.root / 'bundle.json'}: the run it was exported from ({run}) is not here; "
                               f"pass the run folder (lsr-export --check BUNDLE --run RUN)")
     tol = {**DEFAULT_TOLERANCE, **(tolerance or {})}
-    keys = ("tau", "temperature", "restorations", "seed", "map_kind", "distance", "smoothing", "sigma",
-            "score", "topk")
-    det = Detector.load(run, "cpu").with_options(**{k: b.detect[k] for k in keys}, resampler="fast")
+    det = Detector.load(run, "cpu").with_options(**{k: b.detect[k] for k in EXPORTED_OPTIONS}, resampler="fast")
     if (det.image_size, det.channels) != (b.image_size, b.channels):
         raise BundleError(f"{b.root / 'bundle.json'}: bundle is for ({b.channels}, {b.image_size}) images, "
                           f"run {run} for ({det.channels}, {det.image_size})")

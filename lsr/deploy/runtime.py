@@ -16,12 +16,11 @@ import ctypes
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
+from .bundle import GRAPHS, Bundle, BundleError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -194,21 +193,25 @@ class TorchScriptRunner:
         self.providers = [f"torch.jit ({self.device})"]
         self.active_providers = self.providers
         self.modules: dict[str, Any] = {}
-        for name, spec in bundle.graphs.items():
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)   # TorchScript is the format here
-                    self.modules[name] = torch.jit.load(str(spec.path), map_location=self.device).eval()
-            except Exception as e:  # noqa: BLE001 - torch.jit raises RuntimeError and others
-                raise BundleError(f"{spec.path}: torch.jit.load cannot load this graph "
-                                  f"({type(e).__name__}: {str(e).strip()[:300]})") from None
+        for name in GRAPHS:
+            self.modules[name] = self._load(bundle.graphs[name])
         self._prefer_native_prior()
 
+    def _load(self, spec):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)   # TorchScript is the format here
+                return self.torch.jit.load(str(spec.path), map_location=self.device).eval()
+        except Exception as e:  # noqa: BLE001 - torch.jit raises RuntimeError and others
+            raise BundleError(f"{spec.path}: torch.jit.load cannot load this graph "
+                              f"({type(e).__name__}: {str(e).strip()[:300]})") from None
+
     def _prefer_native_prior(self) -> None:
-        """Use ``prior_native.pt`` (the prior on lsr's native attention kernels) when the
-        bundle has it and the lsr extension is loaded here; its hash is checked first."""
-        entry = self.bundle.meta.get("graphs", {}).get("prior_native")
-        if not isinstance(entry, dict) or "file" not in entry:
+        """Use ``prior_native.pt`` (the prior on lsr's native attention kernels; its hash
+        checked by :func:`lsr.deploy.bundle.read_bundle`) when the bundle has it and the
+        lsr extension is loaded here."""
+        spec = self.bundle.graphs.get("prior_native")
+        if spec is None:
             return
         try:
             from lsr import ops
@@ -216,13 +219,7 @@ class TorchScriptRunner:
             return
         if not ops.native_available():
             return
-        from .bundle import sha256_file
-        path = self.bundle.root / Path(entry["file"]).name
-        if not path.is_file() or sha256_file(path) != entry.get("sha256"):
-            raise BundleError(f"{path}: missing, or its sha256 does not match bundle.json (edited after export)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.modules["prior"] = self.torch.jit.load(str(path), map_location=self.device).eval()
+        self.modules["prior"] = self._load(spec)
         self.providers = self.active_providers = [f"torch.jit ({self.device}, native prior)"]
 
     def native_loop_available(self) -> bool:

@@ -11,7 +11,7 @@ r0..H-1 only, reading the cached rows above; the first pass is the same code wit
 
 Exactness: each row goes through the same arithmetic as in a full pass (the convolutions
 on a row slice and ``lsr::causal_attention_rows`` are bit-identical to the full ops; see
-tests/test_incremental.py), so the native resampling loop built on it gives the codes
+tests/test_native_resample.py), so the native resampling loop built on it gives the codes
 of the ``naive`` and ``fast`` loops.
 
 The module is TorchScript: the C++ resampling loop (``csrc/resample``) and the C++
@@ -32,7 +32,6 @@ Example:
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import List, Optional, Tuple
 
