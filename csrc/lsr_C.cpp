@@ -2,7 +2,6 @@
 // register the lsr:: ops with the PyTorch dispatcher (torch.ops.lsr.*). The one binding
 // here is the native resampling loop, which takes a scripted module and so is not an op.
 #include <torch/extension.h>
-#include <torch/csrc/jit/python/pybind_utils.h>
 
 #include "resample/resample.h"
 

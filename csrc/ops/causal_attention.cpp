@@ -40,10 +40,10 @@ at::Tensor causal_attention_rows_composite(const at::Tensor& q, const at::Tensor
   for (int64_t c0 = 0; c0 < Tq; c0 += kChunk) {
     const int64_t c1 = std::min(Tq, c0 + kChunk);
     const at::Tensor rows = at::arange(q0 + c0, q0 + c1, keys.options()).view({-1, 1});
-    const at::Tensor seen = keys < rows;                                      // (m, Tk): s < t
+    const at::Tensor unseen = keys >= rows;                                   // (m, Tk): s >= t
     at::Tensor s = at::matmul(q.narrow(2, c0, c1 - c0).to(acc), kt) * scale;  // (B, h, m, Tk)
-    s = s.masked_fill(seen.logical_not(), -std::numeric_limits<double>::infinity());
-    at::Tensor p = at::softmax(s, -1).masked_fill(seen.logical_not(), 0.0);   // row 0: NaN -> 0
+    s = s.masked_fill(unseen, -std::numeric_limits<double>::infinity());
+    at::Tensor p = at::softmax(s, -1).masked_fill(unseen, 0.0);               // row 0: NaN -> 0
     out.narrow(2, c0, c1 - c0).copy_(at::matmul(p, va));
   }
   return out.to(q.scalar_type());

@@ -17,14 +17,13 @@ LSR_INLINE void fwd_block(const AttnFwd<T>& a, int64_t bh, int64_t i0, int64_t i
   const int64_t n_t = a.len, dp = a.dp, m = i1 - i0;
   const T* Q = a.q + (bh * n_t + i0 - a.q0) * dp;
   const T* Kt = a.kt + bh * dp * a.Tp;
-  const T* Vr = a.v + bh * a.Tk * dp;
+  const T* Vr = a.v + bh * (a.q0 + n_t) * dp;
   std::fill(acc, acc + m * dp, T(0));
   std::fill(row_max, row_max + m, ninf);
   std::fill(row_sum, row_sum + m, T(0));
-  // the last row of the aligned block sees keys [0, end - 1); blocks past the diagonal are skipped
-  const int64_t end = std::min(a.q0 + n_t, (i0 / kBlockQ + 1) * kBlockQ);
-  for (int64_t j0 = 0; j0 < end - 1; j0 += kBlockK) {
-    const int64_t n = std::min(kBlockK, end - 1 - j0), np = round_up(n, W);
+  // the last row, t = i1 - 1, sees keys [0, i1 - 1); blocks past the diagonal are skipped
+  for (int64_t j0 = 0; j0 < i1 - 1; j0 += kBlockK) {
+    const int64_t n = std::min(kBlockK, i1 - 1 - j0), np = round_up(n, W);
     gemm<T>(m, np, dp, Q, dp, Kt + j0, a.Tp, S, kBlockK, false);  // raw scores q.k
     for (int64_t r = 0; r < m; ++r) {
       T* s = S + r * kBlockK;
@@ -75,7 +74,7 @@ LSR_INLINE void fwd_block(const AttnFwd<T>& a, int64_t bh, int64_t i0, int64_t i
 // are left; task t is query block nqb - 1 - t / BH of head t % BH (the longest rows first).
 // Query blocks are the absolute blocks [b * kBlockQ, (b + 1) * kBlockQ) cut to [q0, q0 + len).
 template <typename T> void attn_fwd_tasks(const AttnFwd<T>& a, std::atomic<int64_t>* next) {
-  const int64_t b0 = a.q0 / kBlockQ, nqb = (a.q0 + a.len + kBlockQ - 1) / kBlockQ - b0, ntasks = a.BH * nqb;
+  const int64_t b0 = a.first_qblock(), nqb = a.n_qblocks(), ntasks = a.BH * nqb;
   std::unique_ptr<T[]> buf(new T[kBlockQ * kBlockK + kBlockQ * a.dp + 2 * kBlockQ]);
   T* S = buf.get();
   T* acc = S + kBlockQ * kBlockK;

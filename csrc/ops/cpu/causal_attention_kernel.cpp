@@ -41,7 +41,9 @@ template <typename T> struct AttnFwd {
   int64_t BH, len, Tp, dp;  // heads, queries T (rows of q), padded key count and d
   T scale;
   int64_t q0 = 0;  // absolute position of query row 0 (> 0 in lsr::causal_attention_rows)
-  int64_t Tk = 0;  // number of keys: q0 + len
+  // query blocks: the absolute blocks [b * kBlockQ, (b + 1) * kBlockQ) that meet [q0, q0 + len)
+  int64_t first_qblock() const { return q0 / kBlockQ; }
+  int64_t n_qblocks() const { return (q0 + len + kBlockQ - 1) / kBlockQ - first_qblock(); }
 };
 
 template <typename T> struct AttnBwd {
@@ -72,7 +74,7 @@ template <typename T> void run_fwd(const AttnFwd<T>& a) {
   if (isa() == Isa::kAvx512) fn = &avx512::attn_fwd_tasks<T>;
   else if (isa() == Isa::kAvx2) fn = &avx2::attn_fwd_tasks<T>;
 #endif
-  const int64_t ntasks = a.BH * ((a.q0 + a.len + kBlockQ - 1) / kBlockQ - a.q0 / kBlockQ);
+  const int64_t ntasks = a.BH * a.n_qblocks();
   std::atomic<int64_t> next{0};
   // one call per thread; each takes tasks from `next` (dynamic: blocks differ in length)
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), ntasks), 1, [&](int64_t b, int64_t e) {
@@ -126,7 +128,7 @@ void fwd_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int
   AT_DISPATCH_FLOATING_TYPES(acc, "causal_attention_fwd_cpu", [&] {
     AttnFwd<scalar_t> a{qp.const_data_ptr<scalar_t>(), kt.const_data_ptr<scalar_t>(), vp.const_data_ptr<scalar_t>(),
                         out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), BH, T, Tp, dp,
-                        static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(d))), q0, q0 + T};
+                        static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(d))), q0};
     run_fwd(a);
   });
 }
