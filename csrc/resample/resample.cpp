@@ -34,10 +34,9 @@ at::Tensor flag_positions(const at::Tensor& p, double tau) {
   const at::Tensor below_left = padded.index({Slice(), Slice(), Slice(1, at::indexing::None), Slice(0, W)});
   const at::Tensor below = padded.index({Slice(), Slice(), Slice(1, at::indexing::None), Slice(1, W + 1)});
   const at::Tensor below_right = padded.index({Slice(), Slice(), Slice(1, at::indexing::None), Slice(2, at::indexing::None)});
-  const at::Tensor neighbour_low = (right + below_left + below + below_right).squeeze(1).gt(0);
-  at::Tensor last = at::zeros({H, W}, low.options());
-  last.index_put_({H - 1, W - 1}, true);
-  return low.logical_and(neighbour_low.logical_or(last));
+  at::Tensor neighbour_low = (right + below_left + below + below_right).squeeze(1).gt(0);
+  neighbour_low.index_put_({Slice(), H - 1, W - 1}, true);  // the last position counts alone
+  return low.logical_and(neighbour_low);
 }
 
 at::Tensor code_likelihood(const at::Tensor& logits, const at::Tensor& codes) {
@@ -112,7 +111,7 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
   const auto dev = codes.device();
   const at::TensorOptions cpu_long = at::TensorOptions().dtype(at::kLong);
   ResampleOutput out;
-  at::Tensor c = codes.contiguous().clone();
+  at::Tensor c = codes.clone(at::MemoryFormat::Contiguous);
   at::Tensor flat = c.view({B, T});
   at::Tensor resampled = at::zeros({B, T}, c.options().dtype(at::kBool));
   std::vector<int64_t> passes(B, 1), evaluated(B, T), pointer(B, 0), valid(B, H), chunk(B, kRowsAfterChange),
@@ -123,7 +122,7 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
   torch::NoGradGuard no_grad;
   at::Tensor logits = prior.forward({c}).toTensor();  // (B, K, H, W), the first pass: no cache
   c10::IValue cache;                                   // created at the first change
-  std::vector<char> cached(B, 0);
+  torch::jit::Method partial = prior.get_method("partial");
   TORCH_CHECK(logits.dim() == 4 && logits.size(0) == B && logits.size(2) == H && logits.size(3) == W,
               "resample: the prior returned logits of shape ", logits.sizes(), " for codes ", c.sizes());
   const int64_t K = logits.size(1);
@@ -166,7 +165,7 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
         pointer[b] = std::max(pointer[b], hi[a]);  // nothing flagged before the decidable end
       }
       req_b.push_back(b);
-      req_r0.push_back(cached[b] ? valid[b] : 0);
+      req_r0.push_back(passes[b] > 1 ? valid[b] : 0);  // cache rows filled by an earlier partial pass
       req_r1.push_back(std::min(H, valid[b] + chunk[b]));
       chunk[b] *= 2;
     }
@@ -207,8 +206,8 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
     for (size_t gi = 0; gi < g_rows.size(); ++gi) {
       const int64_t r0 = g_r0[gi], r1 = g_r1[gi], n_rows = r1 - r0;
       const at::Tensor& g_idx = idx[2 + gi];
-      const at::Tensor sub_codes = c.index_select(0, g_idx).narrow(1, 0, r1);  // rows [0, r1)
-      at::Tensor sub = prior.get_method("partial")({sub_codes, g_idx, r0, cache}).toTensor();  // (G, K, r1 - r0, W)
+      const at::Tensor sub_codes = c.narrow(1, 0, r1).index_select(0, g_idx);  // rows [0, r1)
+      at::Tensor sub = partial({sub_codes, g_idx, r0, cache}).toTensor();  // (G, K, r1 - r0, W)
       TORCH_CHECK(sub.dim() == 4 && sub.size(2) == n_rows && sub.size(3) == W,
                   "resample: partial pass returned ", sub.sizes(), " for rows ", r0, "..", r1 - 1);
       L.narrow(2, r0 * W, n_rows * W).index_copy_(0, g_idx, sub.flatten(2));
@@ -218,7 +217,6 @@ ResampleOutput resample_incremental(torch::jit::Module& prior, const at::Tensor&
         passes[b] += 1;
         evaluated[b] += n_rows * W;
         valid[b] = r1;
-        cached[b] = 1;
       }
     }
   }

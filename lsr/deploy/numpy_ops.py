@@ -274,7 +274,6 @@ def resample_incremental(prior: PriorFn, rows: RowsFn, geometry: Sequence[dict],
     pointer = np.zeros(B, dtype=np.int64)
     valid = np.full(B, H, dtype=np.int64)                             # rows [0, valid) exact
     chunk = np.full(B, rows_after_change, dtype=np.int64)
-    cached = np.zeros(B, dtype=bool)
     state: list[np.ndarray] | None = None
     positions = np.arange(T)
     active = np.arange(B)
@@ -299,7 +298,7 @@ def resample_incremental(prior: PriorFn, rows: RowsFn, geometry: Sequence[dict],
             else:
                 pointer[b] = max(pointer[b], hi[a])
             req_b.append(b)
-            req_r0.append(int(valid[b]) if cached[b] else 0)
+            req_r0.append(int(valid[b]) if passes[b] > 1 else 0)      # cache rows filled by an earlier call
             req_r1.append(int(min(H, valid[b] + chunk[b])))
             chunk[b] *= 2
         if changed:
@@ -323,7 +322,6 @@ def resample_incremental(prior: PriorFn, rows: RowsFn, geometry: Sequence[dict],
             passes[imgs] += 1
             evaluated[imgs] += n * W
             valid[imgs] = r1
-            cached[imgs] = True
     return ResampleResult(c, resampled.reshape(B, H, W), first, passes, evaluated)
 
 
