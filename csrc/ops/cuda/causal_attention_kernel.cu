@@ -464,13 +464,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cuda(const a
   OutputLike grad_q(q_in, cap), grad_k(k_in, cap), grad_v(v_in, cap);
   const dim3 grid = attention_grid(q_in);
   const at::Tensor q = pad_head(q_in, cap), k = pad_head(k_in, cap), v = pad_head(v_in, cap);
-  const at::Tensor grad_out = pad_head(grad_out_in.to(q.scalar_type()), cap);
+  const at::Tensor grad_out_q = grad_out_in.to(q.scalar_type());    // dO as the kernels read it
+  const at::Tensor grad_out = pad_head(grad_out_q, cap);
   const at::Tensor lse = lse_in.contiguous();
   // D_t = dO_t . O_t in the accumulation type, (B, h, T) (ATen ops on the current stream;
   // over the unpadded dims; dO rounded to q's dtype, as the kernels read it)
   const auto acc_type = at::toOpMathType(q.scalar_type());
-  const at::Tensor delta =
-      (grad_out_in.to(q.scalar_type()).to(acc_type) * out_in.to(acc_type)).sum(-1).contiguous();
+  const at::Tensor delta = (grad_out_q.to(acc_type) * out_in.to(acc_type)).sum(-1).contiguous();
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
