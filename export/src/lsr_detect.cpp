@@ -42,7 +42,6 @@ struct Error : std::runtime_error {
 };
 
 struct Bundle {
-  fs::path dir;
   int image_size = 0, channels = 0, grid = 0, K = 0;
   double tau = 0, temperature = 1;
   int64_t seed = 0;
@@ -64,7 +63,6 @@ Bundle read_bundle(const fs::path& dir) {
     throw Error(meta_path.string() + ": " + e.what());
   }
   Bundle b;
-  b.dir = dir;
   try {
     const double version = meta.at("bundle_version").number("bundle_version");
     if (!(version >= kBundleVersionMin && version <= kBundleVersionMax && version == std::floor(version)))
@@ -93,11 +91,15 @@ Bundle read_bundle(const fs::path& dir) {
     if (b.channels != 1 && b.channels != 3) throw Error("model.channels must be 1 or 3");
     if (b.image_size < 1 || b.grid < 1 || b.K < 1 || b.restorations < 1 || !(b.temperature > 0))
       throw Error("model.image_size, grid_size, codebook_size, detect.restorations and temperature must be positive");
-    for (const char* name : {"encoder", "prior", "decoder", "postprocess"}) {
-      const auto& g = meta.at("graphs").at(name);
-      const std::string& file = g.at("file").string(std::string("graphs.") + name + ".file");
+    // the four graphs, then prior_native (the prior on the native attention kernels, written
+    // when lsr-export had the extension): this runtime links the op library, so it prefers it
+    const auto& graphs = meta.at("graphs");
+    for (const std::string name : {"encoder", "prior", "decoder", "postprocess", "prior_native"}) {
+      if (name == "prior_native" && !graphs.has(name)) continue;
+      const auto& g = graphs.at(name);
+      const std::string& file = g.at("file").string("graphs." + name + ".file");
       if (fs::path(file).filename().string() != file)
-        throw Error(std::string("graph file of ") + name + " must be a plain file name in the bundle");
+        throw Error("graph file of " + name + " must be a plain file name in the bundle");
       const fs::path path = dir / file;
       if (!fs::is_regular_file(path))
         throw Error(path.string() + ": graph file missing from the bundle (" + name + " graph)");
@@ -105,20 +107,7 @@ Bundle read_bundle(const fs::path& dir) {
       if (digest != g.at("sha256").string("sha256"))
         throw Error(path.string() + ": sha256 " + digest.substr(0, 12) +
                     "... does not match bundle.json: the graph was edited or replaced after export");
-      b.graphs[name] = path;
-    }
-    // the prior on the native attention kernels (written when lsr-export had the extension):
-    // this runtime links the op library, so it prefers that one
-    if (meta.at("graphs").has("prior_native")) {
-      const auto& g = meta.at("graphs").at("prior_native");
-      const std::string& file = g.at("file").string("graphs.prior_native.file");
-      if (fs::path(file).filename().string() != file)
-        throw Error("graph file of prior_native must be a plain file name in the bundle");
-      const fs::path path = dir / file;
-      if (!fs::is_regular_file(path)) throw Error(path.string() + ": graph file missing from the bundle (prior_native)");
-      if (lsr::sha256_file(path.string()) != g.at("sha256").string("sha256"))
-        throw Error(path.string() + ": sha256 does not match bundle.json: the graph was edited or replaced after export");
-      b.graphs["prior"] = path;
+      b.graphs[name == "prior_native" ? "prior" : name] = path;
     }
   } catch (const Error& e) {
     const std::string msg = e.what();
@@ -311,7 +300,8 @@ int main(int argc, char** argv) {
           if (save_codes) {
             row << ", \"resampled_codes\": [";
             const at::Tensor c = first_codes[static_cast<int64_t>(i)].flatten().contiguous();
-            for (int64_t k = 0; k < c.numel(); ++k) row << (k ? ", " : "") << c[k].item<int64_t>();
+            const int64_t* cp = c.const_data_ptr<int64_t>();
+            for (int64_t k = 0; k < c.numel(); ++k) row << (k ? ", " : "") << cp[k];
             row << "]";
           }
           row << "}";
