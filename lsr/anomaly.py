@@ -60,12 +60,73 @@ def ssim_distance(a: Tensor, b: Tensor, sigma: float = 1.5, data_range: float = 
     return (1.0 - ssim).mean(dim=1)
 
 
+_PREWITT = torch.tensor([[1.0, 0.0, -1.0], [1.0, 0.0, -1.0], [1.0, 0.0, -1.0]]) / 3.0
+
+
+def _gradient_magnitude(g: Tensor) -> Tensor:
+    """Prewitt gradient magnitude of grey images (B, 1, H, W), replicate padding."""
+    k = _PREWITT.to(g.device, g.dtype)
+    gp = F.pad(g, (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(gp, k.view(1, 1, 3, 3))
+    gy = F.conv2d(gp, k.t().contiguous().view(1, 1, 3, 3))
+    return (gx * gx + gy * gy).sqrt()
+
+
+def msgms_distance(a: Tensor, b: Tensor, scales: int = 3, c: float = 0.0026) -> Tensor:
+    """Multi-scale gradient magnitude similarity distance (RIAD, Zavrtanik et al. 2021):
+    images (B, C, H, W) in [0, 1] -> (B, H, W), the mean over scales 1, 1/2, 1/4, ... of
+    1 - GMS, GMS = (2 g_a g_b + c) / (g_a^2 + g_b^2 + c) on grey (channel-mean) images
+    average-pooled per scale, each scale's map bilinearly upsampled. 0 where equal."""
+    H, W = a.shape[-2:]
+    ga, gb = a.float().mean(1, keepdim=True), b.float().mean(1, keepdim=True)
+    out = torch.zeros(a.shape[0], H, W, dtype=torch.float32, device=a.device)
+    for s in range(scales):
+        if s:
+            ga, gb = F.avg_pool2d(ga, 2), F.avg_pool2d(gb, 2)
+        ma, mb = _gradient_magnitude(ga), _gradient_magnitude(gb)
+        gms = (2 * ma * mb + c) / (ma * ma + mb * mb + c)
+        d = 1.0 - gms
+        if d.shape[-2:] != (H, W):
+            d = F.interpolate(d, size=(H, W), mode="bilinear", align_corners=False)
+        out += d[:, 0]
+    return out / scales
+
+
 def distance(a: Tensor, b: Tensor, kind: str = "l2") -> Tensor:
+    """Per-pixel distance between image batches (B, C, H, W) -> (B, H, W)."""
     if kind == "l2":
         return l2_distance(a, b)
     if kind == "ssim":
         return ssim_distance(a, b)
-    raise ValueError(f"distance must be 'l2' or 'ssim', got {kind!r}")
+    if kind == "msgms":
+        return msgms_distance(a, b)
+    raise ValueError(f"distance must be 'l2', 'ssim' or 'msgms', got {kind!r}")
+
+
+def feature_distance(a: Tensor, b: Tensor, kind: str = "l2", eps: float = 1e-8) -> Tensor:
+    """Per-position distance between feature maps (B, C, h, w) -> (B, h, w): Euclidean
+    over channels (``l2``) or 1 - cosine similarity (``cosine``)."""
+    a, b = a.float(), b.float()
+    if kind == "l2":
+        return l2_distance(a, b)
+    if kind == "cosine":
+        dot = (a * b).sum(1)
+        return 1.0 - dot / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)
+    raise ValueError(f"feature distance must be 'l2' or 'cosine', got {kind!r}")
+
+
+def code_mask_map(resampled: Tensor, size: tuple[int, int], dilate: int = 1) -> Tensor:
+    """Boolean code grids (B, h, w) of resampled positions -> float masks (B, H, W):
+    dilated by ``dilate`` cells (a 3 x 3 max per step), nearest-upsampled to ``size``."""
+    m = resampled.float().unsqueeze(1)
+    for _ in range(int(dilate)):
+        m = F.max_pool2d(m, 3, stride=1, padding=1)
+    return F.interpolate(m, size=tuple(size), mode="nearest").squeeze(1)
+
+
+def standardise(x: Tensor, mean: float, std: float, eps: float = 1e-12) -> Tensor:
+    """(x - mean) / std, with std floored at eps."""
+    return (x - mean) / max(float(std), eps)
 
 
 def bilateral_smooth(maps: Tensor, sigma_spatial: float) -> Tensor:
@@ -99,14 +160,24 @@ def anomaly_map(a: Tensor, b: Tensor, distance_kind: str = "l2", smoothing: str 
     return smooth(distance(a.float(), b.float(), distance_kind), smoothing, sigma)
 
 
-def image_score(maps: Tensor, kind: str = "max", topk: int = 100) -> Tensor:
-    """Image score from maps (B, H, W): their max, or the mean of the top-k pixels."""
+def image_score(maps: Tensor, kind: str = "max", topk: int = 100, pool: int = 21) -> Tensor:
+    """Image score from maps (B, H, W): their max, the mean of the top-k pixels, or
+    (``pooled_max``) the max after a pool x pool mean filter (:func:`pooled_max`)."""
     flat = maps.flatten(1)
     if kind == "max":
         return flat.amax(dim=1)
     if kind == "topk_mean":
         return flat.topk(min(topk, flat.shape[1]), dim=1).values.mean(dim=1)
-    raise ValueError(f"score must be 'max' or 'topk_mean', got {kind!r}")
+    if kind == "pooled_max":
+        return pooled_max(maps, pool)
+    raise ValueError(f"score must be 'max', 'topk_mean' or 'pooled_max', got {kind!r}")
+
+
+def pooled_max(maps: Tensor, size: int) -> Tensor:
+    """Max over maps (B, H, W) of their size x size window means (windows inside the map;
+    the whole map's mean when it is smaller than the window), as DSR scores images."""
+    k = min(int(size), maps.shape[-2], maps.shape[-1])
+    return F.avg_pool2d(maps.unsqueeze(1).float(), k, stride=1).flatten(1).amax(dim=1).to(maps.dtype)
 
 
 def nll_score(likelihood: Tensor, tau: float) -> Tensor:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import DISTANCES, MAP_KINDS, PRESETS, RESAMPLERS, SCORES, SMOOTHINGS, RunConfig
+from .config import DISTANCES, MAP_KINDS, PRESETS, RESAMPLERS, SCORES, SMOOTHINGS, WEIGHTINGS, RunConfig
 from .deploy.bundle import is_bundle
 
 
@@ -36,19 +36,23 @@ def _add_detect_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--restorations", type=int, help="independent restorations per image, maps averaged")
     g.add_argument("--tau", type=float, help="likelihood threshold (default: calibrated)")
     g.add_argument("--temperature", type=float, help="sampling temperature")
-    g.add_argument("--map", dest="map_kind", choices=MAP_KINDS, help="which difference makes the map")
-    g.add_argument("--distance", choices=DISTANCES)
+    g.add_argument("--map", dest="map_kind", choices=MAP_KINDS, help="which difference makes the map (gated: "
+                   "restored vs input only where codes were resampled)")
+    g.add_argument("--distance", choices=DISTANCES, help="pixel space: l2, ssim, msgms; feature space: l2, cosine")
     g.add_argument("--smoothing", choices=SMOOTHINGS)
     g.add_argument("--sigma", type=float, help="smoothing sigma in pixels (model resolution)")
     g.add_argument("--score", choices=SCORES, help="image score from the map")
     g.add_argument("--topk", type=int, help="pixels averaged by --score topk_mean")
+    g.add_argument("--pool", type=int, help="window side (model pixels) of --score pooled_max")
+    g.add_argument("--gate-dilate", type=int, help="cells the resampled-code mask of --map gated is dilated by")
+    g.add_argument("--weighting", choices=WEIGHTINGS, help="how --restorations are combined")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: GPU if present)")
 
 
 def _detect_options(a: argparse.Namespace) -> dict[str, Any]:
     keys = ("resampler", "seed", "restorations", "tau", "temperature", "map_kind", "distance", "smoothing",
-            "sigma", "score", "topk")
+            "sigma", "score", "topk", "pool", "gate_dilate", "weighting")
     return {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
 
 
@@ -65,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", parents=[common], help="train a run folder from normal images")
     t.add_argument("data", help="MVTec AD category folder (train/good is used) or a folder of images")
     t.add_argument("--out", required=True, help="run folder (resumed if it holds an unfinished run)")
-    t.add_argument("--preset", choices=PRESETS, help="default: paper on a GPU, cpu otherwise")
+    t.add_argument("--preset", choices=PRESETS, help="default: gpu on a GPU, cpu otherwise (both feature "
+                   "space; paper is the paper's pixel-space method)")
     t.add_argument("--config", help="a config.json to start from (e.g. from another run)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.vqvae_epochs=10 (repeatable)")

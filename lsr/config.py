@@ -17,11 +17,16 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-MAP_KINDS = ("restored_vs_input", "restored_vs_direct")
-DISTANCES = ("l2", "ssim")
+SPACES = ("pixels", "features")
+MAP_KINDS = ("restored_vs_input", "restored_vs_direct", "gated")
+DISTANCES = ("l2", "ssim", "msgms", "cosine")
+PIXEL_DISTANCES = ("l2", "ssim", "msgms")      # images
+FEATURE_DISTANCES = ("l2", "cosine")           # feature maps
 SMOOTHINGS = ("gaussian", "bilateral", "none")
-SCORES = ("max", "topk_mean")
+SCORES = ("max", "topk_mean", "pooled_max")
+WEIGHTINGS = ("mean", "closeness")
 RESAMPLERS = ("auto", "naive", "fast", "native")
+BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
 
 
 @dataclass
@@ -29,6 +34,11 @@ class VQVAEConfig:
     in_channels: int = 3
     image_size: int = 128          # images are resized to image_size x image_size
     downsample: int = 8            # f: a code per f x f pixels (power of two)
+    space: str = "pixels"          # what the VQ-VAE encodes: the image ("pixels", the paper's)
+                                   # or a frozen pretrained backbone's feature map ("features")
+    backbone: str = "efficientnet_lite0"   # features: one of lsr.models.backbone.BACKBONES
+    backbone_weights: str = ""     # features: state dict path ("" = the file a package ships)
+    backbone_pool: int = 3         # features: local averaging of each backbone tap
     channels: int = 64             # conv channels at the lowest resolution
     res_channels: int = 32         # hidden channels inside residual blocks
     n_res_blocks: int = 2
@@ -41,6 +51,11 @@ class VQVAEConfig:
     @property
     def grid_size(self) -> int:
         return self.image_size // self.downsample
+
+    @property
+    def feature_stride(self) -> int:
+        """Pixels per backbone feature cell (features mode)."""
+        return 8
 
 
 @dataclass
@@ -74,8 +89,11 @@ class TrainConfig:
     prior_batch_size: int = 32
     shift_augment: int = 8         # code grids per image: the image and shifted copies
     patience: int = 10             # early stopping on held-out NLL (epochs)
-    max_minutes: float = 0.0       # wall-clock cap per training stage (0: none); a capped
-                                   # stage keeps its best/last epoch, so results then depend on speed
+    max_minutes: float = 0.0       # opt-in wall-clock cap per training stage (0: none); a capped
+                                   # stage keeps its best/last epoch and warns: results then
+                                   # depend on the machine's speed
+    picture_weight: float = 1.0    # features: weight of the pixel decoder's loss (pictures only;
+                                   # its gradient never reaches the codes)
 
 
 @dataclass
@@ -90,8 +108,18 @@ class DetectConfig:
     sigma: float = 4.0             # Gaussian smoothing, in pixels of the model resolution
     score: str = "max"
     topk: int = 100                # pixels averaged for score="topk_mean"
+    pool: int = 21                 # window side (model pixels) for score="pooled_max" (DSR)
+    gate_dilate: int = 1           # map "gated": resampled-code mask dilated by this many cells
     restorations: int = 1
+    weighting: str = "mean"        # restorations: plain mean, or weighted by closeness to the
+                                   # input (softmax of 3 / mean distance, Marimont & Tarroni)
     seed: int = 0
+    # held-out normal images' image scores (set at calibration; fused = sum of standardised
+    # map score and NLL score)
+    score_mean: float | None = None
+    score_std: float | None = None
+    nll_mean: float | None = None
+    nll_std: float | None = None
 
 
 @dataclass
@@ -119,6 +147,21 @@ class RunConfig:
             raise ValueError(f"vqvae.image_size {v.image_size} is not a multiple of downsample {f}")
         if v.in_channels not in (1, 3):
             raise ValueError(f"vqvae.in_channels must be 1 or 3, got {v.in_channels}")
+        if v.space not in SPACES:
+            raise ValueError(f"vqvae.space must be one of {SPACES}, got {v.space!r}")
+        if v.space == "features":
+            if f < v.feature_stride:
+                raise ValueError(f"vqvae.downsample {f} is finer than the backbone's stride {v.feature_stride} "
+                                 f"(features mode needs downsample >= {v.feature_stride})")
+            if v.backbone not in BACKBONES:
+                raise ValueError(f"vqvae.backbone must be one of {BACKBONES}, got {v.backbone!r}")
+            if v.backbone_pool < 1 or v.backbone_pool % 2 == 0:
+                raise ValueError(f"vqvae.backbone_pool must be odd and >= 1, got {v.backbone_pool}")
+            if d.distance not in FEATURE_DISTANCES:
+                raise ValueError(f"detect.distance {d.distance!r} is not for feature maps; choose from "
+                                 f"{FEATURE_DISTANCES}")
+        elif d.distance not in PIXEL_DISTANCES:
+            raise ValueError(f"detect.distance {d.distance!r} is not for images; choose from {PIXEL_DISTANCES}")
         if p.codebook_size != v.codebook_size or p.grid_size != v.grid_size:
             raise ValueError(
                 f"prior (K={p.codebook_size}, grid={p.grid_size}) does not match the VQ-VAE "
@@ -129,13 +172,18 @@ class RunConfig:
             raise ValueError(f"prior.channels {p.channels} not divisible by n_heads {p.n_heads}")
         for name, value, allowed in (("map_kind", d.map_kind, MAP_KINDS), ("distance", d.distance, DISTANCES),
                                      ("smoothing", d.smoothing, SMOOTHINGS), ("score", d.score, SCORES),
-                                     ("resampler", d.resampler, RESAMPLERS)):
+                                     ("resampler", d.resampler, RESAMPLERS),
+                                     ("weighting", d.weighting, WEIGHTINGS)):
             if value not in allowed:
                 raise ValueError(f"detect.{name} must be one of {allowed}, got {value!r}")
         if d.temperature <= 0:
             raise ValueError(f"detect.temperature must be > 0, got {d.temperature}")
         if d.restorations < 1:
             raise ValueError(f"detect.restorations must be >= 1, got {d.restorations}")
+        if d.pool < 1:
+            raise ValueError(f"detect.pool must be >= 1, got {d.pool}")
+        if d.gate_dilate < 0:
+            raise ValueError(f"detect.gate_dilate must be >= 0, got {d.gate_dilate}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,18 +225,27 @@ def _build(cls, d: dict[str, Any]):
 
 
 def preset(name: str, in_channels: int = 3) -> RunConfig:
-    """The named preset: ``cpu`` (2 CPU cores, <= 15 min per category), ``demo``
-    (smaller, for ``lsr demo``), ``paper`` (256 px, 32x32 codes, K = 512; for GPUs) and
-    ``tiny`` (tests)."""
-    if name == "cpu":
+    """The named preset (see :data:`PRESETS`).
+
+    Feature space (the default since the quality benchmark, ``benchmarks/quality``):
+    ``cpu`` (the default without a GPU: 256 px through EfficientNet-Lite0, 16x16 codes,
+    K = 64; sized for ~200 images in <= 10 min on 2 cores), ``demo`` (the same model, fewer
+    epochs, for ``lsr demo``), ``gpu`` (the default on a GPU: 32x32 codes, K = 256, a larger
+    prior). Pixel space, the paper's method: ``paper`` (256 px, 32x32 codes, K = 512),
+    ``cpu-pixels`` and ``demo-pixels`` (the earlier CPU presets). ``tiny`` and
+    ``tiny-features`` are for tests. Budgets are epoch counts, never wall-clock time, so the
+    same command gives the same model on a fast and a slow machine."""
+    if name in ("cpu", "demo", "gpu", "tiny-features"):
+        return _feature_preset(name, in_channels)
+    if name == "cpu-pixels":
         v = VQVAEConfig(in_channels=in_channels)
         p = PriorConfig()
-        t = TrainConfig(max_minutes=6.5)       # each stage capped: <= 15 min on 2 cores
-    elif name == "demo":
+        t = TrainConfig()
+    elif name == "demo-pixels":
         v = VQVAEConfig(in_channels=in_channels, image_size=128, channels=48, res_channels=24,
                         embed_dim=32, codebook_size=32)
         p = PriorConfig(codebook_size=32, channels=48, n_blocks=2, n_heads=4)
-        t = TrainConfig(vqvae_epochs=40, prior_epochs=30, max_minutes=3.5)
+        t = TrainConfig(vqvae_epochs=40, prior_epochs=30)
     elif name == "paper":
         v = VQVAEConfig(in_channels=in_channels, image_size=256, downsample=8, channels=128,
                         res_channels=64, n_res_blocks=2, embed_dim=64, codebook_size=512)
@@ -204,8 +261,32 @@ def preset(name: str, in_channels: int = 3) -> RunConfig:
         t = TrainConfig(batch_size=8, vqvae_epochs=2, prior_epochs=2, prior_batch_size=8,
                         shift_augment=2, val_fraction=0.25)
     else:
-        raise ValueError(f"unknown preset {name!r}; choose cpu, demo, paper or tiny")
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return RunConfig(preset=name, vqvae=v, prior=p, train=t, detect=DetectConfig())
 
 
-PRESETS = ("cpu", "demo", "paper", "tiny")
+def _feature_preset(name: str, in_channels: int) -> RunConfig:
+    if name == "gpu":
+        v = VQVAEConfig(in_channels=in_channels, image_size=256, downsample=8, space="features",
+                        channels=256, res_channels=128, n_res_blocks=2, embed_dim=64, codebook_size=256)
+        p = PriorConfig(codebook_size=256, grid_size=32, channels=128, n_blocks=4, n_res_blocks=2,
+                        kernel_size=5, n_heads=8, dropout=0.1)
+        t = TrainConfig(batch_size=32, vqvae_epochs=100, prior_epochs=100, prior_batch_size=64, patience=15)
+    elif name == "tiny-features":
+        v = VQVAEConfig(in_channels=in_channels, image_size=64, downsample=8, space="features",
+                        channels=16, res_channels=8, n_res_blocks=1, embed_dim=8, codebook_size=16)
+        p = PriorConfig(codebook_size=16, grid_size=8, channels=16, n_blocks=1, n_res_blocks=1,
+                        kernel_size=3, n_heads=2, dropout=0.0)
+        t = TrainConfig(batch_size=8, vqvae_epochs=2, prior_epochs=2, prior_batch_size=8,
+                        shift_augment=2, val_fraction=0.25)
+    else:                                                # cpu, demo
+        v = VQVAEConfig(in_channels=in_channels, image_size=256, downsample=16, space="features",
+                        channels=128, res_channels=64, n_res_blocks=2, embed_dim=64, codebook_size=64)
+        p = PriorConfig(codebook_size=64, grid_size=16, channels=64, n_blocks=2, n_res_blocks=2,
+                        kernel_size=5, n_heads=4, dropout=0.1)
+        epochs = {"cpu": (40, 40), "demo": (25, 25)}[name]
+        t = TrainConfig(vqvae_epochs=epochs[0], prior_epochs=epochs[1])
+    return RunConfig(preset=name, vqvae=v, prior=p, train=t, detect=DetectConfig())
+
+
+PRESETS = ("cpu", "demo", "gpu", "paper", "cpu-pixels", "demo-pixels", "tiny", "tiny-features")

@@ -19,7 +19,7 @@ from .io import write_json
 
 DEMO_CATEGORIES = ("brick", "grass", "gravel")
 TABLE_COLUMNS = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"]
-METHOD_ORDER = ("lsr", "restored_vs_input", "restored_vs_direct", "direct", "nll")
+METHOD_ORDER = ("lsr", "restored_vs_input", "restored_vs_direct", "gated", "direct", "nll", "fused")
 
 
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:

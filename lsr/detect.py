@@ -27,11 +27,15 @@ from .checkpoint import load_into
 from .config import RunConfig
 from .data import DataError, image_size, list_images, load_image
 from .io import atomic_write, read_json, save_tiff
-from .models import VQVAE, PixelSNAIL
+from .models import VQVAE, FeatureVQVAE, PixelSNAIL, build_vqvae
 
 
 class DetectionResult(NamedTuple):
-    """Per-batch detection output; every field has a leading batch dimension B."""
+    """Per-batch detection output; every field has a leading batch dimension B.
+
+    In features mode the maps compare features (the backbone's of the input, and those
+    decoded from the direct and the restored codes), upsampled to the image; ``direct``
+    and ``restored`` are then the pixel decoder's pictures of those codes."""
     anomaly_map: Tensor          # (B, S, S) the configured map (map_kind)
     score: Tensor                # (B,) image score of anomaly_map
     nll_score: Tensor            # (B,) sum of -log p_t over codes with p_t < tau
@@ -48,6 +52,9 @@ class DetectionResult(NamedTuple):
     n_resampled: Tensor          # (B,) float, redrawn codes per restoration (mean)
     prior_passes: Tensor         # (B,) int64, prior passes over all restorations
     positions_evaluated: Tensor  # (B,) int64, grid positions those passes evaluated
+    map_gated: Tensor            # (B, S, S) restored vs input where codes were resampled (dilated mask)
+    fused_score: Tensor          # (B,) standardised score + standardised nll_score (held-out normal
+                                 # images' statistics); NaN when the run has none for these options
 
 
 def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
@@ -60,7 +67,7 @@ def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
     if config.detect.tau is None:
         raise ValueError(f"{run / 'config.json'}: tau is not calibrated (training did not finish); "
                          f"re-run `lsr train` with the same --out to resume")
-    vqvae, prior = VQVAE(config.vqvae), PixelSNAIL(config.prior)
+    vqvae, prior = build_vqvae(config.vqvae, pretrained=False), PixelSNAIL(config.prior)
     load_into(vqvae, run / "vqvae.safetensors")
     load_into(prior, run / "prior.safetensors")
     return config, vqvae.eval(), prior.eval()
@@ -101,11 +108,20 @@ class Detector:
         return cls(vqvae, prior, config, device)
 
     def with_options(self, **options: Any) -> "Detector":
-        """A detector sharing the models, with detect options replaced (e.g. resampler)."""
+        """A detector sharing the models, with detect options replaced (e.g. resampler).
+        Options that change the image score drop the held-out score statistics (the fused
+        score is then NaN until :func:`score_stats` is run again for them)."""
         options = {k: v for k, v in options.items() if v is not None}
-        cfg = dataclasses.replace(self.config, detect=dataclasses.replace(self.config.detect, **options))
+        d = self.config.detect
+        if any(k in SCORE_OPTIONS and v != getattr(d, k) for k, v in options.items()):
+            options.update(score_mean=None, score_std=None, nll_mean=None, nll_std=None)
+        cfg = dataclasses.replace(self.config, detect=dataclasses.replace(d, **options))
         cfg.validate()
         return Detector(self.vqvae, self.prior, cfg, self.device)
+
+    @property
+    def space(self) -> str:
+        return self.config.vqvae.space
 
     @property
     def resampler(self) -> str:
@@ -140,38 +156,58 @@ class Detector:
             raise ValueError(f"got {len(ids)} image ids for {B} images")
         x = x.to(self.device, torch.float32)
         n = d.restorations
+        features = self.space == "features"
 
-        z = self.vqvae.encoder(x)
-        codes = self.vqvae.quantizer(z).indices                              # (B, h, w)
-        direct = self.vqvae.decode_indices(codes).clamp(0, 1)                # (B, C, S, S)
+        # what is seen: the image, or its normalised backbone features
+        seen = self.vqvae.features(x) if features else x                     # (B, C|F, ., .)
+        codes = self.vqvae.quantizer(self.vqvae.encoder(seen)).indices       # (B, h, w)
+        decode = self.vqvae.decode_features if features else self._decode_image
+        direct_seen = decode(codes)                                          # (B, C|F, ., .)
         h, w = codes.shape[1:]
         K = self.config.prior.codebook_size
         seeds = [chain_seed(d.seed, i, r) for i in ids for r in range(n)]
         noise = ops.gumbel_noise(B * n, h * w, K, seeds)
         chains = codes.repeat_interleave(n, dim=0)                           # (B*n, h, w)
         rs = ops.resample(self.prior, chains, noise, float(d.tau), d.temperature, self.resampler)
-        restored = self.vqvae.decode_indices(rs.codes).clamp(0, 1)           # (B*n, C, S, S)
+        restored_seen = decode(rs.codes)                                     # (B*n, C|F, ., .)
 
-        def per_image(a: Tensor, b: Tensor) -> Tensor:
-            m = anomaly.anomaly_map(a, b, d.distance, d.smoothing, d.sigma)  # (B*n, S, S)
-            return m.view(B, n, S, S).mean(dim=1)
+        def dist(a: Tensor, b: Tensor) -> Tensor:                            # -> (., S, S), unsmoothed
+            if features:
+                return anomaly.resize_maps(anomaly.feature_distance(a, b, d.distance), (S, S))
+            return anomaly.distance(a.float(), b.float(), d.distance)
 
-        map_in = per_image(restored, x.repeat_interleave(n, dim=0))
-        map_rd = per_image(restored, direct.repeat_interleave(n, dim=0))
-        map_base = anomaly.anomaly_map(x, direct, d.distance, d.smoothing, d.sigma)
-        chosen = map_in if d.map_kind == "restored_vs_input" else map_rd
+        def smooth(m: Tensor) -> Tensor:
+            return anomaly.smooth(m, d.smoothing, d.sigma)
+
+        d_in = dist(restored_seen, seen.repeat_interleave(n, dim=0))         # (B*n, S, S)
+        d_rd = dist(restored_seen, direct_seen.repeat_interleave(n, dim=0))
+        gate = anomaly.code_mask_map(rs.resampled, (S, S), d.gate_dilate)    # (B*n, S, S)
+        weights = restoration_weights(d_in.view(B, n, -1).mean(-1), d.weighting)  # (B, n)
+
+        def combine(m: Tensor) -> Tensor:                                    # (B*n, S, S) -> (B, S, S)
+            return (smooth(m).view(B, n, S, S) * weights.view(B, n, 1, 1)).sum(dim=1)
+
+        map_in, map_rd, map_gated = combine(d_in), combine(d_rd), combine(d_in * gate)
+        map_base = smooth(dist(seen, direct_seen))
+        chosen = {"restored_vs_input": map_in, "restored_vs_direct": map_rd, "gated": map_gated}[d.map_kind]
         first = slice(None, None, n)
         likelihood = rs.likelihood[first]
+        score = anomaly.image_score(chosen, d.score, d.topk, pool=d.pool)
+        nll = anomaly.nll_score(likelihood, float(d.tau))
+        if features:
+            direct, restored = self._decode_image(codes), self._decode_image(rs.codes[first])
+        else:
+            direct, restored = direct_seen, restored_seen[first]
         return DetectionResult(
             anomaly_map=chosen,
-            score=anomaly.image_score(chosen, d.score, d.topk),
-            nll_score=anomaly.nll_score(likelihood, float(d.tau)),
+            score=score,
+            nll_score=nll,
             map_restored_vs_input=map_in,
             map_restored_vs_direct=map_rd,
             map_direct=map_base,
-            direct_score=anomaly.image_score(map_base, d.score, d.topk),
+            direct_score=anomaly.image_score(map_base, d.score, d.topk, pool=d.pool),
             direct=direct,
-            restored=restored[first],
+            restored=restored,
             codes=codes,
             resampled_codes=rs.codes[first],
             resampled=rs.resampled[first],
@@ -179,7 +215,13 @@ class Detector:
             n_resampled=rs.resampled.view(B, n, -1).sum(-1).float().mean(dim=1),
             prior_passes=rs.prior_passes.view(B, n).sum(dim=1),
             positions_evaluated=rs.positions_evaluated.view(B, n).sum(dim=1),
+            map_gated=map_gated,
+            fused_score=fused_score(score, nll, d),
         )
+
+    def _decode_image(self, codes: Tensor) -> Tensor:
+        """Codes -> image in [0, 1] (the VQ-VAE's decoder, or the pixel decoder in features mode)."""
+        return self.vqvae.decode_indices(codes).clamp(0, 1)
 
     def load_batch(self, paths: Sequence[Path]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Images at the model's size and channels, plus each file's own (H, W)."""
@@ -213,6 +255,47 @@ class Detector:
         bar.close()
 
 
+#: detect options that change an image score (the held-out statistics belong to them)
+SCORE_OPTIONS = ("tau", "temperature", "map_kind", "distance", "smoothing", "sigma", "score", "topk", "pool",
+                 "gate_dilate", "restorations", "weighting", "seed")
+
+
+def restoration_weights(closeness: Tensor, kind: str) -> Tensor:
+    """Weights (B, n) of n restorations per image: equal (``mean``), or (``closeness``)
+    softmax over the restorations of 3 / (mean distance to the input), so a restoration that
+    stayed closer to the input counts more (Marimont & Tarroni 2021). closeness (B, n)."""
+    if kind == "mean" or closeness.shape[1] == 1:
+        return torch.full_like(closeness, 1.0 / closeness.shape[1])
+    if kind == "closeness":
+        return torch.softmax(3.0 / closeness.clamp_min(1e-6), dim=1)
+    raise ValueError(f"weighting must be 'mean' or 'closeness', got {kind!r}")
+
+
+def fused_score(score: Tensor, nll: Tensor, d: Any) -> Tensor:
+    """Map score and NLL score, each standardised by the held-out normal images'
+    statistics, summed; NaN where the statistics are missing."""
+    if None in (d.score_mean, d.score_std, d.nll_mean, d.nll_std):
+        return torch.full_like(score, float("nan"))
+    return anomaly.standardise(score, d.score_mean, d.score_std) + anomaly.standardise(nll, d.nll_mean, d.nll_std)
+
+
+@torch.no_grad()
+def score_stats(det: "Detector", x: Tensor, batch_size: int = 8, first_id: int = 1_000_000) -> dict[str, float]:
+    """Mean and standard deviation of the image score and the NLL score over normal
+    images x (N, C, S, S), e.g. the held-out part of train/good (never test images).
+    Their noise streams use ids from ``first_id`` on, apart from the test images' ids."""
+    scores, nlls = [], []
+    for s in range(0, x.shape[0], batch_size):
+        xs = x[s:s + batch_size]
+        res = det.detect(xs, range(first_id + s, first_id + s + xs.shape[0]))
+        scores.append(res.score.double().cpu())
+        nlls.append(res.nll_score.double().cpu())
+    sc, nl = torch.cat(scores), torch.cat(nlls)
+    std = (lambda t: float(t.std()) if t.numel() > 1 else 0.0)
+    return {"score_mean": float(sc.mean()), "score_std": std(sc), "nll_mean": float(nl.mean()),
+            "nll_std": std(nl), "n_images": int(sc.numel())}
+
+
 def recomputed_fraction(prior_passes: int, positions_evaluated: int, n_codes: int, restorations: int
                         ) -> float | None:
     """Share of the grid that an average prior call after the first one evaluated (1.0 for
@@ -232,12 +315,18 @@ def result_row(res: DetectionResult, i: int, restorations: int = 1) -> dict[str,
         "score": float(res.score[i]),
         "nll_score": float(res.nll_score[i]),
         "direct_score": float(res.direct_score[i]),
+        "fused_score": _finite(float(res.fused_score[i])),
         "n_resampled": float(res.n_resampled[i]),
         "prior_passes": passes,
         "positions_evaluated": evaluated,
         "recomputed_fraction": recomputed_fraction(passes, evaluated, n_codes, restorations),
         "n_codes": n_codes,
     }
+
+
+def _finite(v: float) -> float | None:
+    """JSON has no NaN: a missing value is null."""
+    return v if np.isfinite(v) else None
 
 
 def unique_stems(paths: Sequence[Path]) -> list[str]:
@@ -298,4 +387,5 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     return dist.broadcast_object(rows)
 
 
-__all__ = ["Detector", "DetectionResult", "detect_images", "resolve_device", "chain_seed", "DataError"]
+__all__ = ["Detector", "DetectionResult", "detect_images", "resolve_device", "chain_seed", "score_stats",
+           "fused_score", "restoration_weights", "DataError"]

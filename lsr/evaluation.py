@@ -28,7 +28,9 @@ from .detect import Detector, result_row
 from .io import atomic_write, save_tiff, write_json
 from .metrics import all_metrics, image_metrics, roc_curve
 
-VARIANTS = ("restored_vs_input", "restored_vs_direct")
+VARIANTS = ("restored_vs_input", "restored_vs_direct", "gated")
+MAP_METHODS = ("lsr", *VARIANTS, "direct")                 # methods with a map
+SCORE_KINDS = ("max", "topk_mean", "pooled_max")           # image scores measured for every map
 
 
 def _method_metrics(scores: np.ndarray, labels: np.ndarray, maps: list[np.ndarray] | None,
@@ -71,6 +73,8 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
 
     ctx = dist.context(device)
     det = Detector.load(run, ctx.device).with_options(**options)
+    if det.config.detect.score_mean is None:              # options changed the score: held-out stats anew
+        det = _with_held_out_stats(det, run)
     cat = scan_mvtec(data, require_test=True)
     check_mask_sizes(cat)
     out = Path(out)
@@ -88,7 +92,8 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     for start, chunk, sizes, x, res, ms in det.detect_paths(paths, batch_size, progress=progress and ctx.main,
                                                             shard=(ctx.rank, ctx.world)):
         variant_maps = {"restored_vs_input": res.map_restored_vs_input,
-                        "restored_vs_direct": res.map_restored_vs_direct}
+                        "restored_vs_direct": res.map_restored_vs_direct, "gated": res.map_gated}
+        model_maps = {"lsr": res.anomaly_map, **variant_maps, "direct": res.map_direct}
         for i, size in enumerate(sizes):
             k = start + i
             s = samples[k]
@@ -98,9 +103,11 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
                 "direct": anomaly.resize_maps(res.map_direct[i:i + 1].cpu(), size)[0].numpy(),
             }
             scores = {"lsr": float(res.score[i]), "direct": float(res.direct_score[i]),
-                      "nll": float(res.nll_score[i]),
-                      **{v: float(anomaly.image_score(variant_maps[v][i:i + 1], d.score, d.topk)[0])
+                      "nll": float(res.nll_score[i]), "fused": float(res.fused_score[i]),
+                      **{v: float(anomaly.image_score(variant_maps[v][i:i + 1], d.score, d.topk, pool=d.pool)[0])
                          for v in VARIANTS}}
+            kinds = {m: {kd: float(anomaly.image_score(model_maps[m][i:i + 1], kd, d.topk, pool=d.pool)[0])
+                         for kd in SCORE_KINDS} for m in MAP_METHODS}
             rel = Path(cat.name) / "test" / s.defect / f"{s.path.stem}.tiff"
             save_tiff(out / "anomaly_maps" / rel, full["lsr"])
             save_tiff(out / "baseline_maps" / rel, full["direct"])
@@ -114,24 +121,29 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
                         "map": res.anomaly_map[i].cpu().numpy(),
                         "direct_map": res.map_direct[i].cpu().numpy(),
                         "resampled": res.resampled[i].cpu().numpy()}
-            mine.append((k, {"maps": full, "scores": scores, "row": row, "keep": item, "size": size}))
+            mine.append((k, {"maps": full, "scores": scores, "kinds": kinds, "row": row, "keep": item,
+                             "size": size}))
     gathered = dist.gather_objects(mine)                  # every rank's records on rank 0
     if not ctx.main:
         return dist.broadcast_object(None)
     records = dict(item for part in gathered for item in part)
     seconds = time.perf_counter() - t_start
 
-    names = {m: np.array([records[k]["scores"][m] for k in range(n)]) for m in ("lsr", *VARIANTS, "direct", "nll")}
-    maps = {m: [records[k]["maps"][m] for k in range(n)] for m in ("lsr", *VARIANTS, "direct")}
+    names = {m: np.array([records[k]["scores"][m] for k in range(n)]) for m in (*MAP_METHODS, "nll", "fused")}
+    maps = {m: [records[k]["maps"][m] for k in range(n)] for m in MAP_METHODS}
     masks = [load_mask(s.mask_path) if s.mask_path is not None else np.zeros(records[k]["size"], dtype=bool)
              for k, s in enumerate(samples)]
     rows = [records[k]["row"] for k in range(n)]
     keep = {k: records[k]["keep"] for k in range(n) if records[k]["keep"] is not None}
 
     methods: dict[str, Any] = {}
-    for m in ("lsr", *VARIANTS, "direct"):
+    for m in MAP_METHODS:
         methods[m] = _method_metrics(names[m], labels, maps[m], masks, defects)
     methods["nll"] = _method_metrics(names["nll"], labels, None, masks, defects)
+    if np.isfinite(names["fused"]).all():
+        methods["fused"] = _method_metrics(names["fused"], labels, None, masks, defects)
+    score_kinds = {m: {kd: image_metrics(np.array([records[k]["kinds"][m][kd] for k in range(n)]), labels)
+                       for kd in SCORE_KINDS} for m in MAP_METHODS}
     result = {
         "category": cat.name,
         "run": str(run),
@@ -139,9 +151,12 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
         "n_test": n,
         "n_anomalous": int(labels.sum()),
         "default_map": d.map_kind,
-        "detect": {k2: getattr(d, k2) for k2 in ("tau", "resampler", "distance", "smoothing", "sigma",
-                                                 "score", "restorations", "seed", "temperature")},
+        "detect": {k2: getattr(d, k2) for k2 in ("tau", "resampler", "map_kind", "distance", "smoothing", "sigma",
+                                                 "score", "topk", "pool", "gate_dilate", "restorations",
+                                                 "weighting", "seed", "temperature")},
+        "space": det.space,
         "methods": methods,
+        "image_score_kinds": score_kinds,
         "mean_resampled_codes": float(np.mean([r["n_resampled"] for r in rows])),
         "mean_prior_passes": float(np.mean([r["prior_passes"] for r in rows])),
         "seconds": seconds,
@@ -153,6 +168,32 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     write_json(out / "metrics.json", result)
     _write_pictures(out, cat.name, samples, keep, masks, names, maps, labels, methods)
     return dist.broadcast_object(result)
+
+
+def _with_held_out_stats(det: Detector, run: str | os.PathLike) -> Detector:
+    """The detector with the held-out score statistics of its current options, from the
+    held-out normal images listed in the run's split.json (never test images); unchanged
+    when those images are no longer there."""
+    import dataclasses
+
+    from .data import load_images
+    from .detect import score_stats
+    from .io import read_json
+
+    split = Path(run) / "split.json"
+    try:
+        val = [Path(p) for p in read_json(split)["val"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return det
+    if not val or not all(p.is_file() for p in val):
+        return det
+    x = load_images(val, det.channels, det.image_size)
+    import torch
+    stats = score_stats(det, torch.from_numpy(x))
+    det.config = dataclasses.replace(det.config, detect=dataclasses.replace(
+        det.config.detect, score_mean=stats["score_mean"], score_std=stats["score_std"],
+        nll_mean=stats["nll_mean"], nll_std=stats["nll_std"]))
+    return det
 
 
 def _pick_rows(defects: np.ndarray, n_rows: int) -> list[int]:

@@ -25,7 +25,7 @@ from .config import RunConfig, preset
 from .data import DataError, detect_channels, list_images, load_images, scan_mvtec, split_train_val
 from .detect import resolve_device
 from .io import append_jsonl, read_json, write_json
-from .models import VQVAE, PixelSNAIL
+from .models import VQVAE, FeatureVQVAE, PixelSNAIL, build_vqvae
 
 
 class TrainResult(NamedTuple):
@@ -46,10 +46,10 @@ def train_images(data: str | os.PathLike) -> list[Path]:
 
 def default_config(data: str | os.PathLike, preset_name: str | None = None,
                    device: str | torch.device | None = None) -> RunConfig:
-    """The preset for this device (``paper`` on a GPU, ``cpu`` otherwise) with the
-    input channels read from the training images."""
+    """The preset for this device (``gpu`` on a GPU, ``cpu`` otherwise; both feature space)
+    with the input channels read from the training images."""
     dev = resolve_device(device)
-    name = preset_name or ("paper" if dev.type == "cuda" else "cpu")
+    name = preset_name or ("gpu" if dev.type == "cuda" else "cpu")
     return preset(name, in_channels=detect_channels(train_images(data)))
 
 
@@ -71,9 +71,18 @@ class _Stage:
         self.max_seconds = max_minutes * 60.0
 
     def out_of_time(self) -> bool:
-        """Rank 0's clock decides, so every rank stops after the same epoch."""
-        over = self.max_seconds > 0 and time.perf_counter() - self.t0 > self.max_seconds
-        return bool(dist.broadcast_object(over))
+        """Rank 0's clock decides, so every rank stops after the same epoch. The cap is an
+        opt-in safety valve (``train.max_minutes``); when it fires, it says so loudly,
+        because the model then depends on the machine's speed."""
+        over = bool(dist.broadcast_object(self.max_seconds > 0 and time.perf_counter() - self.t0 > self.max_seconds))
+        if over and self.ctx.main:
+            import sys
+            msg = (f"lsr: WARNING: the {self.name} stage hit train.max_minutes = {self.max_seconds / 60:g} and "
+                   f"stopped before its epoch budget; the result now depends on this machine's speed "
+                   f"(set train.max_minutes=0 for the fixed budget)")
+            print(msg, file=sys.stderr, flush=True)
+            self.log(warning=msg)
+        return over
 
     def log(self, **fields: Any) -> None:
         if self.ctx.main:
@@ -125,7 +134,7 @@ def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, ru
     ctx = ctx or dist.Context(0, 1, device)
     t = cfg.train
     g = torch.Generator().manual_seed(t.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=t.vqvae_lr)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.vqvae_lr)
     state_path = run / "checkpoints" / "vqvae_state"
     info = load_training_state(state_path, model, opt, g) or {"epoch": -1, "done": False}
     model.to(device)
@@ -135,10 +144,13 @@ def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, ru
     n = train_x.shape[0]
     bs = min(t.batch_size, n)
     steps = math.ceil(n / bs)
+    features = isinstance(model, FeatureVQVAE)
+    bank = _feature_bank(model, train_x, t.hflip, t.vflip, device) if features else None
     stage = _Stage("vqvae", run, steps * (t.vqvae_epochs - info["epoch"] - 1), progress, t.max_minutes, ctx)
     if not bool(model.quantizer.initialised):
         with torch.no_grad():
-            model.quantizer.init_from(model.encoder(train_x[:256].to(device)), generator=g)
+            first = bank[(False, False)][:256].to(device) if features else train_x[:256].to(device)
+            model.quantizer.init_from(model.encoder(first), generator=g)
     net = _wrap(model, ctx)
     reduce = dist.all_reduce_sum if ctx.enabled else None
     gather = dist.all_gather_cat if ctx.enabled else None
@@ -154,11 +166,19 @@ def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, ru
         t_ep = time.perf_counter()
         for s in range(steps):
             idx = perm[s * bs:(s + 1) * bs]
-            x_all = _augment(train_x[idx], t.hflip, t.vflip, g)     # the global batch, same on all ranks
-            x = x_all[dist.shard(torch.arange(len(idx)), ctx)].to(device)
-            out = net(x)
-            rec = F.mse_loss(out.reconstruction, x)
-            loss = rec + out.loss
+            mine = dist.shard(torch.arange(len(idx)), ctx)
+            if features:
+                f_all, x_all = _augment_features(bank, train_x, idx, t.hflip, t.vflip, g)
+                x, f = x_all[mine].to(device), f_all[mine].to(device)
+                out = net(f)
+                rec = F.mse_loss(out.reconstruction, f)
+                loss = rec + out.loss + t.picture_weight * F.mse_loss(out.picture, x)
+            else:
+                x_all = _augment(train_x[idx], t.hflip, t.vflip, g)     # the global batch, same on all ranks
+                x = x_all[mine].to(device)
+                out = net(x)
+                rec = F.mse_loss(out.reconstruction, x)
+                loss = rec + out.loss
             if t.ssim_weight > 0:
                 loss = loss + t.ssim_weight * anomaly.ssim_distance(out.reconstruction, x).mean()
             opt.zero_grad(set_to_none=True)
@@ -198,18 +218,62 @@ def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, ru
 
 
 @torch.no_grad()
-def vqvae_val_metrics(model: VQVAE, val_x: Tensor, device: torch.device) -> dict[str, float]:
+def _feature_bank(model: FeatureVQVAE, x: Tensor, hflip: bool, vflip: bool, device: torch.device,
+                  batch: int = 16) -> dict[tuple[bool, bool], Tensor]:
+    """Normalised backbone features of the training images under every flip the
+    augmentation can draw, computed once (the backbone is frozen); also sets the model's
+    per-channel feature statistics from the unflipped images. {(hflip, vflip): (N, F, h, w)}."""
     model.eval()
-    mse, counts = 0.0, torch.zeros(model.quantizer.codebook_size)
+    variants = [(h, v) for h in ((False, True) if hflip else (False,)) for v in ((False, True) if vflip else (False,))]
+    raw: dict[tuple[bool, bool], Tensor] = {}
+    for h, v in variants:
+        parts = []
+        for s in range(0, x.shape[0], batch):
+            xs = x[s:s + batch]
+            xs = xs.flip(-1) if h else xs
+            xs = xs.flip(-2) if v else xs
+            parts.append(model.raw_features(xs.to(device)).cpu())
+        raw[(h, v)] = torch.cat(parts)
+    model.set_feature_stats(raw[(False, False)].to(model.feature_mean.device))
+    mean, std = model.feature_mean.cpu().view(1, -1, 1, 1), model.feature_std.cpu().view(1, -1, 1, 1)
+    return {k: (r - mean) / std for k, r in raw.items()}
+
+
+def _augment_features(bank: dict[tuple[bool, bool], Tensor], x: Tensor, idx: Tensor, hflip: bool, vflip: bool,
+                      g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The features and images of a batch under random flips (drawn as :func:`_augment` draws)."""
+    n = len(idx)
+    mh = torch.rand(n, generator=g) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
+    mv = torch.rand(n, generator=g) < 0.5 if vflip else torch.zeros(n, dtype=torch.bool)
+    feats, imgs = [], []
+    for j, i in enumerate(idx.tolist()):
+        h, v = bool(mh[j]), bool(mv[j])
+        feats.append(bank[(h, v)][i])
+        xi = x[i].flip(-1) if h else x[i]
+        imgs.append(xi.flip(-2) if v else xi)
+    return torch.stack(feats), torch.stack(imgs)
+
+
+@torch.no_grad()
+def vqvae_val_metrics(model: VQVAE | FeatureVQVAE, val_x: Tensor, device: torch.device) -> dict[str, float]:
+    """Held-out reconstruction error (of the image, or of the normalised features in
+    features mode, where the pixel decoder's picture error is reported too) and code use."""
+    model.eval()
+    features = isinstance(model, FeatureVQVAE)
+    mse, pic, counts = 0.0, 0.0, torch.zeros(model.quantizer.codebook_size)
     for s in range(0, val_x.shape[0], 32):
         x = val_x[s:s + 32].to(device)
-        out = model(x)
-        mse += float(F.mse_loss(out.reconstruction, x, reduction="sum")) / x[0].numel()
+        inp = model.features(x) if features else x
+        out = model(inp)
+        mse += float(F.mse_loss(out.reconstruction, inp, reduction="sum")) / inp[0].numel()
+        if features:
+            pic += float(F.mse_loss(out.picture, x, reduction="sum")) / x[0].numel()
         counts += torch.bincount(out.indices.flatten().cpu(), minlength=counts.numel()).float()
     p = counts / counts.sum().clamp_min(1)
     perplexity = float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
-    return {"val_mse": mse / max(1, val_x.shape[0]), "val_perplexity": perplexity,
-            "codes_used": int((counts > 0).sum())}
+    n = max(1, val_x.shape[0])
+    extra = {"val_picture_mse": pic / n} if features else {}
+    return {"val_mse": mse / n, **extra, "val_perplexity": perplexity, "codes_used": int((counts > 0).sum())}
 
 
 @torch.no_grad()
@@ -394,7 +458,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
     val_x = torch.from_numpy(load_images(val_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, show))
 
     torch.manual_seed(t.seed)
-    vqvae = VQVAE(cfg.vqvae)
+    vqvae = build_vqvae(cfg.vqvae)
     vq_metrics = train_vqvae(vqvae, train_x, val_x, cfg, run, dev, progress, ctx)
     if ctx.main:
         save_weights(run / "vqvae.safetensors", vqvae)
@@ -414,6 +478,11 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
     calib = calibrate(prior, val_codes, cfg, dev)
     calib.update(val_nll=val_nll, uniform_nll=uniform, vqvae=vq_metrics, prior=pr_metrics)
     cfg.detect.tau = calib["tau"]
+    from .detect import Detector, score_stats
+    stats = score_stats(Detector(vqvae, prior, cfg, dev), val_x)
+    cfg.detect.score_mean, cfg.detect.score_std = stats["score_mean"], stats["score_std"]
+    cfg.detect.nll_mean, cfg.detect.nll_std = stats["nll_mean"], stats["nll_std"]
+    calib["held_out_scores"] = stats
     if ctx.main:
         save_weights(run / "prior.safetensors", prior)
         write_json(run / "calibration.json", calib)

@@ -220,6 +220,26 @@ def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str,
     }
 
 
+#: detect settings the exported postprocess graph implements (others are refused)
+EXPORTABLE = {"map_kind": ("restored_vs_input", "restored_vs_direct"), "distance": ("l2", "ssim"),
+              "score": ("max", "topk_mean"), "weighting": ("mean",)}
+
+
+def check_exportable(cfg: RunConfig, run: Path) -> None:
+    """Refuse, with the reason, a run whose mode or settings the bundle graphs do not
+    implement yet (feature space; the gated map, MSGMS, pooled scores, weighted
+    restorations): an export must compute what ``lsr detect RUN`` computes, or nothing."""
+    if cfg.vqvae.space != "pixels":
+        raise ValueError(f"{run}: this run is in feature space (vqvae.space = {cfg.vqvae.space!r}); exporting "
+                         f"feature-space runs is not available yet: detect with `lsr detect RUN` (Python), or "
+                         f"train a pixel-space run (--set vqvae.space=pixels) to export")
+    for key, allowed in EXPORTABLE.items():
+        value = getattr(cfg.detect, key)
+        if value not in allowed:
+            raise ValueError(f"{run}: detect.{key} = {value!r} is not exportable yet (bundles implement "
+                             f"{', '.join(allowed)}); pass --{key.replace('_kind', '')} with one of those")
+
+
 def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx", *, check: bool = True,
                   overwrite: bool = False, opset: int = DEFAULT_OPSET, options: dict[str, Any] | None = None,
                   tolerance: dict[str, float] | None = None, check_images: int = 4,
@@ -255,6 +275,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "on
         opts = {k: v for k, v in options.items() if v is not None}
         cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, **opts))
         cfg.validate()
+    check_exportable(cfg, run)
     graphs = build_graphs(vqvae, prior, cfg.detect)
     examples = _examples(cfg)
     io_specs = graph_io(fmt, cfg.vqvae.in_channels, cfg.vqvae.image_size, cfg.grid_size, cfg.vqvae.codebook_size)

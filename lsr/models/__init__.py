@@ -1,7 +1,11 @@
-"""Models: the VQ-VAE (:mod:`lsr.models.vqvae`) and the PixelSNAIL prior
-(:mod:`lsr.models.pixelsnail`). Pure ``nn.Module`` code; training lives in
-:mod:`lsr.training`."""
+"""Models: the VQ-VAE (:mod:`lsr.models.vqvae`), its feature-space form over a frozen
+pretrained backbone (:mod:`lsr.models.feature_vqvae`, :mod:`lsr.models.backbone`) and the
+PixelSNAIL prior (:mod:`lsr.models.pixelsnail`). Pure ``nn.Module`` code; training lives
+in :mod:`lsr.training`."""
+from .backbone import BackboneError, FeatureExtractor, build_backbone
+from .feature_vqvae import FeatureVQVAE, FeatureVQVAEOutput, build_vqvae
 from .pixelsnail import PixelSNAIL
 from .vqvae import VQVAE, QuantizerOutput, VectorQuantizer, VQVAEOutput
 
-__all__ = ["VQVAE", "VQVAEOutput", "VectorQuantizer", "QuantizerOutput", "PixelSNAIL"]
+__all__ = ["VQVAE", "VQVAEOutput", "VectorQuantizer", "QuantizerOutput", "PixelSNAIL", "FeatureVQVAE",
+           "FeatureVQVAEOutput", "build_vqvae", "FeatureExtractor", "build_backbone", "BackboneError"]

