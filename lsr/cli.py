@@ -173,7 +173,8 @@ def _print_rows(rows: Sequence[dict[str, Any]]) -> None:
     for r in rows:
         later = (f" (later passes evaluated {r['recomputed_fraction']:.0%} of the grid each)"
                  if r.get("recomputed_fraction") is not None else "")
-        print(f"{r['image']}: score {r['score']:.4f}  nll {r['nll_score']:.1f}  "
+        score = "n/a" if r["score"] is None else f"{r['score']:.4f}"
+        print(f"{r['image']}: score {score}  nll {r['nll_score']:.1f}  "
               f"resampled {r['n_resampled']:.0f}  passes {r['prior_passes']}{later}  {r['time_ms']:.0f} ms")
 
 

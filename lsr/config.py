@@ -23,7 +23,8 @@ DISTANCES = ("l2", "ssim", "msgms", "cosine")
 PIXEL_DISTANCES = ("l2", "ssim", "msgms")      # images
 FEATURE_DISTANCES = ("l2", "cosine")           # feature maps
 SMOOTHINGS = ("gaussian", "bilateral", "none")
-SCORES = ("max", "topk_mean", "pooled_max")
+MAP_SCORES = ("max", "topk_mean", "pooled_max")   # reductions of the map
+SCORES = MAP_SCORES + ("nll", "fused")           # "fused": max-of-map and NLL scores, standardised
 WEIGHTINGS = ("mean", "closeness")
 RESAMPLERS = ("auto", "naive", "fast", "native")
 BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
@@ -106,7 +107,7 @@ class DetectConfig:
     distance: str = "l2"
     smoothing: str = "gaussian"
     sigma: float = 4.0             # Gaussian smoothing, in pixels of the model resolution
-    score: str = "max"
+    score: str = "max"             # the image score; "fused" needs the held-out statistics below
     topk: int = 100                # pixels averaged for score="topk_mean"
     pool: int = 21                 # window side (model pixels) for score="pooled_max" (DSR)
     gate_dilate: int = 1           # map "gated": resampled-code mask dilated by this many cells
@@ -284,9 +285,10 @@ def _feature_preset(name: str, in_channels: int) -> RunConfig:
                         channels=128, res_channels=64, n_res_blocks=2, embed_dim=64, codebook_size=64)
         p = PriorConfig(codebook_size=64, grid_size=16, channels=64, n_blocks=2, n_res_blocks=2,
                         kernel_size=5, n_heads=4, dropout=0.1)
-        epochs = {"cpu": (40, 40), "demo": (25, 25)}[name]
-        t = TrainConfig(vqvae_epochs=epochs[0], prior_epochs=epochs[1])
-    return RunConfig(preset=name, vqvae=v, prior=p, train=t, detect=DetectConfig())
+        epochs = {"cpu": (40, 30), "demo": (25, 25)}[name]
+        t = TrainConfig(vqvae_epochs=epochs[0], prior_epochs=epochs[1], shift_augment=4)
+    # the image score chosen on the quality benchmark's validation split (benchmarks/RESULTS.md)
+    return RunConfig(preset=name, vqvae=v, prior=p, train=t, detect=DetectConfig(score="fused"))
 
 
 PRESETS = ("cpu", "demo", "gpu", "paper", "cpu-pixels", "demo-pixels", "tiny", "tiny-features")

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import anomaly, ops
 from .checkpoint import load_into
-from .config import RunConfig
+from .config import MAP_SCORES, RunConfig
 from .data import DataError, image_size, list_images, load_image
 from .io import atomic_write, read_json, save_tiff
 from .models import VQVAE, FeatureVQVAE, PixelSNAIL, build_vqvae
@@ -192,8 +192,11 @@ class Detector:
         chosen = {"restored_vs_input": map_in, "restored_vs_direct": map_rd, "gated": map_gated}[d.map_kind]
         first = slice(None, None, n)
         likelihood = rs.likelihood[first]
-        score = anomaly.image_score(chosen, d.score, d.topk, pool=d.pool)
+        kind = map_score_kind(d.score)
+        map_score = anomaly.image_score(chosen, kind, d.topk, pool=d.pool)
         nll = anomaly.nll_score(likelihood, float(d.tau))
+        fused = fused_score(map_score, nll, d)
+        score = {"nll": nll, "fused": fused}.get(d.score, map_score)
         if features:
             direct, restored = self._decode_image(codes), self._decode_image(rs.codes[first])
         else:
@@ -205,7 +208,7 @@ class Detector:
             map_restored_vs_input=map_in,
             map_restored_vs_direct=map_rd,
             map_direct=map_base,
-            direct_score=anomaly.image_score(map_base, d.score, d.topk, pool=d.pool),
+            direct_score=anomaly.image_score(map_base, kind, d.topk, pool=d.pool),
             direct=direct,
             restored=restored,
             codes=codes,
@@ -216,7 +219,7 @@ class Detector:
             prior_passes=rs.prior_passes.view(B, n).sum(dim=1),
             positions_evaluated=rs.positions_evaluated.view(B, n).sum(dim=1),
             map_gated=map_gated,
-            fused_score=fused_score(score, nll, d),
+            fused_score=fused,
         )
 
     def _decode_image(self, codes: Tensor) -> Tensor:
@@ -271,6 +274,12 @@ def restoration_weights(closeness: Tensor, kind: str) -> Tensor:
     raise ValueError(f"weighting must be 'mean' or 'closeness', got {kind!r}")
 
 
+def map_score_kind(score: str) -> str:
+    """The reduction of the map behind an image score (``max`` for ``nll`` and ``fused``,
+    whose map part is the max of the map)."""
+    return score if score in MAP_SCORES else "max"
+
+
 def fused_score(score: Tensor, nll: Tensor, d: Any) -> Tensor:
     """Map score and NLL score, each standardised by the held-out normal images'
     statistics, summed; NaN where the statistics are missing."""
@@ -284,16 +293,37 @@ def score_stats(det: "Detector", x: Tensor, batch_size: int = 8, first_id: int =
     """Mean and standard deviation of the image score and the NLL score over normal
     images x (N, C, S, S), e.g. the held-out part of train/good (never test images).
     Their noise streams use ids from ``first_id`` on, apart from the test images' ids."""
+    d = det.config.detect
     scores, nlls = [], []
     for s in range(0, x.shape[0], batch_size):
         xs = x[s:s + batch_size]
         res = det.detect(xs, range(first_id + s, first_id + s + xs.shape[0]))
-        scores.append(res.score.double().cpu())
+        scores.append(anomaly.image_score(res.anomaly_map, map_score_kind(d.score), d.topk, pool=d.pool).double().cpu())
         nlls.append(res.nll_score.double().cpu())
     sc, nl = torch.cat(scores), torch.cat(nlls)
     std = (lambda t: float(t.std()) if t.numel() > 1 else 0.0)
     return {"score_mean": float(sc.mean()), "score_std": std(sc), "nll_mean": float(nl.mean()),
             "nll_std": std(nl), "n_images": int(sc.numel())}
+
+
+def with_held_out_stats(det: "Detector", run: str | os.PathLike) -> "Detector":
+    """The detector with held-out score statistics for its current options, computed on
+    the held-out normal images listed in the run's ``split.json`` (never test images);
+    returned unchanged when it has them already or those images are gone."""
+    d = det.config.detect
+    if d.score_mean is not None:
+        return det
+    try:
+        val = [Path(p) for p in read_json(Path(run) / "split.json")["val"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return det
+    if not val or not all(p.is_file() for p in val):
+        return det
+    stats = score_stats(det, torch.from_numpy(np.stack([load_image(p, det.channels, det.image_size) for p in val])))
+    det.config = dataclasses.replace(det.config, detect=dataclasses.replace(
+        d, score_mean=stats["score_mean"], score_std=stats["score_std"], nll_mean=stats["nll_mean"],
+        nll_std=stats["nll_std"]))
+    return det
 
 
 def recomputed_fraction(prior_passes: int, positions_evaluated: int, n_codes: int, restorations: int
@@ -312,7 +342,7 @@ def result_row(res: DetectionResult, i: int, restorations: int = 1) -> dict[str,
     """The JSON fields of image i of a batch result."""
     passes, evaluated, n_codes = int(res.prior_passes[i]), int(res.positions_evaluated[i]), int(res.codes[i].numel())
     return {
-        "score": float(res.score[i]),
+        "score": _finite(float(res.score[i])),
         "nll_score": float(res.nll_score[i]),
         "direct_score": float(res.direct_score[i]),
         "fused_score": _finite(float(res.fused_score[i])),
@@ -353,7 +383,7 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     from .report import save_panel
 
     ctx = dist.context(device)
-    det = Detector.load(run, ctx.device).with_options(**options)
+    det = with_held_out_stats(Detector.load(run, ctx.device).with_options(**options), run)
     paths = list_images(list(inputs))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +400,7 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
                 save_panel(out / f"{stem}.png", x[i].numpy(), res.direct[i].cpu().numpy(),
                            res.restored[i].cpu().numpy(), res.anomaly_map[i].cpu().numpy(),
                            res.resampled[i].cpu().numpy(),
-                           title=f"{path.name}  score {row['score']:.4f}  nll {row['nll_score']:.1f}  "
+                           title=f"{path.name}  score {row['score'] if row['score'] is None else round(row['score'], 4)}  nll {row['nll_score']:.1f}  "
                                  f"resampled {row['n_resampled']:.0f}/{row['n_codes']}")
             if save_tiff_maps:
                 full = anomaly.resize_maps(res.anomaly_map[i:i + 1].cpu(), size)[0].numpy()

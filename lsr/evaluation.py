@@ -24,7 +24,7 @@ import numpy as np
 
 from . import anomaly
 from .data import check_mask_sizes, load_mask, scan_mvtec
-from .detect import Detector, result_row
+from .detect import Detector, map_score_kind, result_row, with_held_out_stats
 from .io import atomic_write, save_tiff, write_json
 from .metrics import all_metrics, image_metrics, roc_curve
 
@@ -72,9 +72,10 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     from . import distributed as dist
 
     ctx = dist.context(device)
-    det = Detector.load(run, ctx.device).with_options(**options)
-    if det.config.detect.score_mean is None:              # options changed the score: held-out stats anew
-        det = _with_held_out_stats(det, run)
+    det = with_held_out_stats(Detector.load(run, ctx.device).with_options(**options), run)
+    if det.config.detect.score in ("fused",) and det.config.detect.score_mean is None:
+        raise ValueError(f"{run}: --score fused needs the held-out images listed in split.json, which are gone; "
+                         f"choose another --score (e.g. max)")
     cat = scan_mvtec(data, require_test=True)
     check_mask_sizes(cat)
     out = Path(out)
@@ -104,7 +105,8 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
             }
             scores = {"lsr": float(res.score[i]), "direct": float(res.direct_score[i]),
                       "nll": float(res.nll_score[i]), "fused": float(res.fused_score[i]),
-                      **{v: float(anomaly.image_score(variant_maps[v][i:i + 1], d.score, d.topk, pool=d.pool)[0])
+                      **{v: float(anomaly.image_score(variant_maps[v][i:i + 1], map_score_kind(d.score), d.topk,
+                                                      pool=d.pool)[0])
                          for v in VARIANTS}}
             kinds = {m: {kd: float(anomaly.image_score(model_maps[m][i:i + 1], kd, d.topk, pool=d.pool)[0])
                          for kd in SCORE_KINDS} for m in MAP_METHODS}
@@ -168,32 +170,6 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     write_json(out / "metrics.json", result)
     _write_pictures(out, cat.name, samples, keep, masks, names, maps, labels, methods)
     return dist.broadcast_object(result)
-
-
-def _with_held_out_stats(det: Detector, run: str | os.PathLike) -> Detector:
-    """The detector with the held-out score statistics of its current options, from the
-    held-out normal images listed in the run's split.json (never test images); unchanged
-    when those images are no longer there."""
-    import dataclasses
-
-    from .data import load_images
-    from .detect import score_stats
-    from .io import read_json
-
-    split = Path(run) / "split.json"
-    try:
-        val = [Path(p) for p in read_json(split)["val"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return det
-    if not val or not all(p.is_file() for p in val):
-        return det
-    x = load_images(val, det.channels, det.image_size)
-    import torch
-    stats = score_stats(det, torch.from_numpy(x))
-    det.config = dataclasses.replace(det.config, detect=dataclasses.replace(
-        det.config.detect, score_mean=stats["score_mean"], score_std=stats["score_std"],
-        nll_mean=stats["nll_mean"], nll_std=stats["nll_std"]))
-    return det
 
 
 def _pick_rows(defects: np.ndarray, n_rows: int) -> list[int]:

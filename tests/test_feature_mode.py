@@ -140,7 +140,33 @@ def test_detect_cli_and_export_refusal(feature_run, tiny_dataset, tmp_path, caps
     assert main(["detect", str(feature_run), *map(str, imgs), "--out", str(tmp_path / "d"), "--no-progress",
                  "--map", "gated", "--score", "pooled_max", "--pool", "9"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "d" / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == len(imgs) and rows[0]["fused_score"] is None    # options changed: no stats
+    assert len(rows) == len(imgs)
+    assert isinstance(rows[0]["fused_score"], float)     # options changed: stats recomputed on held-out images
     assert export_main([str(feature_run), "--format", "onnx", "--out", str(tmp_path / "b")]) == 2
     assert "feature space" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_fused_is_the_feature_presets_score_and_standardises_both_parts(feature_run, tiny_dataset):
+    det = lsr.Detector.load(feature_run, "cpu")
+    d = det.config.detect
+    assert d.score == "fused" and lsr.preset("cpu").detect.score == "fused"
+    x, _ = det.load_batch([s.path for s in lsr.data.scan_mvtec(tiny_dataset).test[:3]])
+    res = det.detect(x)
+    expect = ((res.anomaly_map.flatten(1).amax(1) - d.score_mean) / d.score_std
+              + (res.nll_score - d.nll_mean) / d.nll_std)
+    torch.testing.assert_close(res.score, expect)
+    torch.testing.assert_close(res.fused_score, expect)
+    assert torch.equal(det.with_options(score="nll").detect(x).score, res.nll_score)
+
+
+def test_presets_have_fixed_budgets_and_a_cap_warns_loudly(tiny_dataset, tmp_path, capsys):
+    for name in lsr.config.PRESETS:
+        assert lsr.preset(name).train.max_minutes == 0, name          # epochs, never wall-clock time
+    cfg = lsr.preset("tiny", in_channels=1).with_overrides({"train.max_minutes": 1e-9, "train.vqvae_epochs": 5})
+    lsr.train(tiny_dataset, tmp_path / "r", cfg, device="cpu", progress=False, log=lambda *_: None)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "max_minutes" in err
+    log = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    assert sum(1 for r in log if r["stage"] == "vqvae" and "epoch" in r) == 1     # stopped after one epoch
+    assert any("warning" in r for r in log)

@@ -1,0 +1,84 @@
+"""Options measured on the validation split of a finished quality benchmark (run.py): the
+runs it trained are re-evaluated with one detect option changed at a time.
+
+    python benchmarks/quality/ablations.py --out bench-quality
+
+Writes ``OUT/ablations.json`` and prints, per setting, the mean over categories of image
+AUROC, pixel AUROC and AUPRO of the settings' maps. Validation split only: these results
+choose, they are not reported as test results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import lsr
+from lsr.io import write_json
+
+#: (mode, label, detect options)
+SETTINGS = (
+    ("features", "default (l2)", {}),
+    ("features", "cosine distance", {"distance": "cosine"}),
+    ("features", "gate dilate 0", {"gate_dilate": 0}),
+    ("features", "gate dilate 2", {"gate_dilate": 2}),
+    ("features", "tau quantile x2 (tau from 10% quantile)", {"tau_quantile": 0.10}),
+    ("features", "4 restorations, mean", {"restorations": 4, "weighting": "mean"}),
+    ("features", "4 restorations, closeness-weighted", {"restorations": 4, "weighting": "closeness"}),
+    ("pixels", "default (l2)", {}),
+    ("pixels", "msgms distance", {"distance": "msgms"}),
+    ("pixels", "ssim distance", {"distance": "ssim"}),
+)
+MAPS = ("restored_vs_input", "restored_vs_direct", "gated", "direct")
+
+
+def _tau_for_quantile(run: Path, q: float) -> float:
+    """tau at another quantile of the held-out codes' likelihoods (normal images only)."""
+    import torch
+
+    from lsr.data import load_images
+    from lsr.io import read_json
+
+    det = lsr.Detector.load(run, "cpu")
+    val = [Path(p) for p in read_json(run / "split.json")["val"]]
+    x = torch.from_numpy(load_images(val, det.channels, det.image_size))
+    with torch.no_grad():
+        seen = det.vqvae.features(x) if det.space == "features" else x
+        codes = det.vqvae.quantizer(det.vqvae.encoder(seen)).indices
+        p = det.prior.log_likelihood(codes).exp()
+    return float(torch.quantile(p.flatten().double(), q))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench-quality")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    q = json.loads((out / "quality.json").read_text())
+    results = []
+    for mode, label, opts in SETTINGS:
+        per = {}
+        for cat in q["categories"]:
+            run = out / "runs" / mode / cat
+            opts2 = dict(opts)
+            if "tau_quantile" in opts2:
+                opts2 = {"tau": _tau_for_quantile(run, opts2.pop("tau_quantile"))}
+            m = lsr.evaluate(run, out / "data" / "val" / cat, out / "ablations" / mode / label.replace(" ", "_") / cat,
+                             device="cpu", progress=False, report_rows=0, **opts2)
+            per[cat] = {k: {c: m["methods"][k][c] for c in ("image_auroc", "pixel_auroc", "aupro")} for k in MAPS}
+        mean = {k: {c: float(np.mean([per[cat][k][c] for cat in per])) for c in ("image_auroc", "pixel_auroc",
+                                                                                  "aupro")} for k in MAPS}
+        results.append({"mode": mode, "setting": label, "options": opts, "mean": mean, "per_category": per})
+        print(f"{mode:8s} {label:42s} " + "  ".join(
+            f"{k}: {mean[k]['image_auroc']:.3f}/{mean[k]['pixel_auroc']:.3f}/{mean[k]['aupro']:.3f}" for k in MAPS),
+            flush=True)
+    write_json(out / "ablations.json", {"split": "val", "columns": "image_auroc/pixel_auroc/aupro",
+                                        "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

