@@ -1,14 +1,17 @@
 """lsr: image anomaly detection by Latent Space Resampling.
 
-Train on normal images only: a VQ-VAE turns an image into a grid of discrete codes, a
-PixelSNAIL prior learns which code grids are normal; at detection, unlikely codes are
-resampled from the prior, the grid is decoded into a restored image, and the
-difference marks the anomaly.
+Train on normal images only: a VQ-VAE turns an image (by default: a frozen pretrained
+backbone's feature map of it) into a grid of discrete codes, a PixelSNAIL prior learns
+which code grids are normal; at detection, unlikely codes are resampled from the prior,
+the grid is decoded into a restored version, and the difference marks the anomaly. The
+method and the resampling contract: ``docs/method.md``.
 
 Where things are:
 
 * :mod:`lsr.config`   – every hyperparameter (dataclasses, presets, JSON)
-* :mod:`lsr.models`   – the VQ-VAE and the PixelSNAIL prior (pure nn.Module);
+* :mod:`lsr.models`   – the VQ-VAE, its feature-space form (:mod:`lsr.models.feature_vqvae`)
+  over a frozen backbone (:mod:`lsr.models.backbone`, EfficientNet-Lite0) and the
+  PixelSNAIL prior (pure nn.Module);
   :mod:`lsr.models.incremental`, the prior evaluated row range by row range (scripted
   for the native resampling loop and the C++ runtime)
 * :mod:`lsr.ops`      – ops with a pure-PyTorch reference and a native dispatch point:
