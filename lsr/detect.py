@@ -25,7 +25,7 @@ from torch import Tensor
 from . import anomaly, ops
 from .checkpoint import load_into
 from .config import MAP_SCORES, RunConfig
-from .data import DataError, image_size, list_images, load_image
+from .data import DataError, image_size, list_images, load_image, load_images
 from .io import atomic_write, read_json, save_tiff
 from .models import VQVAE, FeatureVQVAE, PixelSNAIL, build_vqvae
 
@@ -319,7 +319,7 @@ def with_held_out_stats(det: "Detector", run: str | os.PathLike) -> "Detector":
         return det
     if not val or not all(p.is_file() for p in val):
         return det
-    stats = score_stats(det, torch.from_numpy(np.stack([load_image(p, det.channels, det.image_size) for p in val])))
+    stats = score_stats(det, torch.from_numpy(load_images(val, det.channels, det.image_size)))
     det.config = dataclasses.replace(det.config, detect=dataclasses.replace(
         d, score_mean=stats["score_mean"], score_std=stats["score_std"], nll_mean=stats["nll_mean"],
         nll_std=stats["nll_std"]))

@@ -441,6 +441,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+    torch.manual_seed(t.seed)
+    vqvae = build_vqvae(cfg.vqvae)                 # loads (and checks) a backbone before RUN is touched
     if ctx.main:
         _prepare_run_folder(run, cfg, overwrite, log)
     dist.barrier()                                 # rank 0 has checked (and may have cleared) RUN
@@ -457,8 +459,6 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
     train_x = torch.from_numpy(load_images(train_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, show))
     val_x = torch.from_numpy(load_images(val_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, show))
 
-    torch.manual_seed(t.seed)
-    vqvae = build_vqvae(cfg.vqvae)
     vq_metrics = train_vqvae(vqvae, train_x, val_x, cfg, run, dev, progress, ctx)
     if ctx.main:
         save_weights(run / "vqvae.safetensors", vqvae)

@@ -22,15 +22,24 @@ def tiny_dataset(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_dataset, tmp_path_factory):
-    """A run trained with the tiny preset on ``tiny_dataset``."""
+def _train_tiny(data, tmp_path_factory, preset_name):
     import lsr
 
     out = tmp_path_factory.mktemp("run") / "grass"
-    cfg = lsr.preset("tiny", in_channels=1)
-    lsr.train(tiny_dataset, out, cfg, device="cpu", progress=False, log=lambda *_: None)
+    lsr.train(data, out, lsr.preset(preset_name, in_channels=1), device="cpu", progress=False, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tmp_path_factory):
+    """A run trained with the tiny preset on ``tiny_dataset``."""
+    return _train_tiny(tiny_dataset, tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_feature_run(tiny_dataset, tmp_path_factory):
+    """A feature-space run (the tiny-features preset) on ``tiny_dataset``."""
+    return _train_tiny(tiny_dataset, tmp_path_factory, "tiny-features")
 
 
 def interrupt_training_in_prior_epoch_1(monkeypatch, data, out, cfg):

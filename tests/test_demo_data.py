@@ -136,11 +136,11 @@ def test_train_and_test_regions_are_disjoint(small):
                 np.testing.assert_array_equal(got[~mask], expect[~mask])
 
 
-def _crops(n=4, size=96):
+def _crops(n=4, size=96, categories=("brick", "grass", "gravel"), seed=7):
     out = []
-    for cat in ("brick", "grass", "gravel"):
+    for cat in categories:
         photo = load_photo(cat)
-        rng = np.random.default_rng(7)
+        rng = np.random.default_rng(seed)
         w = crop_window(size)
         for _ in range(n):
             top = int(rng.integers(0, 512 - w + 1))
@@ -307,16 +307,7 @@ def test_texture_categories_build(tmp_path):
 
 # ----------------------------------------------------------------------------- hard defects
 def _bench_crops(n=3, size=96):
-    out = []
-    for cat in BENCHMARK_CATEGORIES:
-        photo = load_photo(cat)
-        rng = np.random.default_rng(11)
-        w = crop_window(size)
-        for _ in range(n):
-            top = int(rng.integers(0, 512 - w + 1))
-            left = int(rng.integers(TEST_COLS[0], TEST_COLS[1] - w + 1))
-            out.append((cat, cut_crop(photo, top, left, w, size)))
-    return out
+    return _crops(n, size, BENCHMARK_CATEGORIES, seed=11)
 
 
 def _defect(cat, img, kind, seed):

@@ -17,11 +17,8 @@ pytestmark = pytest.mark.skipif(default_weights_path("efficientnet_lite0") is No
 
 
 @pytest.fixture(scope="module")
-def feature_run(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("frun") / "grass"
-    cfg = lsr.preset("tiny-features", in_channels=1)
-    lsr.train(tiny_dataset, out, cfg, device="cpu", progress=False, log=lambda *_: None)
-    return out
+def feature_run(tiny_feature_run):
+    return tiny_feature_run
 
 
 def test_feature_vqvae_decode_equals_forward_in_eval():
@@ -170,3 +167,12 @@ def test_presets_have_fixed_budgets_and_a_cap_warns_loudly(tiny_dataset, tmp_pat
     log = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
     assert sum(1 for r in log if r["stage"] == "vqvae" and "epoch" in r) == 1     # stopped after one epoch
     assert any("warning" in r for r in log)
+
+
+def test_a_missing_backbone_file_fails_before_the_run_folder_is_touched(feature_run, tiny_dataset, tmp_path):
+    before = {p.name: p.read_bytes() for p in feature_run.iterdir() if p.is_file()}
+    cfg = lsr.RunConfig.from_dict(json.loads((feature_run / "config.json").read_text()))
+    cfg = cfg.with_overrides({"vqvae.backbone_weights": str(tmp_path / "nope.pth")})
+    with pytest.raises(lsr.models.BackboneError, match="not found"):
+        lsr.train(tiny_dataset, feature_run, cfg, device="cpu", progress=False, overwrite=True, log=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in feature_run.iterdir() if p.is_file()} == before

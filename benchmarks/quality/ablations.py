@@ -36,20 +36,21 @@ MAPS = ("restored_vs_input", "restored_vs_direct", "gated", "direct")
 
 
 def _tau_for_quantile(run: Path, q: float) -> float:
-    """tau at another quantile of the held-out codes' likelihoods (normal images only)."""
+    """tau at another quantile of the held-out codes' likelihoods (normal images only),
+    by the training's own calibration."""
+    import dataclasses
+
     import torch
 
     from lsr.data import load_images
     from lsr.io import read_json
+    from lsr.training import calibrate, extract_codes
 
     det = lsr.Detector.load(run, "cpu")
     val = [Path(p) for p in read_json(run / "split.json")["val"]]
     x = torch.from_numpy(load_images(val, det.channels, det.image_size))
-    with torch.no_grad():
-        seen = det.vqvae.features(x) if det.space == "features" else x
-        codes = det.vqvae.quantizer(det.vqvae.encoder(seen)).indices
-        p = det.prior.log_likelihood(codes).exp()
-    return float(torch.quantile(p.flatten().double(), q))
+    cfg = dataclasses.replace(det.config, detect=dataclasses.replace(det.config.detect, tau_quantile=q))
+    return calibrate(det.prior, extract_codes(det.vqvae, x, det.device), cfg, det.device)["tau"]
 
 
 def main(argv: list[str] | None = None) -> int:
