@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import DISTANCES, MAP_KINDS, PRESETS, RESAMPLERS, SCORES, SMOOTHINGS, WEIGHTINGS, RunConfig
+from .config import (DISTANCES, MAP_KINDS, OPTION_RULES, PRESETS, RESAMPLERS, SCORES, SMOOTHINGS, WEIGHTINGS,
+                     Rule, RunConfig, check_value)
 from .deploy.bundle import is_bundle
 
 
@@ -50,10 +51,24 @@ def _add_detect_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: GPU if present)")
 
 
+_FLAGS = {"map_kind": "--map", "gate_dilate": "--gate-dilate"}
+
+
+def flag(key: str) -> str:
+    """The command-line flag of a detect option (``map_kind`` -> ``--map``)."""
+    return _FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
 def _detect_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The detect options given on the command line, each checked against its rule
+    (lsr.config.RULES): an error names the flag."""
     keys = ("resampler", "seed", "restorations", "tau", "temperature", "map_kind", "distance", "smoothing",
             "sigma", "score", "topk", "pool", "gate_dilate", "weighting")
-    return {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
+    opts = {k: check_value(f"detect.{k}", getattr(a, k), flag(k)) for k in keys
+            if getattr(a, k, None) is not None}
+    if getattr(a, "batch_size", None) is not None:
+        check_value("batch_size", a.batch_size, "--batch-size", OPTION_RULES)
+    return opts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +119,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except BrokenPipeError:
+        # `lsr detect ... | head`: the reader left; every file is written already
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush
+    does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _error(prog: str, e: BaseException, debug: bool) -> int:
+    """One line on stderr for a failed command: exit 2 for bad input (the message names the
+    file or option), 1 for an unexpected failure (a bug: run with --debug and report it)."""
+    if debug:
+        raise e
+    where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
+    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                      PermissionError, NotImplementedError, RuntimeError, ImportError, OSError)):
+        msg = str(e)
+        if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        print(f"{prog}: error{where}: {msg}", file=sys.stderr)
+        return 2
+    print(f"{prog}: internal error{where}: {type(e).__name__}: {e} (run with --debug for the traceback, "
+          f"and please report it)", file=sys.stderr)
+    return 1
+
+
+def _main(args: argparse.Namespace) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0       # under torchrun, rank 0 reports
     progress = not args.no_progress and main_rank
     if not main_rank:
@@ -115,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .io import read_json
 
             if args.config:
-                cfg = RunConfig.from_dict(read_json(args.config))
+                cfg = RunConfig.from_dict(read_json(args.config, "--config file"), args.config)
                 cfg.detect.tau = None
             elif args.preset:
                 from .data import detect_channels
@@ -159,12 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lsr: interrupted (training resumes from the last epoch when run again)", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
-        if args.debug:
-            raise
-        where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
-        print(f"lsr: error{where}: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        raise
+    except Exception as e:                                   # noqa: BLE001 - every failure is one clear line
+        return _error("lsr", e, args.debug)
     return 0
 
 
@@ -242,7 +292,11 @@ def _parse_tolerance(items: Sequence[str]) -> dict[str, float]:
             key, eq, val = part.partition("=")
             if not eq:
                 raise ValueError(f"--tolerance expects KIND=VALUE, got {part!r}")
-            out[key] = float(val)
+            try:
+                out[key] = Rule("float", 0.0, 1e6, open_lo=True).check(float(val))
+            except ValueError as e:
+                raise ValueError(f"--tolerance {key}: {e if 'must' in str(e) else f'not a number: {val!r}'}") \
+                    from None
     return out
 
 
@@ -250,7 +304,17 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     """``lsr-export``: export a run to a bundle, or re-check a bundle (exit 1 if the check fails)."""
     args = build_export_parser().parse_args(argv)
     try:
+        return _export_main(args)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+
+
+def _export_main(args: argparse.Namespace) -> int:
+    try:
         tol = _parse_tolerance(args.tolerance)
+        _detect_options(args)                                 # the baked-in settings, checked by flag
+        check_value("check_images", args.check_images, "--check-images", OPTION_RULES)
         if args.check:
             from .deploy import check_bundle
             from .deploy.runtime import parse_providers
@@ -276,11 +340,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lsr-export: interrupted; no bundle written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
-        if args.debug:
-            raise
-        print(f"lsr-export: error: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        raise
+    except Exception as e:                                   # noqa: BLE001 - every failure is one clear line
+        return _error("lsr-export", e, args.debug)
     return 0
 
 

@@ -14,8 +14,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 SPACES = ("pixels", "features")
 MAP_KINDS = ("restored_vs_input", "restored_vs_direct", "gated")
@@ -123,6 +125,194 @@ class DetectConfig:
     nll_std: float | None = None
 
 
+class ConfigError(ValueError):
+    """A value from outside (config.json, ``--set``, a CLI flag, bundle.json) broke a rule of
+    :data:`RULES`; the message names where it came from, the key and the rule."""
+
+
+class Rule(NamedTuple):
+    """What one configuration value may be. ``kind``: int, float, str or bool; numbers lie
+    in [lo, hi] (``open_lo``/``open_hi`` exclude the bound); ``odd``/``pow2`` add a
+    condition; ``choices`` lists the strings allowed; ``optional``: ``null`` is allowed
+    (tau before calibration, statistics not yet measured)."""
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+    choices: tuple[str, ...] = ()
+    odd: bool = False
+    pow2: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "str":
+            return f"one of {', '.join(self.choices)}" if self.choices else "a string"
+        what = {"int": "an integer", "float": "a finite number"}[self.kind]
+        if self.odd:
+            what = "an odd integer"
+        if self.pow2:
+            what = "a power of two"
+        lo = None if self.lo is None else f"{'>' if self.open_lo else '>='} {_num(self.lo)}"
+        hi = None if self.hi is None else f"{'<' if self.open_hi else '<='} {_num(self.hi)}"
+        if lo and hi:
+            what += f" in {'(' if self.open_lo else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.open_hi else ']'}"
+        elif lo or hi:
+            what += f" {lo or hi}"
+        return what + (" (or null)" if self.optional else "")
+
+    def check(self, value: Any) -> Any:
+        """The value, normalised (an integral float for an int field stays an error); raises
+        ``ValueError`` with the rule's description when it breaks the rule."""
+        if value is None and self.optional:
+            return None
+        bad = ValueError(f"must be {self.describe()}, got {value!r}")
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise bad
+            return value
+        if self.kind == "str":
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise bad
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        if self.kind == "int":
+            if not isinstance(value, int):
+                raise bad
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise bad
+        if self.lo is not None and (value < self.lo or (self.open_lo and value == self.lo)):
+            raise bad
+        if self.hi is not None and (value > self.hi or (self.open_hi and value == self.hi)):
+            raise bad
+        if self.odd and value % 2 == 0:
+            raise bad
+        if self.pow2 and (value < 1 or value & (value - 1)):
+            raise bad
+        return value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+_MAX_SEED = 2 ** 63 - 2          # chain_seed works modulo 2^63 - 1; the C++ runtime reads int64
+_SIZE = Rule("int", 1, 4096)
+_COUNT = Rule("int", 0, 1_000_000)
+_NONNEG = Rule("float", 0.0, 1e6)
+_POS = Rule("float", 0.0, 1e6, open_lo=True)
+_UNIT_OPEN = Rule("float", 0.0, 1.0, open_lo=True, open_hi=True)
+
+#: Every value that can come from outside, with its rule: the one list the config loader,
+#: ``--set``, the CLI flags, bundle.json (Python and the C++ runtime, export/src) apply.
+#: README "Valid values" prints it (:func:`rules_table`).
+RULES: dict[str, Rule] = {
+    "preset": Rule("str"),
+    "version": Rule("int", 1, 1),
+    "vqvae.in_channels": Rule("int", 1, 3),
+    "vqvae.image_size": Rule("int", 8, 4096),
+    "vqvae.downsample": Rule("int", 2, 256, pow2=True),
+    "vqvae.space": Rule("str", choices=SPACES),
+    "vqvae.backbone": Rule("str", choices=BACKBONES),
+    "vqvae.backbone_weights": Rule("str"),
+    "vqvae.backbone_pool": Rule("int", 1, 15, odd=True),
+    "vqvae.channels": _SIZE,
+    "vqvae.res_channels": _SIZE,
+    "vqvae.n_res_blocks": Rule("int", 0, 64),
+    "vqvae.embed_dim": _SIZE,
+    "vqvae.codebook_size": Rule("int", 2, 65536),
+    "vqvae.ema_decay": Rule("float", 0.0, 1.0, open_hi=True),
+    "vqvae.commitment_weight": _NONNEG,
+    "vqvae.dead_code_after": _COUNT,
+    "prior.codebook_size": Rule("int", 2, 65536),
+    "prior.grid_size": Rule("int", 1, 1024),
+    "prior.channels": _SIZE,
+    "prior.n_blocks": Rule("int", 1, 64),
+    "prior.n_res_blocks": Rule("int", 0, 64),
+    "prior.kernel_size": Rule("int", 3, 63, odd=True),
+    "prior.n_heads": Rule("int", 1, 256),
+    "prior.attention": Rule("bool"),
+    "prior.dropout": Rule("float", 0.0, 1.0, open_hi=True),
+    "train.seed": Rule("int", 0, _MAX_SEED),
+    "train.batch_size": Rule("int", 1, 65536),
+    "train.val_fraction": _UNIT_OPEN,
+    "train.num_threads": Rule("int", 0, 4096),
+    "train.vqvae_epochs": _COUNT,
+    "train.vqvae_lr": _POS,
+    "train.ssim_weight": _NONNEG,
+    "train.hflip": Rule("bool"),
+    "train.vflip": Rule("bool"),
+    "train.prior_epochs": _COUNT,
+    "train.prior_lr": _POS,
+    "train.prior_batch_size": Rule("int", 1, 65536),
+    "train.shift_augment": Rule("int", 1, 1024),
+    "train.patience": Rule("int", 1, 1_000_000),
+    "train.max_minutes": _NONNEG,
+    "train.picture_weight": _NONNEG,
+    "detect.tau": Rule("float", 0.0, 1.0, open_lo=True, open_hi=True, optional=True),
+    "detect.tau_quantile": _UNIT_OPEN,
+    "detect.temperature": Rule("float", 0.0, 1e3, open_lo=True),
+    "detect.resampler": Rule("str", choices=RESAMPLERS),
+    "detect.map_kind": Rule("str", choices=MAP_KINDS),
+    "detect.distance": Rule("str", choices=DISTANCES),
+    "detect.smoothing": Rule("str", choices=SMOOTHINGS),
+    "detect.sigma": Rule("float", 0.0, 1e3),
+    "detect.score": Rule("str", choices=SCORES),
+    "detect.topk": Rule("int", 1, 1 << 26),
+    "detect.pool": Rule("int", 1, 4096),
+    "detect.gate_dilate": Rule("int", 0, 64),
+    "detect.restorations": Rule("int", 1, 64),
+    "detect.weighting": Rule("str", choices=WEIGHTINGS),
+    "detect.seed": Rule("int", 0, _MAX_SEED),
+    "detect.score_mean": Rule("float", -1e12, 1e12, optional=True),
+    "detect.score_std": Rule("float", 0.0, 1e12, open_lo=True, optional=True),
+    "detect.nll_mean": Rule("float", -1e12, 1e12, optional=True),
+    "detect.nll_std": Rule("float", 0.0, 1e12, open_lo=True, optional=True),
+}
+
+#: Options of the commands themselves (not stored in config.json), same rule format.
+OPTION_RULES: dict[str, Rule] = {
+    "batch_size": Rule("int", 1, 4096),
+    "threads": Rule("int", 0, 4096),
+    "check_images": Rule("int", 0, 1000),
+}
+
+
+def check_value(key: str, value: Any, where: str = "", rules: dict[str, Rule] | None = None) -> Any:
+    """``value`` checked against the rule of ``key`` (e.g. ``"detect.tau"``); the error
+    names ``where`` (a file or an option) and the key.
+
+    Example:
+        >>> check_value("detect.tau", 0.01)
+        0.01
+        >>> check_value("detect.tau", float("nan"), "--tau")
+        Traceback (most recent call last):
+        ...
+        lsr.config.ConfigError: --tau: must be a finite number in (0, 1) (or null), got nan
+    """
+    rule = (rules or RULES).get(key)
+    if rule is None:
+        raise ConfigError(f"{where or key}: unknown option")
+    try:
+        return rule.check(value)
+    except ValueError as e:
+        label = where if where.startswith("-") else (f"{where}: {key}" if where else key)
+        raise ConfigError(f"{label}: {e}") from None
+
+
+def rules_table() -> str:
+    """The rules as a Markdown table (README "Valid values")."""
+    rows = ["| key | rule |", "|---|---|"]
+    rows += [f"| `{k}` | {r.describe()} |" for k, r in {**RULES, **{f"(option) {k}": v for k, v in
+                                                                     OPTION_RULES.items()}}.items()]
+    return "\n".join(rows)
+
+
 @dataclass
 class RunConfig:
     preset: str = "cpu"
@@ -137,9 +327,25 @@ class RunConfig:
         return self.vqvae.grid_size
 
     def __post_init__(self) -> None:
-        self.validate()
+        self.validate(getattr(self, "_where", ""))
 
-    def validate(self) -> None:
+    def validate(self, where: str = "") -> None:
+        """Check every value against :data:`RULES`, then the rules that tie values together;
+        ``where`` (a file, ``--set``) is named in the error."""
+        for section in ("vqvae", "prior", "train", "detect"):
+            obj = getattr(self, section)
+            for f in fields(obj):
+                check_value(f"{section}.{f.name}", getattr(obj, f.name), where)
+        check_value("preset", self.preset, where)
+        check_value("version", self.version, where)
+        try:
+            self._validate_together()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+    def _validate_together(self) -> None:
         v, p, d = self.vqvae, self.prior, self.detect
         f = v.downsample
         if f < 2 or f & (f - 1):
@@ -190,7 +396,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> "RunConfig":
+        """Build from a dict (config.json); every key and value is checked (:data:`RULES`),
+        and an error names ``where`` (the file) and the key."""
+        pre = f"{where}: " if where else ""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{pre}a config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         sub = {"vqvae": VQVAEConfig, "prior": PriorConfig, "train": TrainConfig, "detect": DetectConfig}
         kwargs: dict[str, Any] = {}
@@ -198,31 +409,44 @@ class RunConfig:
             if f.name not in d:
                 continue
             val = d.pop(f.name)
-            kwargs[f.name] = _build(sub[f.name], val) if f.name in sub else val
+            if f.name in sub:
+                kwargs[f.name] = _build(sub[f.name], val, f.name, where)
+            else:
+                kwargs[f.name] = check_value(f.name, val, where)
         if d:
-            raise ValueError(f"unknown config keys: {sorted(d)}")
-        return cls(**kwargs)
+            raise ConfigError(f"{pre}unknown config keys: {sorted(d)}")
+        cfg = cls.__new__(cls)
+        for k, v in {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+                     for f in fields(cls)}.items():
+            setattr(cfg, k, kwargs.get(k, v))
+        cfg.validate(where)
+        return cfg
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+    def with_overrides(self, overrides: dict[str, Any], where: str = "--set") -> "RunConfig":
         """Return a copy with dotted-key overrides applied, e.g. {"train.seed": 3}."""
         d = self.to_dict()
         for key, value in overrides.items():
             section, _, name = key.partition(".")
             if not name or section not in d or not isinstance(d[section], dict) or name not in d[section]:
-                raise ValueError(f"unknown config key {key!r}")
+                raise ConfigError(f"{where} {key}: unknown config key (keys are section.name, e.g. "
+                                  f"train.vqvae_epochs)")
+            check_value(key, value, f"{where} {key}")
             d[section][name] = value
         # keep prior shape consistent with the VQ-VAE when only the latter was overridden
         d["prior"]["codebook_size"] = d["vqvae"]["codebook_size"]
         d["prior"]["grid_size"] = d["vqvae"]["image_size"] // d["vqvae"]["downsample"]
-        return RunConfig.from_dict(d)
+        return RunConfig.from_dict(d, where)
 
 
-def _build(cls, d: dict[str, Any]):
+def _build(cls, d: Any, section: str, where: str):
+    pre = f"{where}: " if where else ""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{pre}{section}: must be a JSON object, got {d!r}")
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
-    return cls(**d)
+        raise ConfigError(f"{pre}unknown {section} keys: {sorted(unknown)}")
+    return cls(**{k: check_value(f"{section}.{k}", v, where) for k, v in d.items()})
 
 
 def preset(name: str, in_channels: int = 3) -> RunConfig:

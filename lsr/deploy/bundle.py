@@ -32,6 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
+from ..io import plain_name
+
 #: Version of the bundle layout written. 2: ``detect.resampler`` may be ``auto`` and an
 #: ONNX bundle may hold ``prior_rows`` (version 1 readers would refuse both).
 BUNDLE_VERSION = 2
@@ -147,16 +149,23 @@ def read_bundle(root: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
                           f"lsr's lsr-export")
     if meta["format"] not in FORMATS:
         raise BundleError(f"{meta_path}: unknown format {meta['format']!r} (expected one of {FORMATS})")
+    _check_values(meta_path, meta)
     graphs: dict[str, GraphSpec] = {}
+    if not isinstance(meta["graphs"], dict):
+        raise BundleError(f"{meta_path}: graphs must be a JSON object naming {', '.join(GRAPHS)}, "
+                          f"got {meta['graphs']!r}")
     for name in GRAPHS + OPTIONAL_GRAPHS:
         g = meta["graphs"].get(name)
         if name in OPTIONAL_GRAPHS and g is None:
             continue
         if not isinstance(g, dict) or not {"file", "sha256", "inputs", "outputs"} <= set(g):
             raise BundleError(f"{meta_path}: graph {name!r} is missing or incomplete")
-        path = root / g["file"]
-        if Path(g["file"]).name != g["file"]:
-            raise BundleError(f"{meta_path}: graph file {g['file']!r} must be a plain file name in the bundle")
+        if not isinstance(g["inputs"], list) or not isinstance(g["outputs"], list) or not isinstance(g["sha256"], str):
+            raise BundleError(f"{meta_path}: graphs.{name}: inputs/outputs must be lists and sha256 a string")
+        try:
+            path = plain_name(g["file"], root, f"{meta_path}: graphs.{name}.file")
+        except ValueError as e:
+            raise BundleError(str(e)) from None
         if not path.is_file():
             raise BundleError(f"{path}: graph file missing from the bundle ({name} graph)")
         if verify_hashes:
@@ -168,6 +177,41 @@ def read_bundle(root: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
     if "prior_rows" in graphs:
         _check_rows_meta(meta_path, meta["graphs"]["prior_rows"])
     return Bundle(root, meta, graphs)
+
+
+#: bundle.json values and the lsr.config.RULES key each must obey
+_VALUE_RULES = {("model", "image_size"): "vqvae.image_size", ("model", "channels"): "vqvae.in_channels",
+                ("model", "downsample"): "vqvae.downsample", ("model", "grid_size"): "prior.grid_size",
+                ("model", "codebook_size"): "vqvae.codebook_size", ("model", "embed_dim"): "vqvae.embed_dim",
+                **{("detect", k): f"detect.{k}" for k in ("tau", "temperature", "restorations", "seed", "resampler",
+                                                          "map_kind", "distance", "smoothing", "sigma", "score",
+                                                          "topk")}}
+_REQUIRED_VALUES = {("model", "image_size"), ("model", "channels"), ("model", "grid_size"),
+                    ("model", "codebook_size"), ("detect", "tau"), ("detect", "temperature"),
+                    ("detect", "restorations"), ("detect", "seed")}
+
+
+def _check_values(meta_path: Path, meta: dict[str, Any]) -> None:
+    """model and detect values of bundle.json against the one rule list (lsr.config.RULES),
+    as the C++ runtime checks them too; a bundle with tau NaN, a huge restorations count
+    or a missing size is refused naming bundle.json and the key."""
+    from ..config import ConfigError, check_value
+
+    for section in ("model", "detect"):
+        if not isinstance(meta[section], dict):
+            raise BundleError(f"{meta_path}: {section} must be a JSON object")
+    for (section, key), rule in _VALUE_RULES.items():
+        if key not in meta[section]:
+            if (section, key) in _REQUIRED_VALUES:
+                raise BundleError(f"{meta_path}: {section}.{key} is missing")
+            continue
+        value = meta[section][key]
+        if rule == "detect.tau" and value is None:
+            raise BundleError(f"{meta_path}: detect.tau is null (the run was not calibrated)")
+        try:
+            check_value(rule, value)
+        except ConfigError as e:
+            raise BundleError(f"{meta_path}: {section}.{key}: {str(e).split(': ', 1)[1]}") from None
 
 
 def _check_rows_meta(meta_path: Path, g: dict[str, Any]) -> None:

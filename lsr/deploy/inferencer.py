@@ -22,6 +22,7 @@ import numpy as np
 from . import numpy_ops as nops
 from .bundle import BAKED_OPTIONS, RUNTIME_OPTIONS, Bundle, read_bundle
 from .runtime import make_runner
+from ..io import locks_output
 
 
 class BatchPrediction(NamedTuple):
@@ -194,6 +195,13 @@ class Inferencer:
                 continue
             if k not in RUNTIME_OPTIONS:
                 raise ValueError(f"unknown detection option {k!r}")
+            if k != "resampler":                               # checked below, with the bundle's loops
+                from ..config import RULES
+
+                try:
+                    v = RULES[f"detect.{k}"].check(v)
+                except ValueError as e:
+                    raise ValueError(f"{k}: {e}") from None
             d[k] = v
         if d["resampler"] not in ("auto", "native", "fast", "naive"):
             raise ValueError(f"resampler {d['resampler']!r} is not available for a bundle: use auto, native "
@@ -325,6 +333,7 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return out
 
 
+@locks_output("out")
 def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                   batch_size: int = 8, providers: Sequence[str] | None = None, save_tiff_maps: bool = False,
                   panels: bool = True, progress: bool = True, log=None, **options: Any) -> list[dict[str, Any]]:
@@ -333,7 +342,7 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     ``--tiff`` raw float32 maps at each image's size in ``maps/``) from an exported
     bundle run by onnxruntime. Returns the result rows."""
     from ..data import list_images
-    from ..io import atomic_write, save_tiff
+    from ..io import atomic_write, dumps, save_tiff
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     inf = Inferencer(bundle, providers=providers, **options)
@@ -381,7 +390,7 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
             log(f"detect: {min(start + batch_size, len(paths))}/{len(paths)} images, {ms:.0f} ms/img")
     with atomic_write(out / "results.jsonl", "w") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(row) + "\n")
     return rows
 
 
