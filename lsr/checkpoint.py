@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .io import atomic_save, read_json, write_json
+from .io import atomic_save, plain_name, read_json, write_json
 
 FORMAT_VERSION = 1
 
@@ -40,8 +40,18 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """A weights file with NaN or infinite values is damaged: an error naming the tensor."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{path}: tensor {name!r} holds {bad} non-finite values (NaN or inf); the "
+                             f"weights are damaged: retrain, or restore the file")
+
+
 def load_into(module: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
     state = load_weights(path, device)
+    check_finite(state, path)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -88,8 +98,13 @@ def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer: to
     if not jpath.is_file():
         return None
     meta = read_json(jpath)
-    tpath = path.parent / meta["tensors"]
+    if (not isinstance(meta, dict) or not isinstance(meta.get("info"), dict)
+            or not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("opt_scalars", {}), dict)):
+        raise ValueError(f"{jpath}: damaged training state (expected the fields tensors, info, param_groups); "
+                         f"delete the checkpoints folder to train afresh, or pass --overwrite")
+    tpath = plain_name(meta.get("tensors"), path.parent, f"{jpath}: tensors")
     tensors = load_weights(tpath)
+    check_finite(tensors, tpath)
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     except RuntimeError as e:

@@ -7,6 +7,7 @@ images/s; every epoch is one line in ``RUN/train_log.jsonl``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -18,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import anomaly
+from . import anomaly, runfolder
 from . import distributed as dist
 from .checkpoint import load_into, load_training_state, save_training_state, save_weights
 from .config import RunConfig, preset
 from .data import DataError, detect_channels, list_images, load_images, scan_mvtec, split_train_val
 from .detect import resolve_device
-from .io import append_jsonl, read_json, write_json
+from .io import append_jsonl, atomic_write, locks_output, write_json
 from .models import VQVAE, FeatureVQVAE, PixelSNAIL, build_vqvae
 
 
@@ -61,10 +62,12 @@ class _Stage:
     """Shared bookkeeping of a training stage: progress bar, log, time cap."""
 
     def __init__(self, name: str, run: Path, total_steps: int, progress: bool, max_minutes: float,
-                 ctx: dist.Context):
+                 ctx: dist.Context, last_epoch: int = -1):
         from tqdm.auto import tqdm
 
         self.name, self.run, self.ctx = name, run, ctx
+        if ctx.main:
+            _prune_log(run / "train_log.jsonl", name, last_epoch)
         self.bar = tqdm(total=total_steps, desc=name, unit="batch", disable=not (progress and ctx.main),
                         dynamic_ncols=True)
         self.t0 = time.perf_counter()
@@ -90,6 +93,29 @@ class _Stage:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _prune_log(path: Path, stage: str, last_epoch: int) -> None:
+    """Drop the log lines of ``stage`` after its last checkpointed epoch: a training
+    interrupted between logging an epoch and checkpointing it runs that epoch again on
+    resume, and the log should hold each epoch once (the checkpoint's version of it)."""
+    import json
+
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue                                   # a line cut by a crash mid-write
+        if row.get("stage") == stage and isinstance(row.get("epoch"), int) and row["epoch"] > last_epoch:
+            continue
+        keep.append(line)
+    if keep != lines:
+        with atomic_write(path, "w") as f:
+            f.write("".join(line + "\n" for line in keep))
 
 
 def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
@@ -146,7 +172,8 @@ def train_vqvae(model: VQVAE, train_x: Tensor, val_x: Tensor, cfg: RunConfig, ru
     steps = math.ceil(n / bs)
     features = isinstance(model, FeatureVQVAE)
     bank = _feature_bank(model, train_x, t.hflip, t.vflip, device) if features else None
-    stage = _Stage("vqvae", run, steps * (t.vqvae_epochs - info["epoch"] - 1), progress, t.max_minutes, ctx)
+    stage = _Stage("vqvae", run, steps * (t.vqvae_epochs - info["epoch"] - 1), progress, t.max_minutes, ctx,
+                   info["epoch"])
     if not bool(model.quantizer.initialised):
         with torch.no_grad():
             first = bank[(False, False)][:256].to(device) if features else train_x[:256].to(device)
@@ -325,7 +352,8 @@ def train_prior(prior: PixelSNAIL, train_codes: Tensor, val_codes: Tensor, cfg: 
     n = train_codes.shape[0]
     bs = min(t.prior_batch_size, n)
     steps = math.ceil(n / bs)
-    stage = _Stage("prior", run, steps * (t.prior_epochs - info["epoch"] - 1), progress, t.max_minutes, ctx)
+    stage = _Stage("prior", run, steps * (t.prior_epochs - info["epoch"] - 1), progress, t.max_minutes, ctx,
+                   info["epoch"])
     net = _wrap(prior, ctx)
     check_sync, checked = dist.sync_check_enabled(), 0
     metrics: dict[str, float] = {}
@@ -410,11 +438,12 @@ def calibrate(prior: PixelSNAIL, val_codes: Tensor, cfg: RunConfig, device: torc
             "val_likelihood_median": float(p.median())}
 
 
-def _config_matches(saved: dict[str, Any], cfg: RunConfig) -> bool:
+def config_matches(saved: dict[str, Any], cfg: RunConfig) -> bool:
     new = cfg.to_dict()
     return all(saved.get(k) == new[k] for k in ("vqvae", "prior", "train"))
 
 
+@locks_output("out")
 def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | None = None, *,
           preset_name: str | None = None, device: str | torch.device | None = None,
           progress: bool = True, overwrite: bool = False,
@@ -438,26 +467,27 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
         log = _silent
     paths = train_images(data)
     cfg = config or default_config(data, preset_name, dev)
+    cfg.validate()
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
     vqvae = build_vqvae(cfg.vqvae)                 # loads (and checks) a backbone before RUN is touched
+    train_p, val_p = split_train_val(paths, t.val_fraction, t.seed)
+    show = progress and ctx.main
+    # every image is decoded (and a bad one named) before RUN is touched
+    train_x = torch.from_numpy(load_images(train_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, show))
+    val_x = torch.from_numpy(load_images(val_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, show))
+    fingerprint = runfolder.data_fingerprint(paths)
     if ctx.main:
-        _prepare_run_folder(run, cfg, overwrite, log)
+        split = {"data": str(Path(data).resolve()), "train": [str(p) for p in train_p],
+                 "val": [str(p) for p in val_p]}
+        runfolder.prepare(run, cfg, fingerprint, split, overwrite, log)
     dist.barrier()                                 # rank 0 has checked (and may have cleared) RUN
     torch.manual_seed(t.seed)
-
-    train_p, val_p = split_train_val(paths, t.val_fraction, t.seed)
-    if ctx.main:
-        write_json(run / "split.json", {"data": str(Path(data).resolve()), "train": [str(p) for p in train_p],
-                                        "val": [str(p) for p in val_p]})
     log(f"{len(train_p)} training and {len(val_p)} held-out images from {data}; "
         f"{cfg.vqvae.image_size} px, {cfg.vqvae.in_channels} channel(s), preset {cfg.preset}, device {dev}"
         + (f", {ctx.world} processes" if ctx.enabled else ""))
-    show = progress and ctx.main
-    train_x = torch.from_numpy(load_images(train_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, show))
-    val_x = torch.from_numpy(load_images(val_p, cfg.vqvae.in_channels, cfg.vqvae.image_size, show))
 
     vq_metrics = train_vqvae(vqvae, train_x, val_x, cfg, run, dev, progress, ctx)
     if ctx.main:
@@ -477,7 +507,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
 
     calib = calibrate(prior, val_codes, cfg, dev)
     calib.update(val_nll=val_nll, uniform_nll=uniform, vqvae=vq_metrics, prior=pr_metrics)
-    cfg.detect.tau = calib["tau"]
+    cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, tau=calib["tau"]))
     from .detect import Detector, score_stats
     stats = score_stats(Detector(vqvae, prior, cfg, dev), val_x)
     cfg.detect.score_mean, cfg.detect.score_std = stats["score_mean"], stats["score_std"]
@@ -487,6 +517,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
         save_weights(run / "prior.safetensors", prior)
         write_json(run / "calibration.json", calib)
         write_json(run / "config.json", cfg.to_dict())
+        runfolder.finish(run, fingerprint)
     dist.barrier()                                 # the run folder is complete for every rank
     log(f"tau = {calib['tau']:.3g} ({calib['tau_quantile']:.0%} quantile of held-out code likelihoods; "
         f"{calib['val_flagged_per_image_mean']:.1f} codes per held-out image meet the rule)")
@@ -495,22 +526,6 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
 
 def _silent(*_: Any) -> None:
     pass
-
-
-def _prepare_run_folder(run: Path, cfg: RunConfig, overwrite: bool, log: Callable[[str], None]) -> None:
-    """Refuse a different run in ``run`` (unless overwrite), then write config.json without tau."""
-    if (run / "config.json").exists() and not overwrite:
-        saved = read_json(run / "config.json")
-        if not _config_matches(saved, cfg):
-            raise ValueError(f"{run}: already holds a run with a different configuration; choose "
-                             f"another --out, or pass --overwrite to replace it")
-        log(f"resuming the run in {run}")
-    elif overwrite and (run / "checkpoints").exists():
-        for p in (run / "checkpoints").iterdir():
-            p.unlink()
-    run.mkdir(parents=True, exist_ok=True)
-    cfg.detect.tau = None
-    write_json(run / "config.json", cfg.to_dict())
 
 
 __all__ = ["train", "TrainResult", "default_config", "train_images", "extract_codes", "calibrate",
