@@ -50,6 +50,10 @@ _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
 # Modes that may hold grey pixels in several channels (checked pixel by pixel).
 _MAYBE_GREY_MODES = frozenset({"P", "PA", "RGB", "RGBA", "RGBX", "RGBa"})
 
+#: Largest image accepted, in pixels (width x height): Pillow's default decompression-bomb
+#: limit. The C++ runtime (export/src/image_io.cpp) applies the same number.
+MAX_PIXELS = 89_478_485
+
 # ITU-R 601-2 luma weights, as used by Pillow's RGB -> L conversion.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -138,9 +142,14 @@ def _open(path: str | os.PathLike) -> Iterator[Image.Image]:
         img = Image.open(path)
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: image too large (more than {MAX_PIXELS} pixels)") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many exception types
         raise DataError(f"{path}: cannot open image ({type(e).__name__}: {e})") from None
     with img:
+        if img.width * img.height > MAX_PIXELS:
+            raise DataError(f"{path}: image too large ({img.width} x {img.height} = {img.width * img.height} "
+                            f"pixels; the limit is {MAX_PIXELS})")
         yield img
 
 
@@ -416,7 +425,7 @@ def _pick_mask(candidates: list[Path]) -> Path:
     return sorted(pngs or candidates, key=lambda p: p.name)[0]
 
 
-def scan_mvtec(root: str | os.PathLike, require_test: bool = True) -> MVTecCategory:
+def scan_mvtec(root: str | os.PathLike, require_test: bool = True, require_train: bool = True) -> MVTecCategory:
     """List the images of one MVTec AD category folder (nothing is decoded).
 
     Args:
@@ -443,12 +452,12 @@ def scan_mvtec(root: str | os.PathLike, require_test: bool = True) -> MVTecCateg
         raise DataError(f"{root}: not a folder (expected an MVTec AD category folder)")
 
     train_dir = root / "train" / "good"
-    if not train_dir.is_dir():
+    if not train_dir.is_dir() and require_train:
         raise DataError(
             f"{train_dir}: training folder missing (expected MVTec AD layout <root>/train/good/*.png)"
         )
-    train = _images_in(train_dir)
-    if not train:
+    train = _images_in(train_dir) if train_dir.is_dir() else []
+    if not train and require_train:
         raise DataError(f"{train_dir}: no training images found (extensions {_ext_list()})")
 
     test_dir = root / "test"

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import preset
-from .io import write_json
+from .io import locks_output, write_json
 
 DEMO_CATEGORIES = ("brick", "grass", "gravel")
 TABLE_COLUMNS = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"]
@@ -35,6 +35,7 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]
     return mean
 
 
+@locks_output("out")
 def run_demo(out: str | os.PathLike = "lsr-demo", categories: Sequence[str] | None = None,
              preset_name: str = "demo", overrides: dict[str, Any] | None = None,
              device: str | None = None, progress: bool = True, dataset_kwargs: dict[str, Any] | None = None,

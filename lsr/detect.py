@@ -26,7 +26,7 @@ from . import anomaly, ops
 from .checkpoint import load_into
 from .config import MAP_SCORES, RunConfig
 from .data import DataError, image_size, list_images, load_image, load_images
-from .io import atomic_write, read_json, save_tiff
+from .io import atomic_write, dumps, locks_output, read_json, save_tiff
 from .models import VQVAE, FeatureVQVAE, PixelSNAIL, build_vqvae
 
 
@@ -57,16 +57,29 @@ class DetectionResult(NamedTuple):
                                  # images' statistics); NaN when the run has none for these options
 
 
+class NonFiniteError(ValueError):
+    """Detection gave a non-finite anomaly map (damaged weights or input): an error, never a
+    NaN score. ``image_ids`` are the affected images of the batch."""
+
+    def __init__(self, image_ids: Sequence[int]):
+        self.image_ids = list(image_ids)
+        super().__init__(f"non-finite anomaly map for image id(s) {self.image_ids}: the model's weights or "
+                         f"the input hold non-finite values")
+
+
 def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
     """Config and trained models of a run folder written by ``lsr train`` (CPU, eval
     mode); clear errors for a missing folder or an unfinished training."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: run folder not found")
-    config = RunConfig.from_dict(read_json(run / "config.json"))
+    config = RunConfig.from_dict(read_json(run / "config.json", "run config"), str(run / "config.json"))
     if config.detect.tau is None:
         raise ValueError(f"{run / 'config.json'}: tau is not calibrated (training did not finish); "
                          f"re-run `lsr train` with the same --out to resume")
+    from .runfolder import verify_weights
+
+    verify_weights(run)
     vqvae, prior = build_vqvae(config.vqvae, pretrained=False), PixelSNAIL(config.prior)
     load_into(vqvae, run / "vqvae.safetensors")
     load_into(prior, run / "prior.safetensors")
@@ -190,6 +203,9 @@ class Detector:
         map_in, map_rd, map_gated = combine(d_in), combine(d_rd), combine(d_in * gate)
         map_base = smooth(dist(seen, direct_seen))
         chosen = {"restored_vs_input": map_in, "restored_vs_direct": map_rd, "gated": map_gated}[d.map_kind]
+        bad = ~torch.isfinite(chosen.flatten(1)).all(dim=1) | ~torch.isfinite(map_base.flatten(1)).all(dim=1)
+        if bool(bad.any()):
+            raise NonFiniteError([ids[i] for i in bad.nonzero().flatten().tolist()])
         first = slice(None, None, n)
         likelihood = rs.likelihood[first]
         kind = map_score_kind(d.score)
@@ -250,7 +266,12 @@ class Detector:
             chunk = list(paths[start:start + batch_size])
             x, sizes = self.load_batch(chunk)
             t0 = time.perf_counter()
-            res = self.detect(x, range(first_id + start, first_id + start + len(chunk)))
+            try:
+                res = self.detect(x, range(first_id + start, first_id + start + len(chunk)))
+            except NonFiniteError as e:
+                names = ", ".join(str(chunk[i - first_id - start]) for i in e.image_ids)
+                raise ValueError(f"{names}: the anomaly map is not finite (NaN or inf): the run's weights or "
+                                 f"the image hold non-finite values") from None
             ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)
             bar.update(len(chunk))
             bar.set_postfix(ms_per_img=f"{ms:.0f}")
@@ -371,6 +392,7 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return out
 
 
+@locks_output("out")
 def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                   batch_size: int = 8, device: str | None = None, save_tiff_maps: bool = False,
                   panels: bool = True, progress: bool = True, **options: Any) -> list[dict[str, Any]]:
@@ -413,7 +435,7 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
         rows = [row for _, row in sorted(item for part in gathered for item in part)]
         with atomic_write(out / "results.jsonl", "w") as f:
             for row in rows:
-                f.write(json.dumps(row) + "\n")
+                f.write(dumps(row) + "\n")
     return dist.broadcast_object(rows)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from . import anomaly
 from .data import check_mask_sizes, load_mask, scan_mvtec
 from .detect import Detector, map_score_kind, result_row, with_held_out_stats
-from .io import atomic_write, save_tiff, write_json
+from .io import atomic_write, dumps, locks_output, save_tiff, write_json
 from .metrics import all_metrics, image_metrics, roc_curve
 
 VARIANTS = ("restored_vs_input", "restored_vs_direct", "gated")
@@ -58,6 +58,7 @@ def _curve(scores: np.ndarray, labels: np.ndarray, auc: float, kind: str, max_po
     return {"fpr": fpr, "tpr": tpr, "auc": auc, "kind": kind}
 
 
+@locks_output("out")
 def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
              batch_size: int = 8, device: str | None = None, progress: bool = True,
              report_rows: int = 10, **options: Any) -> dict[str, Any]:
@@ -76,7 +77,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     if det.config.detect.score in ("fused",) and det.config.detect.score_mean is None:
         raise ValueError(f"{run}: --score fused needs the held-out images listed in split.json, which are gone; "
                          f"choose another --score (e.g. max)")
-    cat = scan_mvtec(data, require_test=True)
+    cat = scan_mvtec(data, require_test=True, require_train=False)
     check_mask_sizes(cat)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     }
     with atomic_write(out / "results.jsonl", "w") as f:
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            f.write(dumps(r) + "\n")
     write_json(out / "metrics.json", result)
     _write_pictures(out, cat.name, samples, keep, masks, names, maps, labels, methods)
     return dist.broadcast_object(result)
