@@ -1,7 +1,10 @@
 """The C++ runtime (export/, `lsr_detect`): a TorchScript bundle of the tiny run detected
 without Python gives the codes, prior passes, scores and maps of the Python path
 (``lsr detect RUN --resampler native``, and the same codes as ``fast``); bad bundles and
-bad images give clear errors.
+bad images give clear errors. The bad-input suite (``BAD_INPUTS``): every flag and
+bundle.json value the runtime reads follows lsr.config.RULES (same words), graph files stay
+inside the bundle, images above Pillow's pixel limit are refused from the header; each case
+exits 2 with no C++ exception dump and leaves an earlier output folder byte-identical.
 
 The binary is built by CMake (README "C++ runtime"); tests use ``$LSR_DETECT_BIN`` or
 ``export/build/lsr_detect`` and skip when neither exists, unless
@@ -152,26 +155,326 @@ def test_cpp_runtime_bad_bundles_and_images(ts_bundle, images, tmp_path):
 
 
 def test_cpp_runtime_keeps_finished_work(ts_bundle, images, tmp_path):
-    """Every input's PNG header is checked before any work; an image whose header is fine
-    but whose data is cut short fails in libpng's decode (reported through its longjmp
-    protocol, not an exception through C), naming the file, after the results of the
-    images before it are written. No temporary files are left."""
+    """Every input is decoded once before any work (a missing or cut image fails with
+    nothing written, see test_cpp_runtime_refuses_bad_input). A failure during the work (here
+    a map that cannot be written: a folder is in the way of its temporary file) keeps what is
+    finished: the maps and rows of the images before it, the rows in results.partial.jsonl;
+    the results.jsonl of an earlier command is left as it was. No temporary files are left."""
     out = tmp_path / "o"
-    missing = tmp_path / "missing.png"
-    p = run_bin(ts_bundle, images[0], missing, "--out", out, check=False)
-    assert p.returncode == 2 and "missing.png" in p.stderr and "cannot open" in p.stderr
-    assert not out.exists()                                        # failed before any work
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    shutil.copy(images[0], a)
+    shutil.copy(images[1], b)
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"image": "earlier"}\n')
+    (out / "b_map.f32.tmp").mkdir()                                # blocks the map of b.png
+    p = run_bin(ts_bundle, a, b, "--out", out, "--batch-size", "1", check=False)
+    assert p.returncode == 2 and "b_map.f32" in p.stderr and "cannot write" in p.stderr, p.stderr
+    assert "results of the 1 images before it written to" in p.stderr and "results.partial.jsonl" in p.stderr
+    _no_crash(p.stderr)
+    assert (out / "results.jsonl").read_text() == '{"image": "earlier"}\n'
+    rows = [json.loads(line) for line in (out / "results.partial.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in rows] == [str(a)]
+    assert all(Path(r["map_png"]).is_file() and Path(r["map_raw"]).is_file() for r in rows)
+    assert not [f for f in out.glob("*.tmp") if f.is_file()]
 
-    data = images[0].read_bytes()
-    cut = tmp_path / "cut.png"
-    cut.write_bytes(data[:data.index(b"IDAT") + 20])               # header intact, pixels cut
-    p = run_bin(ts_bundle, images[0], images[1], cut, "--out", out, "--batch-size", "1", check=False)
-    assert p.returncode == 2 and "cut.png" in p.stderr and "cannot decode PNG (libpng:" in p.stderr
-    assert "results of the 2 images before it" in p.stderr
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["image"] for r in rows] == [str(images[0]), str(images[1])]
-    assert all(Path(r["map_png"]).is_file() for r in rows)
-    assert not list(out.glob("*.tmp"))
+
+# ---- bad input: every value the runtime reads follows lsr.config.RULES ----------------
+
+def test_cpp_runtime_rules_match_python():
+    """The runtime's rules (lsr_detect --rules) are lsr.config's, word for word; the pixel
+    limit is Pillow's default, as the Python path's."""
+    from PIL import Image
+
+    from lsr.config import OPTION_RULES, RULES
+
+    lines = [line.split("\t") for line in run_bin("--rules").stdout.splitlines()]
+    assert len(lines) >= 14
+    seen = set()
+    for key, py_key, rule in lines:
+        if key == "image pixels":
+            from lsr import data
+            assert rule == f"at most {getattr(data, 'MAX_PIXELS', Image.MAX_IMAGE_PIXELS)}" == "at most 89478485"
+            assert Image.MAX_IMAGE_PIXELS == 89478485
+            continue
+        py = (RULES.get(py_key) or OPTION_RULES[py_key]).describe()
+        # tau is optional in a run (null before calibration); a bundle always has one
+        assert rule == py.removesuffix(" (or null)"), key
+        seen.add(key)
+    assert {"--batch-size", "--threads", "--tau", "--seed", "--restorations", "detect.tau", "detect.temperature",
+            "detect.seed", "detect.restorations", "model.image_size", "model.channels", "model.grid_size",
+            "model.codebook_size"} <= seen
+
+
+def _no_crash(stderr):
+    for bad in ("terminate called", "what():", "Traceback", "Exception raised from", "frame #", "Aborted"):
+        assert bad not in stderr, stderr
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))} if folder.is_dir() else (
+        folder.read_bytes() if folder.exists() else None)
+
+
+def _edited_bundle(ts_bundle, tmp_path, edit):
+    """A copy of the bundle with bundle.json edited by ``edit(meta, folder)`` (which may
+    return the file's new text instead); written by Python's json, so NaN is the literal
+    ``NaN``."""
+    b = tmp_path / "bundle"
+    shutil.copytree(ts_bundle, b)
+    meta = json.loads((b / "bundle.json").read_text())
+    text = edit(meta, b)
+    (b / "bundle.json").write_text(text if isinstance(text, str) else json.dumps(meta))
+    return b
+
+
+def _raw(old, new):
+    """An edit of bundle.json's text (a literal Python's json would not write)."""
+    def edit(meta, _):
+        text = json.dumps(meta)
+        assert old in text
+        return text.replace(old, new)
+    return edit
+
+
+def _set(dotted, value):
+    def edit(meta, _):
+        *parents, last = dotted.split(".")
+        d = meta
+        for k in parents:
+            d = d[k]
+        d[last] = value
+    return edit
+
+
+def _drop(dotted):
+    def edit(meta, _):
+        *parents, last = dotted.split(".")
+        d = meta
+        for k in parents:
+            d = d[k]
+        del d[last]
+    return edit
+
+
+def _symlink_out(meta, b):
+    """graphs.encoder.file: a symbolic link to a copy of the encoder outside the bundle
+    (same bytes, so the sha256 matches: only the link is wrong)."""
+    outside = b.parent / "outside.pt"
+    shutil.copy(b / "encoder.pt", outside)
+    (b / "link.pt").symlink_to(outside)
+    meta["graphs"]["encoder"]["file"] = "link.pt"
+
+
+def _image(kind, tmp_path, images):
+    if kind == "huge":                       # 20000 x 20000 pixels, a few hundred KB on disk
+        from PIL import Image
+
+        path = tmp_path / "huge.png"
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            Image.new("1", (20000, 20000)).save(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+        assert path.stat().st_size < 2_000_000
+        return path
+    if kind == "cut":                        # header intact, pixels cut short
+        data = images[0].read_bytes()
+        path = tmp_path / "cut.png"
+        path.write_bytes(data[:data.index(b"IDAT") + 20])
+        return path
+    if kind == "text":
+        path = tmp_path / "notes.png"
+        path.write_text("not an image")
+        return path
+    return tmp_path / "missing.png"
+
+
+_FLAG = "must be an integer in [1, 4096]"
+_TAU = "--tau: must be a finite number in (0, 1), got"
+_SEED = "--seed: must be an integer in [0, 9223372036854775806], got"
+_REST = "--restorations: must be an integer in [1, 64], got"
+
+# (id, extra flags, bundle.json edit, image kind, text the error must hold)
+BAD_INPUTS = [
+    ("batch-size-0", ["--batch-size", "0"], None, None, [f"--batch-size: {_FLAG}, got 0"]),
+    ("batch-size-neg", ["--batch-size", "-1"], None, None, [f"--batch-size: {_FLAG}, got -1"]),
+    ("batch-size-abc", ["--batch-size", "abc"], None, None, [f"--batch-size: {_FLAG}, got 'abc'"]),
+    ("batch-size-float", ["--batch-size", "1.5"], None, None, [f"--batch-size: {_FLAG}, got '1.5'"]),
+    ("batch-size-suffix", ["--batch-size", "12abc"], None, None, [f"--batch-size: {_FLAG}, got '12abc'"]),
+    ("batch-size-huge", ["--batch-size", "99999999999999999999"], None, None, ["--batch-size: must be"]),
+    ("batch-size-no-value", ["--batch-size"], None, None, ["--batch-size: needs a value"]),
+    ("threads-abc", ["--threads", "abc"], None, None, ["--threads: must be an integer in [0, 4096], got 'abc'"]),
+    ("threads-neg", ["--threads", "-2"], None, None, ["--threads: must be an integer in [0, 4096], got -2"]),
+    ("tau-nan", ["--tau", "nan"], None, None, [f"{_TAU} nan"]),
+    ("tau-neg", ["--tau", "-1"], None, None, [f"{_TAU} -1"]),
+    ("tau-0", ["--tau", "0"], None, None, [f"{_TAU} 0"]),
+    ("tau-1", ["--tau", "1"], None, None, [f"{_TAU} 1"]),
+    ("tau-inf", ["--tau", "inf"], None, None, [f"{_TAU} inf"]),
+    ("tau-abc", ["--tau", "abc"], None, None, [f"{_TAU} 'abc'"]),
+    ("tau-hex", ["--tau", "0x1p-3"], None, None, [f"{_TAU} '0x1p-3'"]),
+    ("seed-neg", ["--seed", "-5"], None, None, [f"{_SEED} -5"]),
+    ("seed-abc", ["--seed", "abc"], None, None, [f"{_SEED} 'abc'"]),
+    ("seed-2^63", ["--seed", str(2 ** 63)], None, None, [f"{_SEED} {2 ** 63}"]),
+    ("restorations-0", ["--restorations", "0"], None, None, [f"{_REST} 0"]),
+    ("restorations-65", ["--restorations", "65"], None, None, [f"{_REST} 65"]),
+    ("restorations-abc", ["--restorations", "abc"], None, None, [f"{_REST} 'abc'"]),
+    ("device-foo", ["--device", "foo"], None, None, ["--device: must be one of cpu, cuda"]),
+    ("unknown-option", ["--frobnicate"], None, None, ["unknown option --frobnicate"]),
+    ("json-tau-nan", [], _set("detect.tau", float("nan")), None,
+     ["bundle.json: detect.tau: must be a finite number in (0, 1), got NaN"]),
+    ("json-tau-inf", [], _set("detect.tau", float("inf")), None, ["bundle.json: detect.tau: must be", "Infinity"]),
+    ("json-tau-1", [], _set("detect.tau", 1.0), None, ["bundle.json: detect.tau: must be"]),
+    ("json-tau-null", [], _set("detect.tau", None), None, ["bundle.json: detect.tau: must be", "got None"]),
+    ("json-temperature-0", [], _set("detect.temperature", 0), None,
+     ["bundle.json: detect.temperature: must be a finite number in (0, 1000], got 0"]),
+    ("json-seed-neg", [], _set("detect.seed", -5), None,
+     ["bundle.json: detect.seed: must be an integer in [0, 9223372036854775806], got -5"]),
+    ("json-seed-float", [], _set("detect.seed", 1.5), None, ["bundle.json: detect.seed: must be an integer"]),
+    ("json-restorations-1e12", [], _set("detect.restorations", 1e12), None,
+     ["bundle.json: detect.restorations: must be an integer in [1, 64], got 1000000000000.0"]),
+    ("json-restorations-1e12-literal", [], _raw('"restorations": 1,', '"restorations": 1e12,'), None,
+     ["bundle.json: detect.restorations: must be an integer in [1, 64], got 1e12"]),
+    ("json-restorations-1.0", [], _raw('"restorations": 1,', '"restorations": 1.0,'), None,
+     ["bundle.json: detect.restorations: must be an integer in [1, 64], got 1.0"]),
+    ("json-seed-hex", [], _raw('"seed": 0,', '"seed": 0x10,'), None, ["bundle.json: invalid JSON at byte"]),
+    ("json-tau-nan-lowercase", [], _raw('"tau": ', '"tau": nan, "x": '), None, ["bundle.json: invalid JSON at byte"]),
+    ("json-restorations-0", [], _set("detect.restorations", 0), None,
+     ["bundle.json: detect.restorations: must be an integer in [1, 64], got 0"]),
+    ("json-no-image-size", [], _drop("model.image_size"), None, ["bundle.json: missing key model.image_size"]),
+    ("json-image-size-str", [], _set("model.image_size", "32"), None,
+     ["bundle.json: model.image_size: must be an integer in [8, 4096], got '32'"]),
+    ("json-image-size-0", [], _set("model.image_size", 0), None, ["bundle.json: model.image_size: must be"]),
+    ("json-channels-2", [], _set("model.channels", 2), None, ["bundle.json: model.channels: must be 1 or 3"]),
+    ("json-grid-0", [], _set("model.grid_size", 0), None, ["bundle.json: model.grid_size: must be"]),
+    ("json-codebook-1", [], _set("model.codebook_size", 1), None, ["bundle.json: model.codebook_size: must be"]),
+    ("json-model-array", [], _set("model", []), None, ["bundle.json: model: must be a JSON object"]),
+    ("json-no-detect", [], _drop("detect"), None, ["bundle.json: missing key detect"]),
+    ("json-graphs-empty", [], _set("graphs", []), None, ["bundle.json: graphs: must be a JSON object"]),
+    ("json-graphs-no-prior", [], _drop("graphs.prior"), None, ["bundle.json: missing key graphs.prior"]),
+    ("json-graph-dotdot", [], _set("graphs.encoder.file", "../x.pt"), None,
+     ["bundle.json: graphs.encoder.file: must be a plain file name inside the bundle folder, got '../x.pt'"]),
+    ("json-graph-absolute", [], _set("graphs.decoder.file", "/etc/passwd"), None,
+     ["bundle.json: graphs.decoder.file: must be a plain file name", "'/etc/passwd'"]),
+    ("json-graph-subfolder", [], _set("graphs.prior.file", "sub/prior.pt"), None,
+     ["bundle.json: graphs.prior.file: must be a plain file name"]),
+    ("json-graph-symlink-out", [], _symlink_out, None,
+     ["bundle.json: graphs.encoder.file: must be a plain file name", "symbolic link"]),
+    ("json-graph-file-number", [], _set("graphs.encoder.file", 3), None,
+     ["bundle.json: graphs.encoder.file: must be a string, got 3"]),
+    ("json-not-object", [], lambda m, b: (m.clear()), None, ["bundle.json: missing key bundle_version"]),
+    ("image-20000x20000", [], None, "huge", ["huge.png: image too large (20000 x 20000 = 400000000 pixels; the limit is 89478485"]),
+    ("image-truncated", [], None, "cut", ["cut.png: cannot decode PNG, the file is truncated or corrupt"]),
+    ("image-not-png", [], None, "text", ["notes.png: not a PNG file"]),
+    ("image-missing", [], None, "missing", ["missing.png: cannot open"]),
+]
+
+
+@pytest.fixture(scope="module")
+def earlier_out(ts_bundle, images, tmp_path_factory):
+    """An output folder of a finished lsr_detect (results.jsonl, maps) plus a bystander file."""
+    out = tmp_path_factory.mktemp("earlier") / "out"
+    run_bin(ts_bundle, images[0], images[1], "--out", out)
+    (out / "notes.txt").write_text("someone else's file\n")
+    return out
+
+
+@pytest.mark.parametrize("flags, edit, image, expect", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_cpp_runtime_refuses_bad_input(ts_bundle, images, earlier_out, tmp_path, flags, edit, image, expect):
+    """Each bad flag, bundle.json value or image: exit 2, a one-line error naming the option
+    or the file and the rule (lsr.config's wording), no C++ exception dump, and the output
+    folder of an earlier command byte-identical (nothing written, not even a temporary)."""
+    out = tmp_path / "out"
+    shutil.copytree(earlier_out, out)
+    before = _snapshot(out)
+    bundle = _edited_bundle(ts_bundle, tmp_path, edit) if edit else ts_bundle
+    inputs = [images[0], _image(image, tmp_path, images)] if image else [images[0]]
+    p = run_bin(bundle, *inputs, "--out", out, *flags, check=False)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert p.stderr.startswith("lsr_detect: error: "), p.stderr
+    for text in expect:
+        assert text in p.stderr, (text, p.stderr)
+    _no_crash(p.stderr)
+    assert p.stdout == ""
+    assert _snapshot(out) == before
+
+
+def test_cpp_runtime_out_is_a_file(ts_bundle, images, tmp_path):
+    out = tmp_path / "results.txt"
+    out.write_text("keep me\n")
+    p = run_bin(ts_bundle, images[0], "--out", out, check=False)
+    assert p.returncode == 2 and "--out" in p.stderr and "not a folder" in p.stderr, p.stderr
+    _no_crash(p.stderr)
+    assert out.read_text() == "keep me\n"
+
+
+def test_cpp_runtime_accepts_edge_values(ts_bundle, images, tmp_path):
+    """The bounds themselves are valid; "+3" and "007" are integers, as for Python's int()."""
+    b = _edited_bundle(ts_bundle, tmp_path, _set("detect.seed", 2 ** 63 - 2))
+    p = run_bin(b, images[0], "--out", tmp_path / "o", "--batch-size", "4096", "--threads", "0",
+                "--restorations", "+1", "--tau", "0.5", check=False)
+    assert p.returncode == 0, p.stderr
+    p = run_bin(ts_bundle, images[0], "--out", tmp_path / "o2", "--seed", "9223372036854775806",
+                "--restorations", "002", "--batch-size", "1", check=False)
+    assert p.returncode == 0, p.stderr
+    assert len((tmp_path / "o2" / "results.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("seed", [5, 2 ** 63 - 2])
+def test_cpp_runtime_seed_equals_python(ts_bundle, tiny_run, images, tmp_path, seed):
+    """--seed N draws the noise of Python's seed N (negative seeds are refused by both)."""
+    import torch
+
+    from lsr.detect import Detector
+
+    some = images[:3]
+    run_bin(ts_bundle, *some, "--out", tmp_path / "cpp", "--save-codes", "--seed", str(seed), "--threads", "1")
+    cpp = [json.loads(line) for line in (tmp_path / "cpp" / "results.jsonl").read_text().splitlines()]
+    det = Detector.load(tiny_run, "cpu").with_options(seed=seed)
+    x, _ = det.load_batch(some)
+    res = det.detect(x)
+    for i, c in enumerate(cpp):
+        assert c["resampled_codes"] == res.resampled_codes[i].flatten().tolist()
+    seed0 = Detector.load(tiny_run, "cpu").with_options(seed=0).detect(x)
+    assert not torch.equal(res.resampled_codes, seed0.resampled_codes)   # the seed mattered
+
+
+def _png_adam7(path, arr):
+    """An interlaced (Adam7) 8-bit grey PNG of ``arr`` (H, W) uint8, written by hand."""
+    import struct
+    import zlib
+    h, w = arr.shape
+    raw = b""
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+                           (0, 1, 1, 2)):
+        sub = arr[y0::dy, x0::dx]
+        if sub.size:
+            raw += b"".join(b"\x00" + row.tobytes() for row in sub)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 1))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_cpp_runtime_reads_interlaced_pngs(ts_bundle, images, tmp_path):
+    """An interlaced PNG is checked and read (de-interlaced) as the same image saved plainly."""
+    from PIL import Image
+
+    arr = np.asarray(Image.open(images[2]).convert("L").resize((37, 29)), dtype=np.uint8)
+    _png_adam7(tmp_path / "adam7.png", arr)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "adam7.png")), arr)
+    Image.fromarray(arr).save(tmp_path / "plain.png")
+    a, b = ({}, {})
+    for name, row in (("adam7", a), ("plain", b)):     # each as image 0: the same noise
+        run_bin(ts_bundle, tmp_path / f"{name}.png", "--out", tmp_path / name, "--save-codes")
+        row.update(json.loads((tmp_path / name / "results.jsonl").read_text()))
+    assert a["map_shape"] == b["map_shape"] == [29, 37]
+    for key in ("score", "nll_score", "prior_passes", "resampled_codes"):
+        assert a[key] == b[key], key
+    np.testing.assert_array_equal(np.fromfile(a["map_raw"], dtype=np.float32),
+                                  np.fromfile(b["map_raw"], dtype=np.float32))
 
 
 def test_cpp_runtime_rejects_deeply_nested_bundle_json(ts_bundle, images, tmp_path):

@@ -33,18 +33,36 @@ void png_warning_fn(png_structp, png_const_charp) {}
 
 // The setjmp frames: only trivially destructible locals between setjmp and any longjmp,
 // so unwinding by longjmp skips no destructor. false: libpng failed (message in PngError).
-bool png_read_all(png_structp png, png_infop info, FILE* f) {
-  if (setjmp(png_jmpbuf(png))) return false;
-  png_init_io(png, f);
-  png_set_sig_bytes(png, 8);
-  png_read_png(png, info, PNG_TRANSFORM_EXPAND, nullptr);  // palette -> RGB, low-bit grey -> 8 bit
-  return true;
-}
+// Every buffer is allocated in C++ between the frames, after the header's size is checked.
 bool png_read_header(png_structp png, png_infop info, FILE* f) {
   if (setjmp(png_jmpbuf(png))) return false;
   png_init_io(png, f);
   png_set_sig_bytes(png, 8);
   png_read_info(png, info);
+  return true;
+}
+// The transforms of png_read_png(PNG_TRANSFORM_EXPAND): palette -> RGB, low-bit grey -> 8
+// bit, tRNS -> alpha; interlaced images de-interlaced. `passes`: the interlace passes.
+bool png_read_setup(png_structp png, png_infop info, int* passes) {
+  if (setjmp(png_jmpbuf(png))) return false;
+  png_set_expand(png);
+  *passes = png_set_interlace_handling(png);
+  png_read_update_info(png, info);
+  return true;
+}
+bool png_read_rows(png_structp png, png_infop info, png_bytepp rows) {
+  if (setjmp(png_jmpbuf(png))) return false;
+  png_read_image(png, rows);
+  png_read_end(png, info);
+  return true;
+}
+// Decodes every row into the one buffer `row` (the pixels are dropped): checks the whole
+// compressed stream (and its CRCs) with the memory of one row.
+bool png_read_discard(png_structp png, png_infop info, png_bytep row, int passes, png_uint_32 height) {
+  if (setjmp(png_jmpbuf(png))) return false;
+  for (int p = 0; p < passes; ++p)
+    for (png_uint_32 y = 0; y < height; ++y) png_read_row(png, row, nullptr);
+  png_read_end(png, info);
   return true;
 }
 bool png_write_all(png_structp png, png_infop info, FILE* f, png_bytepp rows, int height, int width) {
@@ -81,19 +99,52 @@ struct Reader {
   Reader& operator=(const Reader&) = delete;
 };
 
+// Reads the header and checks the pixel limit; throws naming `path`.
+std::pair<int, int> read_header(Reader& r, const std::string& path) {
+  if (!png_read_header(r.png, r.info, r.file.f))
+    throw std::runtime_error(path + ": cannot decode PNG, the file is truncated or corrupt (libpng: " + r.err.msg + ")");
+  const uint64_t h = png_get_image_height(r.png, r.info), w = png_get_image_width(r.png, r.info);
+  if (w * h > kMaxImagePixels)
+    throw std::runtime_error(path + ": image too large (" + std::to_string(w) + " x " + std::to_string(h) + " = " +
+                             std::to_string(w * h) + " pixels; the limit is " + std::to_string(kMaxImagePixels) +
+                             ", Pillow's MAX_IMAGE_PIXELS, as lsr.data): refused before decoding");
+  return {static_cast<int>(h), static_cast<int>(w)};
+}
+
+int setup(Reader& r, const std::string& path) {
+  int passes = 1;
+  if (!png_read_setup(r.png, r.info, &passes))
+    throw std::runtime_error(path + ": cannot decode PNG, the file is truncated or corrupt (libpng: " + r.err.msg + ")");
+  return passes;
+}
+
 }  // namespace
 
 std::pair<int, int> png_size(const std::string& path) {
   Reader r(path);
-  if (!png_read_header(r.png, r.info, r.file.f))
-    throw std::runtime_error(path + ": cannot decode PNG (libpng: " + r.err.msg + ")");
-  return {static_cast<int>(png_get_image_height(r.png, r.info)), static_cast<int>(png_get_image_width(r.png, r.info))};
+  return read_header(r, path);
+}
+
+std::pair<int, int> verify_png(const std::string& path) {
+  Reader r(path);
+  const auto hw = read_header(r, path);
+  const int passes = setup(r, path);
+  std::vector<unsigned char> row(png_get_rowbytes(r.png, r.info));
+  if (!png_read_discard(r.png, r.info, row.data(), passes, static_cast<png_uint_32>(hw.first)))
+    throw std::runtime_error(path + ": cannot decode PNG, the file is truncated or corrupt (libpng: " + r.err.msg + ")");
+  return hw;
 }
 
 Float read_png(const std::string& path) {
   Reader r(path);
-  if (!png_read_all(r.png, r.info, r.file.f))
-    throw std::runtime_error(path + ": cannot decode PNG (libpng: " + r.err.msg + ")");
+  const int hh = read_header(r, path).first;
+  setup(r, path);
+  const size_t rowbytes = png_get_rowbytes(r.png, r.info);
+  std::vector<unsigned char> pixels(rowbytes * static_cast<size_t>(hh));
+  std::vector<png_bytep> row_ptrs(static_cast<size_t>(hh));
+  for (int y = 0; y < hh; ++y) row_ptrs[static_cast<size_t>(y)] = pixels.data() + rowbytes * static_cast<size_t>(y);
+  if (!png_read_rows(r.png, r.info, row_ptrs.data()))
+    throw std::runtime_error(path + ": cannot decode PNG, the file is truncated or corrupt (libpng: " + r.err.msg + ")");
   png_structp png = r.png;
   png_infop info = r.info;
   Float out;
@@ -107,7 +158,7 @@ Float read_png(const std::string& path) {
   out.height = h;
   out.width = w;
   out.data.assign(static_cast<size_t>(out.channels) * h * w, 0.f);
-  png_bytepp rows = png_get_rows(png, info);
+  png_bytepp rows = row_ptrs.data();
   const int bytes = depth == 16 ? 2 : 1;
   // as Pillow (so as lsr.data): a 16-bit grey PNG is read at 16 bits (I;16, / 65535), a
   // 16-bit colour or grey+alpha PNG is opened as 8-bit RGB(A) (its high bytes, / 255)

@@ -16,13 +16,24 @@ struct Float {
   std::vector<float> data;  // (channels, height, width)
 };
 
+// The largest image read, in pixels (width x height): Pillow's default Image.MAX_IMAGE_PIXELS
+// (1024 * 1024 * 1024 // 4 // 3), the limit of lsr's Python path (lsr.data). Checked from the
+// header, before anything is allocated or decoded: a small PNG of 20000 x 20000 pixels is
+// refused, not decoded into gigabytes.
+constexpr uint64_t kMaxImagePixels = 89478485;
+
 // Reads a PNG as float (H, W) planes: 1 channel for grey (+alpha), 3 for colour.
-// Throws std::runtime_error("<path>: ...") on a missing, truncated or non-PNG file.
+// Throws std::runtime_error("<path>: ...") on a missing, truncated, non-PNG or too large
+// (kMaxImagePixels) file.
 Float read_png(const std::string& path);
 
-// (height, width) from the PNG header alone; throws as read_png. For checking every input
-// before any work is done.
+// (height, width) from the PNG header alone; throws as read_png (missing, not a PNG, too large).
 std::pair<int, int> png_size(const std::string& path);
+
+// (height, width) after decoding the whole file with the memory of one row (the pixels are
+// dropped); throws as read_png, so a file cut short is found too. For checking every input
+// before anything is written.
+std::pair<int, int> verify_png(const std::string& path);
 
 // To the model's channels (1 or 3), as lsr.data.load_image does.
 Float to_channels(const Float& img, int channels);

@@ -18,7 +18,7 @@ struct Value {
   enum Kind { Null, Bool, Number, String, Array, Object } kind = Null;
   bool b = false;
   double num = 0;
-  std::string str;
+  std::string str;  // a String's text; a Number's literal as written ("12", "1e12", "NaN")
   std::vector<Value> arr;
   std::map<std::string, Value> obj;
 
@@ -125,17 +125,46 @@ class Parser {
       v.kind = Value::Bool;
     } else if (literal("null")) {
       v.kind = Value::Null;
-    } else if (literal("NaN")) {
+    } else if (literal("NaN")) {  // Python's json writes NaN and +-Infinity; read them, the rules refuse them
       v.kind = Value::Number;
       v.num = std::numeric_limits<double>::quiet_NaN();
-    } else {
-      const char* begin = s_.c_str() + i_;
-      char* end = nullptr;
+      v.str = "NaN";
+    } else if (literal("Infinity")) {
       v.kind = Value::Number;
-      v.num = std::strtod(begin, &end);
-      if (end == begin) fail("unexpected character");
-      v.str.assign(begin, static_cast<size_t>(end - begin));  // the literal, for integers beyond double precision
-      i_ += static_cast<size_t>(end - begin);
+      v.num = std::numeric_limits<double>::infinity();
+      v.str = "Infinity";
+    } else if (literal("-Infinity")) {
+      v.kind = Value::Number;
+      v.num = -std::numeric_limits<double>::infinity();
+      v.str = "-Infinity";
+    } else {
+      // the JSON grammar: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? (strtod alone would
+      // also take hex, "inf", "nan" and a leading "+")
+      const size_t begin = i_;
+      auto digits = [&] {
+        const size_t d0 = i_;
+        while (i_ < s_.size() && s_[i_] >= '0' && s_[i_] <= '9') ++i_;
+        return i_ - d0;
+      };
+      if (i_ < s_.size() && s_[i_] == '-') ++i_;
+      if (i_ < s_.size() && s_[i_] == '0') {
+        ++i_;
+      } else if (digits() == 0) {
+        i_ = begin;
+        fail("unexpected character");
+      }
+      if (i_ < s_.size() && s_[i_] == '.') {
+        ++i_;
+        if (digits() == 0) fail("expected a digit after '.'");
+      }
+      if (i_ < s_.size() && (s_[i_] == 'e' || s_[i_] == 'E')) {
+        ++i_;
+        if (i_ < s_.size() && (s_[i_] == '+' || s_[i_] == '-')) ++i_;
+        if (digits() == 0) fail("expected a digit in the exponent");
+      }
+      v.kind = Value::Number;
+      v.str = s_.substr(begin, i_ - begin);  // the literal, for integers beyond double precision
+      v.num = std::strtod(v.str.c_str(), nullptr);  // out of double range: +-inf, refused by the rules
     }
     return v;
   }

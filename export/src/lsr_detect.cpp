@@ -9,19 +9,32 @@
 // one JSON line in DIR/results.jsonl. Detection is lsr.detect.Detector.detect: encode, decode
 // the direct reconstruction, resample with the native loop (csrc/resample, the same C++ as
 // `--resampler native`), decode, post-process; noise and seeds as bundle.json "noise" says.
+//
+// Bad input (exit 2, one line "lsr_detect: error: ..." naming the flag or the file): every
+// flag and every value read from bundle.json follows the rules of lsr.config.RULES (below,
+// `lsr_detect --rules`); graph files are plain names inside the bundle folder; every image is
+// decoded once before any work, refused above Pillow's pixel limit (image_io.h). So a bad
+// input writes nothing. A failure during the work leaves an earlier results.jsonl as it was
+// and writes the rows of the images finished before it to DIR/results.partial.jsonl.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <torch/cuda.h>
 #include <torch/script.h>
 
 #include <algorithm>
+#include <cctype>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -41,6 +54,240 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// ---- value rules ----------------------------------------------------------------------
+// The rules of lsr.config.RULES / OPTION_RULES (the one list; README "Valid values") for the
+// values this runtime reads, with the same wording ("must be <rule>, got <value>", from
+// Rule.describe). `lsr_detect --rules` prints them; tests/test_cpp_runtime.py checks them
+// against lsr.config.
+struct IntRule {
+  int64_t lo, hi;
+  std::string describe() const { return "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]"; }
+  bool ok(int64_t v) const { return v >= lo && v <= hi; }
+};
+
+std::string num(double x) {  // lsr.config._num
+  char buf[64];
+  if (x == std::floor(x) && std::fabs(x) < 1e15)
+    std::snprintf(buf, sizeof buf, "%lld", static_cast<long long>(x));
+  else
+    std::snprintf(buf, sizeof buf, "%.17g", x);
+  return buf;
+}
+
+struct FloatRule {
+  double lo, hi;
+  bool open_lo, open_hi;
+  std::string describe() const {
+    return "a finite number in " + std::string(open_lo ? "(" : "[") + num(lo) + ", " + num(hi) + (open_hi ? ")" : "]");
+  }
+  bool ok(double v) const {
+    return std::isfinite(v) && (open_lo ? v > lo : v >= lo) && (open_hi ? v < hi : v <= hi);
+  }
+};
+
+constexpr int64_t kMaxSeed = std::numeric_limits<int64_t>::max() - 1;  // 2^63 - 2 (lsr.config._MAX_SEED)
+
+struct NamedRule {
+  const char* key;     // bundle.json key or flag
+  const char* python;  // the key in lsr.config.RULES / OPTION_RULES
+  bool is_int;
+  IntRule i;
+  FloatRule f;
+};
+
+const IntRule kImageSize{8, 4096}, kChannels{1, 3}, kGridSize{1, 1024}, kCodebookSize{2, 65536};
+const IntRule kSeed{0, kMaxSeed}, kRestorations{1, 64}, kBatchSize{1, 4096}, kThreads{0, 4096};
+const FloatRule kTau{0.0, 1.0, true, true}, kTemperature{0.0, 1e3, true, false};
+
+const std::vector<NamedRule>& rules() {
+  static const std::vector<NamedRule> table = {
+      {"model.image_size", "vqvae.image_size", true, kImageSize, {}},
+      {"model.channels", "vqvae.in_channels", true, kChannels, {}},
+      {"model.grid_size", "prior.grid_size", true, kGridSize, {}},
+      {"model.codebook_size", "vqvae.codebook_size", true, kCodebookSize, {}},
+      {"detect.tau", "detect.tau", false, {}, kTau},
+      {"detect.temperature", "detect.temperature", false, {}, kTemperature},
+      {"detect.seed", "detect.seed", true, kSeed, {}},
+      {"detect.restorations", "detect.restorations", true, kRestorations, {}},
+      {"--tau", "detect.tau", false, {}, kTau},
+      {"--seed", "detect.seed", true, kSeed, {}},
+      {"--restorations", "detect.restorations", true, kRestorations, {}},
+      {"--batch-size", "batch_size", true, kBatchSize, {}},
+      {"--threads", "threads", true, kThreads, {}},
+  };
+  return table;
+}
+
+// A value as Python's repr shows it in lsr.config's errors: text quoted, numbers bare.
+std::string quoted(const std::string& text) {
+  std::string out = "'";
+  for (const unsigned char c : text) {
+    if (c < 0x20 || c == 0x7f || c == '\\' || c == '\'') {
+      char buf[8];
+      if (c == '\\' || c == '\'')
+        std::snprintf(buf, sizeof buf, "\\%c", c);
+      else
+        std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "'";
+}
+
+// Strict integer text: an optional sign and decimal digits, nothing else (no "12abc", no
+// "1.5", no spaces). false when not an integer; `*overflow` when beyond int64.
+bool parse_int(const std::string& text, int64_t* out, bool* overflow) {
+  *overflow = false;
+  const char* first = text.data();
+  const char* last = text.data() + text.size();
+  if (first != last && *first == '+') ++first;
+  if (first == last || (*first == '-' && first + 1 == last)) return false;
+  for (const char* c = *first == '-' ? first + 1 : first; c != last; ++c)
+    if (*c < '0' || *c > '9') return false;
+  const auto [end, ec] = std::from_chars(first, last, *out);
+  if (ec == std::errc::result_out_of_range) {
+    *overflow = true;
+    return false;
+  }
+  return ec == std::errc() && end == last;
+}
+
+// Strict number text, as Python's float(): [+-] digits [. digits] [e [+-] digits] (or
+// ".5", "5."), or nan / inf / infinity (refused later as not finite). No hex, no spaces.
+bool parse_float(const std::string& text, double* out) {
+  size_t i = 0;
+  const size_t n = text.size();
+  if (i < n && (text[i] == '+' || text[i] == '-')) ++i;
+  std::string rest = text.substr(i);
+  std::transform(rest.begin(), rest.end(), rest.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (rest == "nan" || rest == "inf" || rest == "infinity") {
+    *out = std::strtod(text.c_str(), nullptr);
+    return true;
+  }
+  auto digits = [&] {
+    const size_t d0 = i;
+    while (i < n && text[i] >= '0' && text[i] <= '9') ++i;
+    return i - d0;
+  };
+  size_t mantissa = digits();
+  if (i < n && text[i] == '.') {
+    ++i;
+    mantissa += digits();
+  }
+  if (mantissa == 0) return false;
+  if (i < n && (text[i] == 'e' || text[i] == 'E')) {
+    ++i;
+    if (i < n && (text[i] == '+' || text[i] == '-')) ++i;
+    if (digits() == 0) return false;
+  }
+  if (i != n) return false;
+  *out = std::strtod(text.c_str(), nullptr);
+  return true;
+}
+
+const NamedRule& rule_of(const std::string& key) {
+  for (const auto& r : rules())
+    if (key == r.key) return r;
+  throw std::logic_error("no rule for " + key);
+}
+
+// A command-line value checked against its rule; the error names the flag.
+int64_t flag_int(const std::string& flag, const std::string& text) {
+  const IntRule& r = rule_of(flag).i;
+  int64_t v = 0;
+  bool overflow = false;
+  const bool is_int = parse_int(text, &v, &overflow);
+  if (!is_int || !r.ok(v))
+    throw Error(flag + ": must be " + r.describe() + ", got " + (is_int || overflow ? text : quoted(text)));
+  return v;
+}
+
+double flag_float(const std::string& flag, const std::string& text) {
+  const FloatRule& r = rule_of(flag).f;
+  double v = 0;
+  const bool is_num = parse_float(text, &v);
+  if (!is_num || !r.ok(v)) throw Error(flag + ": must be " + r.describe() + ", got " + (is_num ? text : quoted(text)));
+  return v;
+}
+
+// ---- bundle.json ---------------------------------------------------------------------
+
+// A JSON value as Python's repr shows it (the "got ..." of an error).
+std::string shown(const lsr::json::Value& v) {
+  using K = lsr::json::Value;
+  switch (v.kind) {
+    case K::Null: return "None";
+    case K::Bool: return v.b ? "True" : "False";
+    case K::Number: return v.str;  // the literal as written in the file
+    case K::String: return quoted(v.str);
+    case K::Array: return "an array";
+    default: return "an object";
+  }
+}
+
+// The value at a dotted key ("model.image_size"); errors name the key.
+const lsr::json::Value& get(const lsr::json::Value& root, const std::string& dotted) {
+  const lsr::json::Value* v = &root;
+  size_t start = 0;
+  while (true) {
+    const size_t dot = dotted.find('.', start);
+    const std::string part = dotted.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    if (v->kind != lsr::json::Value::Object)
+      throw Error((start ? dotted.substr(0, start - 1) : std::string("the file")) + ": must be a JSON object, got " +
+                  shown(*v));
+    if (!v->has(part)) throw Error("missing key " + dotted.substr(0, dot));
+    v = &v->obj.at(part);
+    if (dot == std::string::npos) return *v;
+    start = dot + 1;
+  }
+}
+
+// An integer of bundle.json: an integer literal (not 1.0, not 1e12) within its rule.
+int64_t json_int(const lsr::json::Value& root, const std::string& key) {
+  const lsr::json::Value& v = get(root, key);
+  const IntRule& r = rule_of(key).i;
+  int64_t x = 0;
+  bool overflow = false;
+  const bool literal_int = v.kind == lsr::json::Value::Number && parse_int(v.str, &x, &overflow);
+  if (!literal_int || !r.ok(x)) throw Error(key + ": must be " + r.describe() + ", got " + shown(v));
+  return x;
+}
+
+double json_float(const lsr::json::Value& root, const std::string& key) {
+  const lsr::json::Value& v = get(root, key);
+  const FloatRule& r = rule_of(key).f;
+  if (v.kind != lsr::json::Value::Number || !r.ok(v.num))
+    throw Error(key + ": must be " + r.describe() + ", got " + shown(v));
+  return v.num;
+}
+
+const std::string& json_string(const lsr::json::Value& root, const std::string& key) {
+  const lsr::json::Value& v = get(root, key);
+  if (v.kind != lsr::json::Value::String) throw Error(key + ": must be a string, got " + shown(v));
+  return v.str;
+}
+
+// A graph file of bundle.json: a plain file name inside the bundle folder (no "..", no
+// absolute path, no separator, not a symbolic link out of the folder).
+fs::path graph_path(const fs::path& dir, const std::string& key, const std::string& file) {
+  const bool plain = !file.empty() && file != "." && file != ".." && file.find('/') == std::string::npos &&
+                     file.find('\\') == std::string::npos && file.find('\0') == std::string::npos &&
+                     fs::path(file).filename().string() == file;
+  if (!plain) throw Error(key + ": must be a plain file name inside the bundle folder, got " + quoted(file));
+  const fs::path path = dir / file;
+  std::error_code ec;
+  if (fs::is_symlink(fs::symlink_status(path, ec))) {
+    std::error_code e1, e2;
+    const fs::path target = fs::canonical(path, e1), root = fs::canonical(dir, e2);
+    if (e1 || e2 || target.parent_path() != root)
+      throw Error(key + ": must be a plain file name inside the bundle folder, got " + quoted(file) +
+                  (e1 ? ", a broken symbolic link" : ", a symbolic link to " + target.string()));
+  }
+  return path;
+}
+
 struct Bundle {
   int image_size = 0, channels = 0, grid = 0, K = 0;
   double tau = 0, temperature = 1;
@@ -53,7 +300,7 @@ Bundle read_bundle(const fs::path& dir) {
   const fs::path meta_path = dir / "bundle.json";
   if (!fs::is_directory(dir)) throw Error(dir.string() + ": bundle folder not found");
   std::ifstream f(meta_path);
-  if (!f) throw Error(meta_path.string() + ": not an lsr bundle (bundle.json not found)");
+  if (!f || fs::is_directory(meta_path)) throw Error(meta_path.string() + ": not an lsr bundle (bundle.json not found)");
   std::stringstream text;
   text << f.rdbuf();
   lsr::json::Value meta;
@@ -64,54 +311,49 @@ Bundle read_bundle(const fs::path& dir) {
   }
   Bundle b;
   try {
-    const double version = meta.at("bundle_version").number("bundle_version");
-    if (!(version >= kBundleVersionMin && version <= kBundleVersionMax && version == std::floor(version)))
-      throw Error("bundle version " + std::to_string(static_cast<int>(version)) + " is not supported (this runtime "
-                  "reads versions " + std::to_string(kBundleVersionMin) + " to " + std::to_string(kBundleVersionMax) +
+    if (meta.kind != lsr::json::Value::Object) throw Error("must be a JSON object, got " + shown(meta));
+    const lsr::json::Value& version = get(meta, "bundle_version");
+    if (!(version.kind == lsr::json::Value::Number && (version.num == kBundleVersionMin || version.num == kBundleVersionMax)))
+      throw Error("bundle version " + shown(version) + " is not supported (this runtime reads versions " +
+                  std::to_string(kBundleVersionMin) + " to " + std::to_string(kBundleVersionMax) +
                   "); re-export with the matching lsr-export");
-    const std::string& format = meta.at("format").string("format");
+    const std::string& format = json_string(meta, "format");
     if (format != "torchscript")
       throw Error("a " + format + " bundle; the C++ runtime runs TorchScript bundles "
                   "(lsr-export RUN --format torchscript --out DIR)");
-    const auto& model = meta.at("model");
-    b.image_size = static_cast<int>(model.at("image_size").number("model.image_size"));
-    b.channels = static_cast<int>(model.at("channels").number("model.channels"));
-    b.grid = static_cast<int>(model.at("grid_size").number("model.grid_size"));
-    b.K = static_cast<int>(model.at("codebook_size").number("model.codebook_size"));
-    const auto& det = meta.at("detect");
-    b.tau = det.at("tau").number("detect.tau");
-    b.temperature = det.at("temperature").number("detect.temperature");
-    det.at("seed").number("detect.seed");
-    try {
-      b.seed = std::stoll(det.at("seed").str);  // the literal: seeds beyond 2^53 stay exact
-    } catch (const std::exception&) {
-      throw Error("detect.seed must be an integer");
-    }
-    b.restorations = static_cast<int>(det.at("restorations").number("detect.restorations"));
-    if (b.channels != 1 && b.channels != 3) throw Error("model.channels must be 1 or 3");
-    if (b.image_size < 1 || b.grid < 1 || b.K < 1 || b.restorations < 1 || !(b.temperature > 0))
-      throw Error("model.image_size, grid_size, codebook_size, detect.restorations and temperature must be positive");
+    b.image_size = static_cast<int>(json_int(meta, "model.image_size"));
+    b.channels = static_cast<int>(json_int(meta, "model.channels"));
+    if (b.channels == 2) throw Error("model.channels: must be 1 or 3, got 2");  // as lsr.config
+    b.grid = static_cast<int>(json_int(meta, "model.grid_size"));
+    b.K = static_cast<int>(json_int(meta, "model.codebook_size"));
+    b.tau = json_float(meta, "detect.tau");
+    b.temperature = json_float(meta, "detect.temperature");
+    b.seed = json_int(meta, "detect.seed");  // from the literal: seeds beyond 2^53 stay exact
+    b.restorations = static_cast<int>(json_int(meta, "detect.restorations"));
     // the four graphs, then prior_native (the prior on the native attention kernels, written
     // when lsr-export had the extension): this runtime links the op library, so it prefers it
-    const auto& graphs = meta.at("graphs");
+    const auto& graphs = get(meta, "graphs");
+    if (graphs.kind != lsr::json::Value::Object)
+      throw Error("graphs: must be a JSON object holding the graphs encoder, prior, decoder and postprocess, got " +
+                  shown(graphs));
     for (const std::string name : {"encoder", "prior", "decoder", "postprocess", "prior_native"}) {
       if (name == "prior_native" && !graphs.has(name)) continue;
-      const auto& g = graphs.at(name);
-      const std::string& file = g.at("file").string("graphs." + name + ".file");
-      if (fs::path(file).filename().string() != file)
-        throw Error("graph file of " + name + " must be a plain file name in the bundle");
-      const fs::path path = dir / file;
+      if (!graphs.has(name))
+        throw Error("missing key graphs." + name + " (a bundle holds the graphs encoder, prior, decoder and postprocess)");
+      const std::string key = "graphs." + name;
+      const fs::path path = graph_path(dir, key + ".file", json_string(meta, key + ".file"));
       if (!fs::is_regular_file(path))
         throw Error(path.string() + ": graph file missing from the bundle (" + name + " graph)");
+      const std::string& recorded = json_string(meta, key + ".sha256");
       const std::string digest = lsr::sha256_file(path.string());
-      if (digest != g.at("sha256").string("sha256"))
+      if (digest != recorded)
         throw Error(path.string() + ": sha256 " + digest.substr(0, 12) +
                     "... does not match bundle.json: the graph was edited or replaced after export");
       b.graphs[name == "prior_native" ? "prior" : name] = path;
     }
   } catch (const Error& e) {
     const std::string msg = e.what();
-    if (msg.rfind(dir.string(), 0) == 0) throw;  // already names a file of the bundle
+    if (msg.rfind((dir / "").string(), 0) == 0) throw;  // already names a file of the bundle
     throw Error(meta_path.string() + ": " + msg);
   } catch (const std::exception& e) {
     throw Error(meta_path.string() + ": " + e.what());
@@ -158,20 +400,55 @@ std::string fmt(double v) {
 
 void write_atomic(const fs::path& path, const std::string& bytes) {
   const fs::path tmp = path.string() + ".tmp";
+  std::error_code ec;
   {
     std::ofstream f(tmp, std::ios::binary);
     if (!f) throw Error(path.string() + ": cannot write");
     f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (!f) throw Error(path.string() + ": write failed");
+    f.close();
+    if (!f) {
+      fs::remove(tmp, ec);
+      throw Error(path.string() + ": write failed (disk full?)");
+    }
   }
-  fs::rename(tmp, path);
+  fs::rename(tmp, path, ec);
+  if (ec) {
+    std::error_code ignored;
+    fs::remove(tmp, ignored);
+    throw Error(path.string() + ": cannot rename the finished file into place (" + ec.message() + ")");
+  }
 }
 
 int usage(const char* msg = nullptr) {
   if (msg) std::cerr << "lsr_detect: error: " << msg << "\n";
   std::cerr << "usage: lsr_detect BUNDLE IMAGE.png... --out DIR [--batch-size N] [--threads N]\n"
-               "                  [--device cpu|cuda] [--tau X] [--seed N] [--restorations N] [--save-codes]\n";
+               "                  [--device cpu|cuda] [--tau X] [--seed N] [--restorations N] [--save-codes]\n"
+               "       lsr_detect --rules   (the value rules applied to the flags and bundle.json)\n";
   return 2;
+}
+
+// The rules, a line each: KEY<TAB>PYTHON KEY<TAB>RULE (tests compare them with lsr.config).
+void print_rules() {
+  for (const auto& r : rules()) std::cout << r.key << "\t" << r.python << "\t" << (r.is_int ? r.i.describe() : r.f.describe()) << "\n";
+  std::cout << "image pixels\tPIL.Image.MAX_IMAGE_PIXELS\tat most " << lsr::image::kMaxImagePixels << "\n";
+}
+
+// An exception's message without LibTorch's C++ stack trace.
+std::string message(const std::exception& e) {
+  if (const auto* c10e = dynamic_cast<const c10::Error*>(&e)) return c10e->what_without_backtrace();
+  return e.what();
+}
+
+// --device: cpu, cuda or cuda:N.
+std::string check_device(const std::string& name) {
+  bool ok = name == "cpu" || name == "cuda";
+  if (!ok && name.rfind("cuda:", 0) == 0 && name.size() > 5) {
+    ok = true;
+    for (size_t k = 5; k < name.size(); ++k) ok = ok && name[k] >= '0' && name[k] <= '9';
+    ok = ok && name.size() <= 9;
+  }
+  if (!ok) throw Error("--device: must be one of cpu, cuda, cuda:N, got " + quoted(name));
+  return name;
 }
 
 }  // namespace
@@ -182,24 +459,26 @@ int main(int argc, char** argv) {
   int batch_size = 8, threads = 0;
   std::string device_name = "cpu";
   bool save_codes = false;
-  double tau_override = std::nan("");
-  int64_t seed_override = -1;
-  int restorations_override = 0;
+  std::optional<double> tau_override;
+  std::optional<int64_t> seed_override;
+  std::optional<int> restorations_override;
+  // every flag checked against its rule (lsr.config) before anything is read or written
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&](const char* what) -> std::string {
-      if (i + 1 >= argc) throw Error(std::string(what) + " needs a value");
+      if (i + 1 >= argc) throw Error(std::string(what) + ": needs a value");
       return argv[++i];
     };
     try {
       if (a == "--out") out = next("--out");
-      else if (a == "--batch-size") batch_size = std::stoi(next("--batch-size"));
-      else if (a == "--threads") threads = std::stoi(next("--threads"));
-      else if (a == "--device") device_name = next("--device");
-      else if (a == "--tau") tau_override = std::stod(next("--tau"));
-      else if (a == "--seed") seed_override = std::stoll(next("--seed"));
-      else if (a == "--restorations") restorations_override = std::stoi(next("--restorations"));
+      else if (a == "--batch-size") batch_size = static_cast<int>(flag_int(a, next("--batch-size")));
+      else if (a == "--threads") threads = static_cast<int>(flag_int(a, next("--threads")));
+      else if (a == "--device") device_name = check_device(next("--device"));
+      else if (a == "--tau") tau_override = flag_float(a, next("--tau"));
+      else if (a == "--seed") seed_override = flag_int(a, next("--seed"));
+      else if (a == "--restorations") restorations_override = static_cast<int>(flag_int(a, next("--restorations")));
       else if (a == "--save-codes") save_codes = true;
+      else if (a == "--rules") return print_rules(), 0;
       else if (a == "-h" || a == "--help") return usage(), 0;
       else if (a.rfind("--", 0) == 0) return usage(("unknown option " + a).c_str());
       else pos.push_back(a);
@@ -208,26 +487,38 @@ int main(int argc, char** argv) {
     }
   }
   if (pos.size() < 2 || out.empty()) return usage("give a bundle, at least one image and --out DIR");
-  if (batch_size < 1) return usage("--batch-size must be >= 1");
   try {
-    if (threads > 0) at::set_num_threads(threads);
     Bundle b = read_bundle(pos[0]);
-    if (!std::isnan(tau_override)) b.tau = tau_override;
-    if (seed_override >= 0) b.seed = seed_override;
-    if (restorations_override > 0) b.restorations = restorations_override;
+    if (tau_override) b.tau = *tau_override;
+    if (seed_override) b.seed = *seed_override;
+    if (restorations_override) b.restorations = *restorations_override;
     const c10::Device device(device_name);
+    if (device.is_cuda() && !torch::cuda::is_available())
+      throw Error("--device " + device_name + ": CUDA is not available (no GPU, or LibTorch without CUDA)");
+    {
+      std::error_code ec;
+      if (fs::exists(out, ec) && !fs::is_directory(out, ec))
+        throw Error("--out " + out.string() + ": exists and is not a folder");
+    }
+    // every input decoded once (one row of memory each) before any work: a missing, cut,
+    // corrupt or too large image fails here, with nothing written
+    std::vector<fs::path> paths(pos.begin() + 1, pos.end());
+    for (const auto& p : paths) lsr::image::verify_png(p.string());
+    if (threads > 0) at::set_num_threads(threads);
     std::map<std::string, torch::jit::Module> m;
     for (const auto& [name, path] : b.graphs) {
       try {
         m.emplace(name, torch::jit::load(path.string(), device));
       } catch (const std::exception& e) {
-        throw Error(path.string() + ": cannot load the TorchScript graph (" + std::string(e.what()).substr(0, 300) + ")");
+        throw Error(path.string() + ": cannot load the TorchScript graph (" + message(e).substr(0, 300) + ")");
       }
       m.at(name).eval();
     }
-    std::vector<fs::path> paths(pos.begin() + 1, pos.end());
-    for (const auto& p : paths) lsr::image::png_size(p.string());  // every input readable before any work
-    fs::create_directories(out);
+    {
+      std::error_code ec;
+      fs::create_directories(out, ec);
+      if (ec) throw Error("--out " + out.string() + ": cannot create the folder (" + ec.message() + ")");
+    }
     const auto stems = unique_stems(paths);
     const int S = b.image_size, C = b.channels, n = b.restorations;
     const int64_t T = static_cast<int64_t>(b.grid) * b.grid;
@@ -248,6 +539,9 @@ int main(int argc, char** argv) {
         const auto t0 = std::chrono::steady_clock::now();
         x = x.to(device);
         at::Tensor codes = m.at("encoder").forward({x}).toTensor();
+        if (codes.dim() != 3 || codes.size(1) != b.grid || codes.size(2) != b.grid)
+          throw Error((fs::path(pos[0]) / "bundle.json").string() + ": model.grid_size " + std::to_string(b.grid) +
+                      " does not match the encoder graph, whose codes are " + c10::str(codes.sizes()));
         at::Tensor direct = m.at("decoder").forward({codes}).toTensor();
         at::Tensor chains = codes.repeat_interleave(n, 0);
         std::vector<at::Tensor> noise;
@@ -312,18 +606,27 @@ int main(int argc, char** argv) {
         }
       }
     } catch (const std::exception& e) {
-      // keep what is finished: the rows of the images done so far, then the error
-      if (done > 0) write_atomic(out / "results.jsonl", lines.str());
-      throw Error(std::string(e.what()) + (done > 0 ? " (results of the " + std::to_string(done) +
-                                                         " images before it written to " +
-                                                         (out / "results.jsonl").string() + ")"
-                                                   : ""));
+      // keep what is finished without touching an earlier results.jsonl (a command that
+      // fails leaves the results of the last one that succeeded): the rows of the images
+      // done so far go to results.partial.jsonl, their maps are in DIR
+      std::string kept;
+      if (done > 0) {
+        const fs::path partial = out / "results.partial.jsonl";
+        try {
+          write_atomic(partial, lines.str());
+          kept = " (the results of the " + std::to_string(done) + " images before it written to " + partial.string() +
+                 ", their maps to " + out.string() + "; results.jsonl left as it was)";
+        } catch (const std::exception&) {
+          kept = " (" + std::to_string(done) + " images finished before it; their rows could not be written)";
+        }
+      }
+      throw Error(message(e) + kept);
     }
     write_atomic(out / "results.jsonl", lines.str());
     std::cout << "results: " << (out / "results.jsonl").string() << "\n";
     return 0;
   } catch (const std::exception& e) {
-    std::cerr << "lsr_detect: error: " << e.what() << "\n";
+    std::cerr << "lsr_detect: error: " << message(e) << "\n";
     return 2;
   }
 }
