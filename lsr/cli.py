@@ -47,6 +47,10 @@ def _add_detect_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool", type=int, help="window side (model pixels) of --score pooled_max")
     g.add_argument("--gate-dilate", type=int, help="cells the resampled-code mask of --map gated is dilated by")
     g.add_argument("--weighting", choices=WEIGHTINGS, help="how --restorations are combined")
+    g.add_argument("--false-alarm-rate", type=float, help="image threshold for this rate of good images "
+                   "flagged (set again on the run's held-out normal images; default: the run's, 0.01)")
+    g.add_argument("--pixel-fpr", type=float, help="pixel threshold for this per-pixel false-positive rate "
+                   "on good images (default: the run's, 0.001)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: GPU if present)")
 
@@ -63,7 +67,7 @@ def _detect_options(a: argparse.Namespace) -> dict[str, Any]:
     """The detect options given on the command line, each checked against its rule
     (lsr.config.RULES): an error names the flag."""
     keys = ("resampler", "seed", "restorations", "tau", "temperature", "map_kind", "distance", "smoothing",
-            "sigma", "score", "topk", "pool", "gate_dilate", "weighting")
+            "sigma", "score", "topk", "pool", "gate_dilate", "weighting", "false_alarm_rate", "pixel_fpr")
     opts = {k: check_value(f"detect.{k}", getattr(a, k), flag(k)) for k in keys
             if getattr(a, k, None) is not None}
     if getattr(a, "batch_size", None) is not None:
@@ -91,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.vqvae_epochs=10 (repeatable)")
     t.add_argument("--device", default=None)
     t.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    t.add_argument("--false-alarm-rate", type=float, help="image threshold: rate of good images flagged "
+                   "(set on the held-out part of train/good; default 0.01)")
+    t.add_argument("--pixel-fpr", type=float, help="pixel threshold: per-pixel false-positive rate on good "
+                   "images (default 0.001)")
+
+    c = sub.add_parser("calibrate", parents=[common], help="set a run's image and pixel thresholds again "
+                       "(held-out normal images only), e.g. at another false-alarm rate, without retraining")
+    c.add_argument("run")
+    c.add_argument("--false-alarm-rate", type=float, help="default: the run's (0.01 unless changed)")
+    c.add_argument("--pixel-fpr", type=float, help="default: the run's (0.001 unless changed)")
+    c.add_argument("--device", default=None)
 
     e = sub.add_parser("eval", parents=[common], help="evaluate a run on an MVTec AD category's test set")
     e.add_argument("run")
@@ -104,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--tiff", action="store_true", help="also write raw float32 maps as TIFF")
     d.add_argument("--no-panels", action="store_true", help="skip the PNG panels")
+    d.add_argument("--masks", action="store_true", help="also write binary defect masks (PNG, each image's "
+                   "own size) of the map above the pixel threshold")
     d.add_argument("--providers", help="bundles only: onnxruntime execution providers in order, e.g. "
                    "cuda,cpu (default: CUDA when it loads, else CPU)")
     _add_detect_options(d)
@@ -177,8 +194,24 @@ def _main(args: argparse.Namespace) -> int:
                 cfg = default_config(args.data, None, args.device)
             if args.set:
                 cfg = cfg.with_overrides(_parse_set(args.set))
+            rates = {f"detect.{k}": getattr(args, k) for k in ("false_alarm_rate", "pixel_fpr")
+                     if getattr(args, k) is not None}
+            if rates:
+                cfg = cfg.with_overrides(rates, "--false-alarm-rate/--pixel-fpr")
             res = train(args.data, args.out, cfg, device=args.device, progress=progress, overwrite=args.overwrite)
             print(f"trained: {res.run} (tau {res.tau:.3g}, held-out prior NLL {res.val_nll:.3f} nats/code)")
+        elif args.command == "calibrate":
+            from .detect import calibrate_thresholds
+
+            t = calibrate_thresholds(args.run, args.false_alarm_rate, args.pixel_fpr, device=args.device)
+            i, p = t["image"], t["pixel"]
+            print(f"image threshold {i['threshold']:.4g} for a false-alarm rate of {i['rate']:g} ({i['method']}, "
+                  f"{i['n_images']} held-out images, 90% interval {i['ci90'][0]:.4g} .. {i['ci90'][1]:.4g})")
+            if i["method"] != "empirical":
+                print(f"  note: {i['note']}")
+            print(f"pixel threshold {p['threshold']:.4g} for a per-pixel false-positive rate of {p['rate']:g} "
+                  f"({p['n_pixels']} held-out pixels)")
+            print(f"written: {Path(args.run) / 'config.json'}, {Path(args.run) / 'calibration.json'}")
         elif args.command == "eval":
             from .evaluation import evaluate
             from .report import format_table
@@ -198,7 +231,7 @@ def _main(args: argparse.Namespace) -> int:
 
             rows = detect_images(args.run, args.images, args.out, batch_size=args.batch_size,
                                  device=args.device, save_tiff_maps=args.tiff, panels=not args.no_panels,
-                                 progress=progress, **_detect_options(args))
+                                 progress=progress, masks=args.masks, **_detect_options(args))
             _print_rows(rows)
             print(f"results: {Path(args.out) / 'results.jsonl'}")
         elif args.command == "demo":
@@ -224,7 +257,12 @@ def _print_rows(rows: Sequence[dict[str, Any]]) -> None:
         later = (f" (later passes evaluated {r['recomputed_fraction']:.0%} of the grid each)"
                  if r.get("recomputed_fraction") is not None else "")
         score = "n/a" if r["score"] is None else f"{r['score']:.4f}"
-        print(f"{r['image']}: score {score}  nll {r['nll_score']:.1f}  "
+        verdict = ""
+        if r.get("anomalous") is not None:
+            verdict = (f"{'REJECT' if r['anomalous'] else 'pass'} (score/threshold "
+                       f"{'n/a' if r.get('normalised_score') is None else format(r['normalised_score'], '.2f')}, "
+                       f"{r.get('n_regions', 0)} region(s))  ")
+        print(f"{r['image']}: {verdict}score {score}  nll {r['nll_score']:.1f}  "
               f"resampled {r['n_resampled']:.0f}  passes {r['prior_passes']}{later}  {r['time_ms']:.0f} ms")
 
 
@@ -238,7 +276,7 @@ def _detect_bundle(args: argparse.Namespace, progress: bool) -> int:
     if providers is None and args.device:
         providers = [CUDA, CPU] if str(args.device).startswith("cuda") else [CPU]
     rows = detect_bundle(args.run, args.images, args.out, batch_size=args.batch_size, providers=providers,
-                         save_tiff_maps=args.tiff, panels=not args.no_panels, progress=progress,
+                         save_tiff_maps=args.tiff, panels=not args.no_panels, progress=progress, masks=args.masks,
                          **_detect_options(args))
     _print_rows(rows)
     print(f"results: {Path(args.out) / 'results.jsonl'}  (bundle {args.run}, "

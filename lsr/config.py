@@ -123,6 +123,14 @@ class DetectConfig:
     score_std: float | None = None
     nll_mean: float | None = None
     nll_std: float | None = None
+    # operating point (lsr.decision), set on the held-out normal images at calibration:
+    # an image is anomalous when its score > image_threshold, chosen for this false-alarm
+    # rate on good images; a pixel is defective when the map > pixel_threshold, chosen for
+    # this per-pixel false-positive rate on good images
+    false_alarm_rate: float = 0.01
+    pixel_fpr: float = 0.001
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
 
 
 class ConfigError(ValueError):
@@ -273,6 +281,10 @@ RULES: dict[str, Rule] = {
     "detect.score_std": Rule("float", 0.0, 1e12, open_lo=True, optional=True),
     "detect.nll_mean": Rule("float", -1e12, 1e12, optional=True),
     "detect.nll_std": Rule("float", 0.0, 1e12, open_lo=True, optional=True),
+    "detect.false_alarm_rate": Rule("float", 0.0, 0.5, open_lo=True),
+    "detect.pixel_fpr": Rule("float", 0.0, 0.5, open_lo=True),
+    "detect.image_threshold": Rule("float", -1e12, 1e12, optional=True),
+    "detect.pixel_threshold": Rule("float", -1e12, 1e12, optional=True),
 }
 
 #: Options of the commands themselves (not stored in config.json), same rule format.

@@ -26,7 +26,7 @@ from . import anomaly, ops
 from .checkpoint import load_into
 from .config import MAP_SCORES, RunConfig
 from .data import DataError, image_size, list_images, load_image, load_images
-from .io import atomic_write, dumps, locks_output, read_json, save_tiff
+from .io import atomic_write, dumps, locks_output, read_json, save_tiff, write_json
 from .models import VQVAE, FeatureVQVAE, PixelSNAIL, build_vqvae
 
 
@@ -126,8 +126,8 @@ class Detector:
         score is then NaN until :func:`score_stats` is run again for them)."""
         options = {k: v for k, v in options.items() if v is not None}
         d = self.config.detect
-        if any(k in SCORE_OPTIONS and v != getattr(d, k) for k, v in options.items()):
-            options.update(score_mean=None, score_std=None, nll_mean=None, nll_std=None)
+        if any(k in SCORE_OPTIONS + THRESHOLD_OPTIONS and v != getattr(d, k) for k, v in options.items()):
+            options.update({k: None for k in HELD_OUT_FIELDS if k not in options})
         cfg = dataclasses.replace(self.config, detect=dataclasses.replace(d, **options))
         cfg.validate()
         return Detector(self.vqvae, self.prior, cfg, self.device)
@@ -282,6 +282,10 @@ class Detector:
 #: detect options that change an image score (the held-out statistics belong to them)
 SCORE_OPTIONS = ("tau", "temperature", "map_kind", "distance", "smoothing", "sigma", "score", "topk", "pool",
                  "gate_dilate", "restorations", "weighting", "seed")
+#: options that change the operating point only (the thresholds are set again for them)
+THRESHOLD_OPTIONS = ("false_alarm_rate", "pixel_fpr")
+#: what calibration on held-out normal images sets (dropped when the options it depends on change)
+HELD_OUT_FIELDS = ("score_mean", "score_std", "nll_mean", "nll_std", "image_threshold", "pixel_threshold")
 
 
 def restoration_weights(closeness: Tensor, kind: str) -> Tensor:
@@ -310,21 +314,43 @@ def fused_score(score: Tensor, nll: Tensor, d: Any) -> Tensor:
 
 
 @torch.no_grad()
-def score_stats(det: "Detector", x: Tensor, batch_size: int = 8, first_id: int = 1_000_000) -> dict[str, float]:
-    """Mean and standard deviation of the image score and the NLL score over normal
-    images x (N, C, S, S), e.g. the held-out part of train/good (never test images).
-    Their noise streams use ids from ``first_id`` on, apart from the test images' ids."""
+def score_stats(det: "Detector", x: Tensor, batch_size: int = 8, first_id: int = 1_000_000) -> dict[str, Any]:
+    """Calibration on normal images x (N, C, S, S), e.g. the held-out part of train/good
+    (never test images): mean and standard deviation of the map score and the NLL score
+    (for the fused score), and the operating point (:mod:`lsr.decision`): the image
+    threshold at ``detect.false_alarm_rate`` over these images' scores and the pixel
+    threshold at ``detect.pixel_fpr`` over their maps' pixels. Their noise streams use
+    ids from ``first_id`` on, apart from the test images' ids."""
+    from . import decision
+
     d = det.config.detect
-    scores, nlls = [], []
+    scores, nlls, maps = [], [], []
     for s in range(0, x.shape[0], batch_size):
         xs = x[s:s + batch_size]
         res = det.detect(xs, range(first_id + s, first_id + s + xs.shape[0]))
         scores.append(anomaly.image_score(res.anomaly_map, map_score_kind(d.score), d.topk, pool=d.pool).double().cpu())
         nlls.append(res.nll_score.double().cpu())
+        maps.append(res.anomaly_map.float().cpu().numpy())
     sc, nl = torch.cat(scores), torch.cat(nlls)
     std = (lambda t: float(t.std()) if t.numel() > 1 else 0.0)
-    return {"score_mean": float(sc.mean()), "score_std": std(sc), "nll_mean": float(nl.mean()),
-            "nll_std": std(nl), "n_images": int(sc.numel())}
+    out: dict[str, Any] = {"score_mean": float(sc.mean()), "score_std": std(sc), "nll_mean": float(nl.mean()),
+                           "nll_std": std(nl), "n_images": int(sc.numel())}
+    final = {"nll": nl, "fused": anomaly.standardise(sc, out["score_mean"], out["score_std"])
+             + anomaly.standardise(nl, out["nll_mean"], out["nll_std"])}.get(d.score, sc)
+    if sc.numel() >= 2:
+        img = decision.image_threshold(final.numpy(), d.false_alarm_rate)
+        pix = decision.pixel_threshold(np.concatenate([m.ravel() for m in maps]), d.pixel_fpr)
+        out.update(image_threshold=img["threshold"], pixel_threshold=pix["threshold"],
+                   image_threshold_info=img, pixel_threshold_info=pix)
+    else:
+        out.update(image_threshold=None, pixel_threshold=None)
+    return out
+
+
+def apply_held_out(config: RunConfig, stats: dict[str, Any]) -> RunConfig:
+    """``config`` with the held-out statistics and thresholds of :func:`score_stats`."""
+    return dataclasses.replace(config, detect=dataclasses.replace(
+        config.detect, **{k: stats.get(k) for k in HELD_OUT_FIELDS}))
 
 
 def with_held_out_stats(det: "Detector", run: str | os.PathLike) -> "Detector":
@@ -332,7 +358,7 @@ def with_held_out_stats(det: "Detector", run: str | os.PathLike) -> "Detector":
     the held-out normal images listed in the run's ``split.json`` (never test images);
     returned unchanged when it has them already or those images are gone."""
     d = det.config.detect
-    if d.score_mean is not None:
+    if all(getattr(d, k) is not None for k in HELD_OUT_FIELDS):
         return det
     try:
         val = [Path(p) for p in read_json(Path(run) / "split.json")["val"]]
@@ -341,10 +367,45 @@ def with_held_out_stats(det: "Detector", run: str | os.PathLike) -> "Detector":
     if not val or not all(p.is_file() for p in val):
         return det
     stats = score_stats(det, torch.from_numpy(load_images(val, det.channels, det.image_size)))
-    det.config = dataclasses.replace(det.config, detect=dataclasses.replace(
-        d, score_mean=stats["score_mean"], score_std=stats["score_std"], nll_mean=stats["nll_mean"],
-        nll_std=stats["nll_std"]))
+    det.config = apply_held_out(det.config, stats)
     return det
+
+
+@locks_output("run", "RUN", create=False)
+def calibrate_thresholds(run: str | os.PathLike, false_alarm_rate: float | None = None,
+                         pixel_fpr: float | None = None, device: str | None = None) -> dict[str, Any]:
+    """``lsr calibrate``: set the run's operating point again, without retraining, on the
+    held-out normal images listed in its split.json (never test images), at new rates if
+    given; config.json and calibration.json are rewritten only once everything is
+    computed. Returns the thresholds' records (:mod:`lsr.decision`)."""
+    from .config import check_value
+
+    run = Path(run)
+    opts = {k: check_value(f"detect.{k}", v, f"--{k.replace('_', '-')}")
+            for k, v in (("false_alarm_rate", false_alarm_rate), ("pixel_fpr", pixel_fpr)) if v is not None}
+    det = Detector.load(run, device)
+    det = det.with_options(**opts)
+    det.config = dataclasses.replace(det.config, detect=dataclasses.replace(
+        det.config.detect, **{k: None for k in HELD_OUT_FIELDS}))
+    try:
+        val = [Path(p) for p in read_json(run / "split.json", "split file")["val"]]
+    except (KeyError, TypeError):
+        raise ValueError(f"{run / 'split.json'}: no list of held-out images (val)") from None
+    missing = [p for p in val if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: held-out image listed in {run / 'split.json'} is gone; the "
+                                f"thresholds can only be set on the run's own held-out normal images")
+    stats = score_stats(det, torch.from_numpy(load_images(val, det.channels, det.image_size)))
+    if stats.get("image_threshold") is None:
+        raise ValueError(f"{run / 'split.json'}: {len(val)} held-out image(s); thresholds need at least 2")
+    cfg = apply_held_out(det.config, stats)
+    calib_path = run / "calibration.json"
+    calib = read_json(calib_path) if calib_path.is_file() else {}
+    calib["held_out_scores"] = {k: v for k, v in stats.items() if not k.endswith("_info")}
+    calib["thresholds"] = {"image": stats["image_threshold_info"], "pixel": stats["pixel_threshold_info"]}
+    write_json(calib_path, calib)
+    write_json(run / "config.json", cfg.to_dict())
+    return calib["thresholds"]
 
 
 def recomputed_fraction(prior_passes: int, positions_evaluated: int, n_codes: int, restorations: int
@@ -395,17 +456,26 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
 @locks_output("out")
 def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                   batch_size: int = 8, device: str | None = None, save_tiff_maps: bool = False,
-                  panels: bool = True, progress: bool = True, **options: Any) -> list[dict[str, Any]]:
+                  panels: bool = True, progress: bool = True, masks: bool = False,
+                  **options: Any) -> list[dict[str, Any]]:
     """``lsr detect``: write a panel PNG per image, ``results.jsonl`` and (optionally)
-    raw float32 TIFF maps at each image's own size. Returns the result rows.
+    raw float32 TIFF maps and binary defect masks (``masks/``) at each image's own size.
+    Returns the result rows; each has the verdict at the run's operating point
+    (:func:`lsr.decision.verdict`: ``anomalous``, ``threshold``, ``normalised_score``,
+    ``false_alarm_rate``, the pixel threshold and the defect ``regions``).
 
     Under ``torchrun`` the batches are shared out over the ranks; each rank writes the
     pictures of its images, rank 0 writes ``results.jsonl`` in input order."""
+    from . import decision
     from . import distributed as dist
+    from .config import OPTION_RULES, check_value
+    from .io import save_png
     from .report import save_panel
 
+    check_value("batch_size", batch_size, "--batch-size", OPTION_RULES)
     ctx = dist.context(device)
     det = with_held_out_stats(Detector.load(run, ctx.device).with_options(**options), run)
+    d = dataclasses.asdict(det.config.detect)
     paths = list_images(list(inputs))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -417,6 +487,11 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
             stem = stems[start + i]
             row = {"image": str(path), **result_row(res, i, det.config.detect.restorations), "time_ms": ms,
                    "resampler": det.resampler, "map": det.config.detect.map_kind}
+            full = anomaly.resize_maps(res.anomaly_map[i:i + 1].cpu(), size)[0].numpy()
+            row.update(decision.verdict(row["score"], full, d))
+            if masks and d["pixel_threshold"] is not None:
+                save_png(out / "masks" / f"{stem}.png", decision.mask(full, d["pixel_threshold"]))
+                row["mask"] = str(out / "masks" / f"{stem}.png")
             if panels:
                 row["panel"] = str(out / f"{stem}.png")
                 save_panel(out / f"{stem}.png", x[i].numpy(), res.direct[i].cpu().numpy(),
@@ -425,7 +500,6 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
                            title=f"{path.name}  score {row['score'] if row['score'] is None else round(row['score'], 4)}  nll {row['nll_score']:.1f}  "
                                  f"resampled {row['n_resampled']:.0f}/{row['n_codes']}")
             if save_tiff_maps:
-                full = anomaly.resize_maps(res.anomaly_map[i:i + 1].cpu(), size)[0].numpy()
                 save_tiff(out / "maps" / f"{stem}.tiff", full)
                 row["map_tiff"] = str(out / "maps" / f"{stem}.tiff")
             mine.append((start + i, row))

@@ -14,6 +14,7 @@ Writes into OUT:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import anomaly
+from . import anomaly, decision
 from .data import check_mask_sizes, load_mask, scan_mvtec
 from .detect import Detector, map_score_kind, result_row, with_held_out_stats
 from .io import atomic_write, dumps, locks_output, save_tiff, write_json
@@ -89,6 +90,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     defects = np.array([s.defect for s in samples])
     shown = set(_pick_rows(defects, report_rows))
     d = det.config.detect
+    d_dict = dataclasses.asdict(d)
     t_start = time.perf_counter()
     mine: list[tuple[int, dict[str, Any]]] = []           # (test index, record) of this rank's images
     for start, chunk, sizes, x, res, ms in det.detect_paths(paths, batch_size, progress=progress and ctx.main,
@@ -117,6 +119,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
             row = {"image": str(s.path), "defect": s.defect, "label": s.label,
                    **result_row(res, i, det.config.detect.restorations),
                    "time_ms": ms}
+            row.update(decision.verdict(row["score"], full["lsr"], d_dict))
             item = None
             if k in shown:
                 item = {"image": x[i].numpy(), "direct": res.direct[i].cpu().numpy(),
@@ -159,6 +162,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
                                                  "weighting", "seed", "temperature")},
         "space": det.space,
         "methods": methods,
+        "operating_point": operating_point(rows, labels, defects, maps["lsr"], masks, d),
         "image_score_kinds": score_kinds,
         "mean_resampled_codes": float(np.mean([r["n_resampled"] for r in rows])),
         "mean_prior_passes": float(np.mean([r["prior_passes"] for r in rows])),
@@ -171,6 +175,53 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     write_json(out / "metrics.json", result)
     _write_pictures(out, cat.name, samples, keep, masks, names, maps, labels, methods)
     return dist.broadcast_object(result)
+
+
+def operating_point(rows: list[dict[str, Any]], labels: np.ndarray, defects: np.ndarray,
+                    maps: list[np.ndarray], masks: list[np.ndarray], d: Any) -> dict[str, Any] | None:
+    """How the stored thresholds (set on held-out train/good images only) did on the test
+    set: the false-alarm rate on test/good against the chosen one (with a Wilson 95%
+    interval, so a small test set's error is visible), the detection rate per defect type,
+    and pixel precision / recall of the thresholded maps. None without thresholds."""
+    if d.image_threshold is None:
+        return None
+    flagged = np.array([bool(r["anomalous"]) for r in rows])
+    good = labels == 0
+    out: dict[str, Any] = {"image_threshold": d.image_threshold, "false_alarm_rate_chosen": d.false_alarm_rate}
+    if good.any():
+        k, n = int(flagged[good].sum()), int(good.sum())
+        far = k / n
+        out.update(false_alarm_rate_measured=far, false_alarm_rate_ci95=list(wilson(k, n)), n_good=n,
+                   false_alarm_rate_difference=far - d.false_alarm_rate)
+    if (~good).any():
+        out["detection_rate"] = float(flagged[~good].mean())
+        out["detection_rate_per_defect"] = {str(kd): float(flagged[defects == kd].mean())
+                                            for kd in sorted(set(defects[~good].tolist()))}
+    if d.pixel_threshold is not None:
+        tp = fp = fn = 0
+        for m, gt in zip(maps, masks):
+            pred = m > d.pixel_threshold
+            tp += int((pred & gt).sum())
+            fp += int((pred & ~gt).sum())
+            fn += int((~pred & gt).sum())
+        good_px = sum(int((~gt).sum()) for gt, lab in zip(masks, labels) if lab == 0)
+        fp_good = sum(int((m > d.pixel_threshold).sum()) for m, lab in zip(maps, labels) if lab == 0)
+        out.update(pixel_threshold=d.pixel_threshold, pixel_fpr_chosen=d.pixel_fpr,
+                   pixel_fpr_measured_on_good=fp_good / good_px if good_px else None,
+                   pixel_precision=tp / (tp + fp) if tp + fp else None,
+                   pixel_recall=tp / (tp + fn) if tp + fn else None)
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (float(max(0.0, mid - half)), float(min(1.0, mid + half)))
 
 
 def _pick_rows(defects: np.ndarray, n_rows: int) -> list[int]:

@@ -122,10 +122,12 @@ def append_jsonl(path: str | os.PathLike, obj: Mapping[str, Any]) -> None:
         f.flush()
 
 
-def output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
-    """``path`` as an output folder, created if missing; a clear error when it is a file
-    (or below one) or cannot be created."""
+def output_folder(path: str | os.PathLike, option: str = "--out", create: bool = True) -> Path:
+    """``path`` as an output folder, created if missing (``create``; else an error); a
+    clear error when it is a file (or below one) or cannot be created."""
     path = Path(path)
+    if not create and not path.is_dir():
+        raise FileNotFoundError(f"{option} {path}: folder not found")
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
             raise ValueError(f"{option} {path}: {p} is a file, not a folder")
@@ -139,12 +141,12 @@ def output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
 
 
 @contextlib.contextmanager
-def folder_lock(path: str | os.PathLike, option: str = "--out") -> Iterator[Path]:
+def folder_lock(path: str | os.PathLike, option: str = "--out", create: bool = True) -> Iterator[Path]:
     """Hold an exclusive lock on the output folder ``path`` (created if missing) while a
     command writes into it: a second lsr command on the same folder refuses at once instead
     of mixing its files with the first one's. The lock is ``flock`` on the folder itself
     (no lock file; released by the kernel when the process ends, even on a crash)."""
-    path = output_folder(path, option)
+    path = output_folder(path, option, create)
     try:
         import fcntl
     except ImportError:                                  # pragma: no cover - not POSIX
@@ -162,7 +164,7 @@ def folder_lock(path: str | os.PathLike, option: str = "--out") -> Iterator[Path
         os.close(fd)
 
 
-def locks_output(param: str = "out", option: str = "--out"):
+def locks_output(param: str = "out", option: str = "--out", create: bool = True):
     """Decorator: the function's output folder (argument ``param``) is checked, created and
     locked (:func:`folder_lock`) for the duration of the call; under torchrun only rank 0
     locks (the other ranks write into the folder rank 0 holds)."""
@@ -178,7 +180,7 @@ def locks_output(param: str = "out", option: str = "--out"):
             out = bound.arguments.get(param)
             if out is None or int(os.environ.get("RANK", "0")) != 0:
                 return fn(*args, **kwargs)
-            with folder_lock(out, option):
+            with folder_lock(out, option, create):
                 return fn(*args, **kwargs)
         return inner
     return wrap

@@ -508,11 +508,11 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
     calib = calibrate(prior, val_codes, cfg, dev)
     calib.update(val_nll=val_nll, uniform_nll=uniform, vqvae=vq_metrics, prior=pr_metrics)
     cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, tau=calib["tau"]))
-    from .detect import Detector, score_stats
+    from .detect import Detector, apply_held_out, score_stats
     stats = score_stats(Detector(vqvae, prior, cfg, dev), val_x)
-    cfg.detect.score_mean, cfg.detect.score_std = stats["score_mean"], stats["score_std"]
-    cfg.detect.nll_mean, cfg.detect.nll_std = stats["nll_mean"], stats["nll_std"]
-    calib["held_out_scores"] = stats
+    cfg = apply_held_out(cfg, stats)
+    calib["held_out_scores"] = {k: v for k, v in stats.items() if not k.endswith("_info")}
+    calib["thresholds"] = {"image": stats.get("image_threshold_info"), "pixel": stats.get("pixel_threshold_info")}
     if ctx.main:
         save_weights(run / "prior.safetensors", prior)
         write_json(run / "calibration.json", calib)

@@ -549,3 +549,11 @@ def test_rule_checks(key, good, bad):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             check_value(key, v)
 
+
+
+def test_readme_prints_the_rules():
+    """README "Valid values and bad input" holds the rules table as lsr.config prints it."""
+    from lsr.config import rules_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert rules_table() in readme

@@ -185,7 +185,8 @@ _VALUE_RULES = {("model", "image_size"): "vqvae.image_size", ("model", "channels
                 ("model", "codebook_size"): "vqvae.codebook_size", ("model", "embed_dim"): "vqvae.embed_dim",
                 **{("detect", k): f"detect.{k}" for k in ("tau", "temperature", "restorations", "seed", "resampler",
                                                           "map_kind", "distance", "smoothing", "sigma", "score",
-                                                          "topk")}}
+                                                          "topk", "false_alarm_rate", "pixel_fpr",
+                                                          "image_threshold", "pixel_threshold")}}
 _REQUIRED_VALUES = {("model", "image_size"), ("model", "channels"), ("model", "grid_size"),
                     ("model", "codebook_size"), ("detect", "tau"), ("detect", "temperature"),
                     ("detect", "restorations"), ("detect", "seed")}

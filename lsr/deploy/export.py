@@ -207,7 +207,10 @@ def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str,
         },
         "detect": {"tau": float(d.tau), "temperature": float(d.temperature), "restorations": int(d.restorations),
                    "seed": int(d.seed), "resampler": "auto", "map_kind": d.map_kind, "distance": d.distance,
-                   "smoothing": d.smoothing, "sigma": float(d.sigma), "score": d.score, "topk": int(d.topk)},
+                   "smoothing": d.smoothing, "sigma": float(d.sigma), "score": d.score, "topk": int(d.topk),
+                   # the operating point (lsr.decision), valid for the settings above as exported
+                   "false_alarm_rate": float(d.false_alarm_rate), "pixel_fpr": float(d.pixel_fpr),
+                   "image_threshold": d.image_threshold, "pixel_threshold": d.pixel_threshold},
         "noise": {
             "kind": "gumbel-max, noise fixed per chain and position (h*w, K)",
             "uniform": "torch.rand(h*w, K) of torch.Generator().manual_seed(chain_seed): MT19937 seeded with "
@@ -270,11 +273,17 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "on
                               f"(pip install 'lsr[export]' or pip install onnx onnxscript)")
     run = Path(run)
     cfg, vqvae, prior = load_run(run)
-    if options:
-        import dataclasses
+    if options and any(v is not None for v in options.values()):
+        from ..detect import Detector, with_held_out_stats
+
         opts = {k: v for k, v in options.items() if v is not None}
-        cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, **opts))
-        cfg.validate()
+        # other score settings need their own operating point: set again on the run's held-out
+        # normal images (when they are still there; else the bundle has no thresholds)
+        det = with_held_out_stats(Detector(vqvae, prior, cfg, "cpu").with_options(**opts), run)
+        cfg = det.config
+        if cfg.detect.image_threshold is None:
+            log("lsr-export: note: the held-out images of split.json are gone, so the bundle has no "
+                "thresholds for these settings (its results carry no verdict)")
     check_exportable(cfg, run)
     graphs = build_graphs(vqvae, prior, cfg.detect)
     examples = _examples(cfg)

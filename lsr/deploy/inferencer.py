@@ -193,6 +193,11 @@ class Inferencer:
                     raise ValueError(f"{where}: {k} is {d.get(k)!r} in this bundle's postprocess graph; "
                                      f"{k}={v!r} needs a bundle exported with it (lsr-export RUN {flag} {v} ...)")
                 continue
+            if k in ("false_alarm_rate", "pixel_fpr"):
+                if v != d.get(k):
+                    raise ValueError(f"{where}: the thresholds of a bundle are set at export; for another {k} run "
+                                     f"`lsr calibrate RUN --{k.replace('_', '-')} {v}` and export again")
+                continue
             if k not in RUNTIME_OPTIONS:
                 raise ValueError(f"unknown detection option {k!r}")
             if k != "resampler":                               # checked below, with the bundle's loops
@@ -211,6 +216,10 @@ class Inferencer:
                              f"{d['restorations']}")
         if d.get("tau") is None:
             raise ValueError(f"{where}: tau is not set")
+        if any(k in options and options[k] is not None and options[k] != self.bundle.detect.get(k)
+               for k in ("tau", "temperature", "seed", "restorations")):
+            # the exported thresholds hold for the exported settings only
+            d["image_threshold"] = d["pixel_threshold"] = None
         return d
 
     @property
@@ -336,13 +345,18 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
 @locks_output("out")
 def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                   batch_size: int = 8, providers: Sequence[str] | None = None, save_tiff_maps: bool = False,
-                  panels: bool = True, progress: bool = True, log=None, **options: Any) -> list[dict[str, Any]]:
+                  panels: bool = True, progress: bool = True, log=None, masks: bool = False,
+                  **options: Any) -> list[dict[str, Any]]:
     """``lsr detect BUNDLE ...``: the outputs of :func:`lsr.detect.detect_images` (a line
     per image in ``results.jsonl``, a panel PNG per image when matplotlib is installed,
     ``--tiff`` raw float32 maps at each image's size in ``maps/``) from an exported
     bundle run by onnxruntime. Returns the result rows."""
     from ..data import list_images
-    from ..io import atomic_write, dumps, save_tiff
+    from .. import decision
+    from ..config import OPTION_RULES, check_value
+    from ..io import atomic_write, dumps, save_png, save_tiff
+
+    check_value("batch_size", batch_size, "--batch-size", OPTION_RULES)
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     inf = Inferencer(bundle, providers=providers, **options)
@@ -381,8 +395,12 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                            res.resampled[i],
                            title=f"{path.name}  score {row['score']:.4f}  nll {row['nll_score']:.1f}  "
                                  f"resampled {row['n_resampled']:.0f}/{row['n_codes']}")
+            full = nops.resize_maps(res.anomaly_map[i:i + 1], size)[0]
+            row.update(decision.verdict(row["score"], full, d))
+            if masks and d.get("pixel_threshold") is not None:
+                save_png(out / "masks" / f"{stem}.png", decision.mask(full, d["pixel_threshold"]))
+                row["mask"] = str(out / "masks" / f"{stem}.png")
             if save_tiff_maps:
-                full = nops.resize_maps(res.anomaly_map[i:i + 1], size)[0]
                 save_tiff(out / "maps" / f"{stem}.tiff", full)
                 row["map_tiff"] = str(out / "maps" / f"{stem}.tiff")
             rows.append(row)
