@@ -26,6 +26,7 @@ from . import anomaly, ops
 from .checkpoint import load_into
 from .config import MAP_SCORES, RunConfig
 from .data import DataError, image_size, list_images, load_image, load_images
+from .distributed import resolve_device
 from .io import atomic_write, dumps, locks_output, read_json, save_tiff, write_json
 from .models import VQVAE, FeatureVQVAE, PixelSNAIL, build_vqvae
 
@@ -84,12 +85,6 @@ def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
     load_into(vqvae, run / "vqvae.safetensors")
     load_into(prior, run / "prior.safetensors")
     return config, vqvae.eval(), prior.eval()
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def chain_seed(seed: int, image_id: int, restoration: int) -> int:

@@ -38,6 +38,17 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def resolve_device(device: "str | torch.device | None" = None) -> "torch.device":
+    """``None`` or ``auto``: a GPU when there is one, else the CPU; otherwise ``device``.
+    A device name torch does not know is a clear error naming it."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, ...): {e}") from None
+
+
 def context(device: str | torch.device | None = None) -> Context:
     """Join the process group ``torchrun`` set up (once) and return this process's place.
 
@@ -45,7 +56,6 @@ def context(device: str | torch.device | None = None) -> Context:
     after ``LSR_DIST_TIMEOUT`` seconds (default 600), so a rank that dies never leaves the
     others waiting for ever (``torchrun`` also stops the job when one worker fails).
     """
-    from .detect import resolve_device
 
     if not launched():
         return Context(0, 1, resolve_device(device))

@@ -102,8 +102,6 @@ def prepare(run: Path, cfg, fingerprint: dict[str, Any], split: dict[str, Any], 
     Refuses: a file; a non-empty folder that is not an lsr run; a run with another
     configuration or other training images (unless ``overwrite``, which then removes
     only lsr's own files)."""
-    from .training import config_matches
-
     if run.exists() and not run.is_dir():
         raise ValueError(f"--out {run}: is a file, not a run folder")
     if run.is_dir() and any(run.iterdir()):
@@ -134,6 +132,12 @@ def prepare(run: Path, cfg, fingerprint: dict[str, Any], split: dict[str, Any], 
     fresh["detect"]["tau"] = None                         # not calibrated until training finishes
     write_json(run / "config.json", fresh)
     return False
+
+
+def config_matches(saved: dict[str, Any], cfg) -> bool:
+    """Whether a saved config.json trains the same models as ``cfg`` (detect settings aside)."""
+    new = cfg.to_dict()
+    return all(saved.get(k) == new[k] for k in ("vqvae", "prior", "train"))
 
 
 def _same_data(run: Path, manifest: dict[str, Any] | None, fingerprint: dict[str, Any],

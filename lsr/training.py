@@ -24,7 +24,7 @@ from . import distributed as dist
 from .checkpoint import load_into, load_training_state, save_training_state, save_weights
 from .config import RunConfig, preset
 from .data import DataError, detect_channels, list_images, load_images, scan_mvtec, split_train_val
-from .detect import resolve_device
+from .distributed import resolve_device
 from .io import append_jsonl, atomic_write, locks_output, write_json
 from .models import VQVAE, FeatureVQVAE, PixelSNAIL, build_vqvae
 
@@ -436,11 +436,6 @@ def calibrate(prior: PixelSNAIL, val_codes: Tensor, cfg: RunConfig, device: torc
             "val_flagged_per_image_mean": float(flagged.mean()),
             "val_flagged_per_image_max": float(flagged.max()),
             "val_likelihood_median": float(p.median())}
-
-
-def config_matches(saved: dict[str, Any], cfg: RunConfig) -> bool:
-    new = cfg.to_dict()
-    return all(saved.get(k) == new[k] for k in ("vqvae", "prior", "train"))
 
 
 @locks_output("out")

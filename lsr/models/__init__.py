@@ -6,6 +6,10 @@ from .backbone import BackboneError, FeatureExtractor, build_backbone
 from .feature_vqvae import FeatureVQVAE, FeatureVQVAEOutput, build_vqvae
 from .pixelsnail import PixelSNAIL
 from .vqvae import VQVAE, QuantizerOutput, VectorQuantizer, VQVAEOutput
+from .incremental import script_prior
+from .. import ops as _ops
+
+_ops.register_scriptable(PixelSNAIL, script_prior)     # --resampler native runs PixelSNAIL priors
 
 __all__ = ["VQVAE", "VQVAEOutput", "VectorQuantizer", "QuantizerOutput", "PixelSNAIL", "FeatureVQVAE",
            "FeatureVQVAEOutput", "build_vqvae", "FeatureExtractor", "build_backbone", "BackboneError"]

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.reference import causal_attention_rows as reference_attention_rows  # noqa: F401 (re-export)
 from .pixelsnail import Block, CausalAttention, GatedResBlock, PixelSNAIL, background_grid
 
 
@@ -66,23 +67,6 @@ def _extend(caches: List[Tensor], slot: int, rows: Tensor, new: Tensor, r0: int,
         return cache.narrow(2, r0, ctx + n)
     interior.index_copy_(0, rows, new)
     return cache.narrow(2, r0, ctx + n).index_select(0, rows)
-
-
-def reference_attention_rows(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
-    """Rows [q0, q0 + Tq) of strictly causal attention, pure PyTorch (the signature of
-    ``lsr::causal_attention_rows``): q (B, h, Tq, d), k, v (B, h, q0 + Tq, d).
-
-    Through ``scaled_dot_product_attention`` with a boolean mask from index comparisons;
-    a query with no key (position 0) is given key 0 to avoid an all-masked row, and its
-    output is then set to zero."""
-    Tq, Tk, d = q.shape[2], k.shape[2], q.shape[3]
-    if q.numel() == 0 or d == 0:
-        return torch.zeros_like(q)
-    keys = torch.arange(Tk, device=q.device).view(1, -1)
-    t = torch.arange(q0, q0 + Tq, device=q.device).view(-1, 1)
-    allowed = (keys < t) | ((t == 0) & (keys == 0))                          # (Tq, Tk): s < t
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    return out * (t > 0).to(out.dtype)
 
 
 class _NativeRows(nn.Module):

@@ -145,11 +145,10 @@ def causal_attention_rows(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
     """Rows [q0, q0 + Tq) of strictly causal attention (inference only): q
     (Tensor[B, h, Tq, d]), k, v (Tensor[B, h, q0 + Tq, d]) -> Tensor[B, h, Tq, d]. The
     scripted incremental prior calls ``lsr::causal_attention_rows`` itself; this is the
-    same op from Python. See :func:`lsr.models.incremental.reference_attention_rows`."""
+    same op from Python. See :func:`reference.causal_attention_rows`."""
     if _use_native() and _kernels_allowed(("causal_attention_rows",), q):
         return _native_op("causal_attention_rows")(q, k, v, q0)
-    from lsr.models.incremental import reference_attention_rows
-    return reference_attention_rows(q, k, v, q0)
+    return reference.causal_attention_rows(q, k, v, q0)
 
 
 # ---------------------------------------------------------------- CUDA kernels: LSR_CUDA_KERNELS
@@ -497,7 +496,7 @@ __all__ = ["vq_nearest", "causal_attention", "causal_attention_rows", "backend",
 
 
 from .resampling import (ResampleResult, flag_positions, gumbel_noise,  # noqa: E402
-                       resample_fast, resample_naive, resample_native)
+                         register_scriptable, resample_fast, resample_naive, resample_native, scripter)
 
 from ..config import RESAMPLERS  # noqa: E402  (the one list; config imports no torch)
 
@@ -509,9 +508,8 @@ def resolve_resampler(method: str, prior) -> str:
     ``LSR_CUDA_KERNELS`` does not allow (``off``, or a failed first-use check); any other
     method is returned as it is."""
     if method == "auto":
-        from lsr.models.pixelsnail import PixelSNAIL
         scripted = isinstance(prior, torch.jit.ScriptModule) and hasattr(prior, "partial")
-        method = "native" if (isinstance(prior, PixelSNAIL) or scripted) and native_available() else "fast"
+        method = "native" if (scripter(prior) is not None or scripted) and native_available() else "fast"
     if method == "native" and not _native_loop_allowed(prior):
         return "fast"
     return method

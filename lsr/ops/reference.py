@@ -5,6 +5,7 @@ missing, are the path taken during ONNX export, and are the oracle in the tests.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -105,3 +106,20 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"causal_attention expects q, k, v of the same shape (B, h, T, d); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def causal_attention_rows(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
+    """Rows [q0, q0 + Tq) of strictly causal attention, pure PyTorch (the signature of
+    ``lsr::causal_attention_rows``): q (B, h, Tq, d), k, v (B, h, q0 + Tq, d).
+
+    Through ``scaled_dot_product_attention`` with a boolean mask from index comparisons;
+    a query with no key (position 0) is given key 0 to avoid an all-masked row, and its
+    output is then set to zero."""
+    Tq, Tk, d = q.shape[2], k.shape[2], q.shape[3]
+    if q.numel() == 0 or d == 0:
+        return torch.zeros_like(q)
+    keys = torch.arange(Tk, device=q.device).view(1, -1)
+    t = torch.arange(q0, q0 + Tq, device=q.device).view(-1, 1)
+    allowed = (keys < t) | ((t == 0) & (keys == 0))                          # (Tq, Tk): s < t
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return out * (t > 0).to(out.dtype)

@@ -198,21 +198,39 @@ def resample_native(prior, codes: Tensor, noise: Tensor, tau: float,
 _SCRIPTED: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
 
 
+#: prior class -> function scripting it for the C++ loop; lsr.models registers PixelSNAIL
+#: (the loops sit below the models in the layers, so they learn about them this way)
+_SCRIPTERS: dict[type, Callable] = {}
+
+
+def register_scriptable(cls: type, script_fn: Callable) -> None:
+    """Let ``--resampler native`` run priors of class ``cls``: ``script_fn(prior,
+    native=True)`` returns a scripted incremental prior (``partial`` method)."""
+    _SCRIPTERS[cls] = script_fn
+
+
+def scripter(prior) -> Callable | None:
+    """The registered scripting function for ``prior``, or None."""
+    for cls, fn in _SCRIPTERS.items():
+        if isinstance(prior, cls):
+            return fn
+    return None
+
+
 def _scripted(prior):
     """The TorchScript incremental prior of ``prior`` (cached per prior, device and dtype)."""
-    from lsr.models.incremental import script_prior
-    from lsr.models.pixelsnail import PixelSNAIL
     if isinstance(prior, torch.jit.ScriptModule):
         if not hasattr(prior, "partial"):
             raise TypeError("--resampler native: the scripted prior has no `partial` method; script it with "
                             "lsr.models.incremental.script_prior")
         return prior
-    if not isinstance(prior, PixelSNAIL):
+    script = scripter(prior)
+    if script is None:
         raise TypeError(f"--resampler native needs a PixelSNAIL prior (it is scripted for the C++ loop), "
                         f"got {type(prior).__name__}")
     key = tuple((p.device, p.dtype, p.data_ptr()) for p in prior.parameters())
     hit = _SCRIPTED.get(prior)
     if hit is None or hit[0] != key:
-        hit = (key, script_prior(prior, native=True))
+        hit = (key, script(prior, native=True))
         _SCRIPTED[prior] = hit
     return hit[1]
