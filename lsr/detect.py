@@ -25,6 +25,7 @@ from torch import Tensor
 from . import anomaly, ops
 from .checkpoint import load_into
 from .config import MAP_SCORES, RunConfig
+from .contract import chain_seed, recomputed_fraction, unique_stems  # noqa: F401 (re-exported)
 from .data import DataError, image_size, list_images, load_image, load_images
 from .distributed import resolve_device
 from .io import atomic_write, dumps, locks_output, read_json, save_tiff, write_json
@@ -85,11 +86,6 @@ def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
     load_into(vqvae, run / "vqvae.safetensors")
     load_into(prior, run / "prior.safetensors")
     return config, vqvae.eval(), prior.eval()
-
-
-def chain_seed(seed: int, image_id: int, restoration: int) -> int:
-    """Noise seed of one resampling chain: independent of the batch it runs in."""
-    return ((seed * 1_000_003 + image_id) * 1_009 + restoration) % (2 ** 63 - 1)
 
 
 class Detector:
@@ -403,18 +399,6 @@ def calibrate_thresholds(run: str | os.PathLike, false_alarm_rate: float | None 
     return calib["thresholds"]
 
 
-def recomputed_fraction(prior_passes: int, positions_evaluated: int, n_codes: int, restorations: int
-                        ) -> float | None:
-    """Share of the grid that an average prior call after the first one evaluated (1.0 for
-    the ``naive`` and ``fast`` loops, which re-run whole passes; a few rows' worth for
-    ``native``, which evaluates only the rows its next decision needs); None when no code
-    changed (only the first pass of each restoration ran)."""
-    later = prior_passes - restorations
-    if later <= 0:
-        return None
-    return (positions_evaluated - restorations * n_codes) / (later * n_codes)
-
-
 def result_row(res: DetectionResult, i: int, restorations: int = 1) -> dict[str, Any]:
     """The JSON fields of image i of a batch result."""
     passes, evaluated, n_codes = int(res.prior_passes[i]), int(res.positions_evaluated[i]), int(res.codes[i].numel())
@@ -434,18 +418,6 @@ def result_row(res: DetectionResult, i: int, restorations: int = 1) -> dict[str,
 def _finite(v: float) -> float | None:
     """JSON has no NaN: a missing value is null."""
     return v if np.isfinite(v) else None
-
-
-def unique_stems(paths: Sequence[Path]) -> list[str]:
-    """File stems, made unique with a numeric suffix where two images share a name."""
-    seen: dict[str, int] = {}
-    out = []
-    for p in paths:
-        stem = p.stem
-        k = seen.get(stem, 0)
-        seen[stem] = k + 1
-        out.append(stem if k == 0 else f"{stem}_{k}")
-    return out
 
 
 @locks_output("out")

@@ -69,6 +69,10 @@ std::vector<at::Tensor> to_device(const std::vector<const std::vector<int64_t>*>
 
 }  // namespace
 
+// The one cost constant of the lazy loop; lsr/contract.py CALL_OVERHEAD_FRACTION holds the
+// same number for the Python ports, and tests/test_contract.py checks that they agree.
+constexpr double kCallOverheadFraction = 0.15;
+
 std::vector<std::vector<size_t>> split_groups(const std::vector<int64_t>& r0, const std::vector<int64_t>& r1,
                                               int64_t H) {
   // Requests sorted by first row; a group costs (call overhead) + (its images) x (its
@@ -79,7 +83,7 @@ std::vector<std::vector<size_t>> split_groups(const std::vector<int64_t>& r0, co
   std::vector<size_t> order(n);
   for (size_t i = 0; i < n; ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return r0[a] < r0[b]; });
-  const double overhead = std::max(1.0, 0.15 * static_cast<double>(H));
+  const double overhead = std::max(1.0, kCallOverheadFraction * static_cast<double>(H));
   std::vector<double> best(n + 1, 0.0);
   std::vector<size_t> cut(n + 1, 0);
   for (size_t j = 1; j <= n; ++j) {

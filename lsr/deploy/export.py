@@ -270,7 +270,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "on
         missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
         if missing:
             raise ImportError(f"lsr-export --format onnx needs {' and '.join(missing)} "
-                              f"(pip install 'lsr[export]' or pip install onnx onnxscript)")
+                              f"(they are lsr's dependencies: reinstall lsr, or pip install onnx onnxscript)")
     run = Path(run)
     cfg, vqvae, prior = load_run(run)
     if options and any(v is not None for v in options.values()):

@@ -22,6 +22,7 @@ import numpy as np
 from . import numpy_ops as nops
 from .bundle import BAKED_OPTIONS, RUNTIME_OPTIONS, Bundle, read_bundle
 from .runtime import make_runner
+from ..contract import recomputed_fraction, unique_stems
 from ..io import locks_output
 
 
@@ -330,18 +331,6 @@ class Inferencer:
         )
 
 
-def unique_stems(paths: Sequence[Path]) -> list[str]:
-    """File stems made unique with a numeric suffix, as :func:`lsr.detect.unique_stems`
-    (repeated here because :mod:`lsr.detect` imports torch)."""
-    seen: dict[str, int] = {}
-    out = []
-    for p in paths:
-        k = seen.get(p.stem, 0)
-        seen[p.stem] = k + 1
-        out.append(p.stem if k == 0 else f"{p.stem}_{k}")
-    return out
-
-
 @locks_output("out")
 def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                   batch_size: int = 8, providers: Sequence[str] | None = None, save_tiff_maps: bool = False,
@@ -382,11 +371,10 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
             stem = stems[start + i]
             passes, n_codes = int(res.prior_passes[i]), int(res.codes[i].size)
             evaluated, n_rest = int(res.positions_evaluated[i]), int(d["restorations"])
-            later = passes - n_rest       # as lsr.detect.recomputed_fraction
             row = {"image": str(path), "score": float(res.score[i]), "nll_score": float(res.nll_score[i]),
                    "direct_score": float(res.direct_score[i]), "n_resampled": float(res.n_resampled[i]),
                    "prior_passes": passes, "positions_evaluated": evaluated,
-                   "recomputed_fraction": (evaluated - n_rest * n_codes) / (later * n_codes) if later > 0 else None,
+                   "recomputed_fraction": recomputed_fraction(passes, evaluated, n_codes, n_rest),
                    "n_codes": n_codes, "time_ms": ms, "resampler": inf.loop, "map": d["map_kind"],
                    "bundle": str(inf.bundle.root), "providers": inf.providers}
             if save_panel is not None:

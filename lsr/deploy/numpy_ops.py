@@ -25,6 +25,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from ..contract import call_overhead, chain_seed  # noqa: F401 (chain_seed re-exported)
+
 #: prior(codes (A, H, W) int64) -> (logits (A, K, H, W) float32, likelihood (A, H, W) float32)
 PriorFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 #: rows(codes (A, ctx + n, W), row_ids (ctx + n,), state [per entry]) -> (logits (A, K, n, W),
@@ -35,11 +37,6 @@ RowsFn = Callable[[np.ndarray, np.ndarray, "list[np.ndarray]"],
 _TINY = float(np.finfo(np.float32).tiny)
 _U_MAX = 1.0 - 1e-7
 _MASK24 = np.uint64((1 << 24) - 1)
-
-
-def chain_seed(seed: int, image_id: int, restoration: int) -> int:
-    """Noise seed of one resampling chain (the formula of :func:`lsr.detect.chain_seed`)."""
-    return ((seed * 1_000_003 + image_id) * 1_009 + restoration) % (2 ** 63 - 1)
 
 
 def uniform(seed: int, n: int) -> np.ndarray:
@@ -218,7 +215,7 @@ def split_groups(r0: Sequence[int], r1: Sequence[int], H: int, overhead: float |
     optimal over contiguous groups of the requests sorted by r0."""
     n = len(r0)
     order = sorted(range(n), key=lambda i: r0[i])
-    over = max(1.0, 0.15 * H) if overhead is None else float(overhead)
+    over = call_overhead(H) if overhead is None else float(overhead)
     best = [0.0] + [float("inf")] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):

@@ -1,0 +1,60 @@
+"""What every Python path shares, without torch: the PyTorch detector (:mod:`lsr.detect`)
+and the torch-free bundle path (:mod:`lsr.deploy`) take these from here, and the C++ loop
+and runtime are checked against them by tests (``tests/test_contract.py``). The
+resampling contract itself (rule, noise, loops) is written down in ``docs/method.md``.
+
+Example:
+    >>> chain_seed(0, 1, 0)
+    1009
+    >>> [str(s) for s in unique_stems([Path("a/x.png"), Path("b/x.png")])]
+    ['x', 'x_1']
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+#: a lazy prior call of the incremental loop costs this share of one image's full pass on
+#: top of the rows it evaluates (at least one row): the cost model that groups row requests
+#: into calls (csrc/resample/resample.cpp kCallOverheadFraction, lsr.deploy.numpy_ops);
+#: measured on the CPU at batch 1, ~1.4 of ~10 ms
+CALL_OVERHEAD_FRACTION = 0.15
+
+
+def chain_seed(seed: int, image_id: int, restoration: int) -> int:
+    """Noise seed of one resampling chain: independent of the batch it runs in (bundle.json
+    "noise" and the C++ runtime write the same formula)."""
+    return ((seed * 1_000_003 + image_id) * 1_009 + restoration) % (2 ** 63 - 1)
+
+
+def call_overhead(H: int) -> float:
+    """The cost, in image-rows, of one lazy prior call on a grid of H rows."""
+    return max(1.0, CALL_OVERHEAD_FRACTION * H)
+
+
+def recomputed_fraction(prior_passes: int, positions_evaluated: int, n_codes: int, restorations: int
+                        ) -> float | None:
+    """Share of the grid that an average prior call after the first one evaluated (1.0 for
+    the ``naive`` and ``fast`` loops, which re-run whole passes; a few rows' worth for
+    ``native``, which evaluates only the rows its next decision needs); None when no code
+    changed (only the first pass of each restoration ran)."""
+    later = prior_passes - restorations
+    if later <= 0:
+        return None
+    return (positions_evaluated - restorations * n_codes) / (later * n_codes)
+
+
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """File stems, made unique with a numeric suffix where two images share a name (the
+    names of panels, maps and masks)."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        stem = Path(p).stem
+        k = seen.get(stem, 0)
+        seen[stem] = k + 1
+        out.append(stem if k == 0 else f"{stem}_{k}")
+    return out
+
+
+__all__ = ["CALL_OVERHEAD_FRACTION", "chain_seed", "call_overhead", "recomputed_fraction", "unique_stems"]
