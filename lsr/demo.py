@@ -35,6 +35,19 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]
     return mean
 
 
+def operating_point_line(op: dict[str, Any] | None) -> str:
+    """One line on the verdicts at the stored threshold (set on held-out good images)."""
+    if not op:
+        return "no operating point (the run has no thresholds)"
+    far, lo, hi = op.get("false_alarm_rate_measured"), *op.get("false_alarm_rate_ci95", (None, None))
+    text = f"at the threshold for {op['false_alarm_rate_chosen']:.0%} false alarms (held-out good images):"
+    if far is not None:
+        text += f" {far:.0%} of test/good flagged (95% interval {lo:.0%}-{hi:.0%}, {op['n_good']} images)"
+    if op.get("detection_rate") is not None:
+        text += f", {op['detection_rate']:.0%} of defective images caught"
+    return text
+
+
 @locks_output("out")
 def run_demo(out: str | os.PathLike = "lsr-demo", categories: Sequence[str] | None = None,
              preset_name: str = "demo", overrides: dict[str, Any] | None = None,
@@ -72,11 +85,13 @@ def run_demo(out: str | os.PathLike = "lsr-demo", categories: Sequence[str] | No
         timings[cat] = {"train_s": t_eval - t_train, "eval_s": time.perf_counter() - t_eval}
         log(format_table({m: results[cat]["methods"][m] for m in METHOD_ORDER if m in results[cat]["methods"]},
                          TABLE_COLUMNS))
+        log(operating_point_line(results[cat].get("operating_point")))
     mean = summarise(results)
     summary = {"categories": list(results), "mean": mean,
                "per_category": {c: {m: {k: r["methods"][m][k] for k in TABLE_COLUMNS if k in r["methods"][m]}
                                     for m in r["methods"]} for c, r in results.items()},
                "default_map": next(iter(results.values()))["default_map"] if results else None,
+               "operating_point": {c: r.get("operating_point") for c, r in results.items()},
                "timings": timings, "total_seconds": time.perf_counter() - t0, "preset": preset_name}
     write_json(out / "summary.json", summary)
     log("\n== mean over " + ", ".join(results) + " ==")
