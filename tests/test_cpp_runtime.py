@@ -1,7 +1,8 @@
 """The C++ runtime (export/, `lsr_detect`): a TorchScript bundle of the tiny run detected
 without Python gives the codes, prior passes, scores and maps of the Python path
-(``lsr detect RUN --resampler native``, and the same codes as ``fast``); bad bundles and
-bad images give clear errors. The bad-input suite (``BAD_INPUTS``): every flag and
+(``lsr detect RUN --resampler native``, and the same codes as ``fast``); its verdicts,
+regions and masks are lsr.decision's (the one definition) and the Python bundle path's;
+bad bundles and bad images give clear errors. The bad-input suite (``BAD_INPUTS``): every flag and
 bundle.json value the runtime reads follows lsr.config.RULES (same words), graph files stay
 inside the bundle, images above Pillow's pixel limit are refused from the header; each case
 exits 2 with no C++ exception dump and leaves an earlier output folder byte-identical.
@@ -86,6 +87,11 @@ def test_cpp_runtime_equals_python(ts_bundle, tiny_run, images, tmp_path, tau):
         assert Path(c["map_png"]).is_file()
     assert torch.equal(res.resampled_codes,
                        torch.tensor([c["resampled_codes"] for c in cpp]).view_as(res.resampled_codes))
+    if tau is None:     # the run's operating point is the bundle's (another tau: the run sets it again)
+        for c, p in zip(cpp, py["native"]):
+            for key in ("anomalous", "threshold", "false_alarm_rate", "pixel_threshold", "pixel_fpr", "n_regions"):
+                assert c[key] == p[key], key
+            assert c["threshold"] is not None and c["pixel_threshold"] is not None
 
 
 def test_cpp_runtime_resizes_like_python(ts_bundle, tiny_run, images, tmp_path):
@@ -198,11 +204,12 @@ def test_cpp_runtime_rules_match_python():
             continue
         py = (RULES.get(py_key) or OPTION_RULES[py_key]).describe()
         # tau is optional in a run (null before calibration); a bundle always has one
-        assert rule == py.removesuffix(" (or null)"), key
+        assert rule == (py.removesuffix(" (or null)") if key in ("detect.tau", "--tau") else py), key
         seen.add(key)
     assert {"--batch-size", "--threads", "--tau", "--seed", "--restorations", "detect.tau", "detect.temperature",
             "detect.seed", "detect.restorations", "model.image_size", "model.channels", "model.grid_size",
-            "model.codebook_size"} <= seen
+            "model.codebook_size", "detect.false_alarm_rate", "detect.pixel_fpr", "detect.image_threshold",
+            "detect.pixel_threshold"} <= seen
 
 
 def _no_crash(stderr):
@@ -295,6 +302,8 @@ _FLAG = "must be an integer in [1, 4096]"
 _TAU = "--tau: must be a finite number in (0, 1), got"
 _SEED = "--seed: must be an integer in [0, 9223372036854775806], got"
 _REST = "--restorations: must be an integer in [1, 64], got"
+_RATE = "must be a finite number in (0, 0.5], got"
+_THR = "must be a finite number in [-1000000000000, 1000000000000] (or null), got"
 
 # (id, extra flags, bundle.json edit, image kind, text the error must hold)
 BAD_INPUTS = [
@@ -343,6 +352,31 @@ BAD_INPUTS = [
     ("json-restorations-0", [], _set("detect.restorations", 0), None,
      ["bundle.json: detect.restorations: must be an integer in [1, 64], got 0"]),
     ("json-no-image-size", [], _drop("model.image_size"), None, ["bundle.json: missing key model.image_size"]),
+    ("json-false-alarm-rate-0", [], _set("detect.false_alarm_rate", 0), None,
+     [f"bundle.json: detect.false_alarm_rate: {_RATE} 0"]),
+    ("json-false-alarm-rate-0.6", [], _set("detect.false_alarm_rate", 0.6), None,
+     [f"bundle.json: detect.false_alarm_rate: {_RATE} 0.6"]),
+    ("json-false-alarm-rate-null", [], _set("detect.false_alarm_rate", None), None,
+     [f"bundle.json: detect.false_alarm_rate: {_RATE} None"]),
+    ("json-false-alarm-rate-str", [], _set("detect.false_alarm_rate", "0.01"), None,
+     [f"bundle.json: detect.false_alarm_rate: {_RATE} '0.01'"]),
+    ("json-pixel-fpr-nan", [], _set("detect.pixel_fpr", float("nan")), None,
+     [f"bundle.json: detect.pixel_fpr: {_RATE} NaN"]),
+    ("json-pixel-fpr-neg", [], _set("detect.pixel_fpr", -0.001), None,
+     [f"bundle.json: detect.pixel_fpr: {_RATE} -0.001"]),
+    ("json-pixel-fpr-true", [], _set("detect.pixel_fpr", True), None, [f"bundle.json: detect.pixel_fpr: {_RATE} True"]),
+    ("json-image-threshold-nan", [], _set("detect.image_threshold", float("nan")), None,
+     [f"bundle.json: detect.image_threshold: {_THR} NaN"]),
+    ("json-image-threshold-inf", [], _set("detect.image_threshold", float("-inf")), None,
+     [f"bundle.json: detect.image_threshold: {_THR} -Infinity"]),
+    ("json-image-threshold-huge", [], _raw('"image_threshold": ', '"image_threshold": 1e13, "x": '), None,
+     [f"bundle.json: detect.image_threshold: {_THR} 1e13"]),
+    ("json-image-threshold-str", [], _set("detect.image_threshold", "0.4"), None,
+     [f"bundle.json: detect.image_threshold: {_THR} '0.4'"]),
+    ("json-pixel-threshold-array", [], _set("detect.pixel_threshold", [0.2]), None,
+     [f"bundle.json: detect.pixel_threshold: {_THR} an array"]),
+    ("json-pixel-threshold-false", [], _set("detect.pixel_threshold", False), None,
+     [f"bundle.json: detect.pixel_threshold: {_THR} False"]),
     ("json-image-size-str", [], _set("model.image_size", "32"), None,
      ["bundle.json: model.image_size: must be an integer in [8, 4096], got '32'"]),
     ("json-image-size-0", [], _set("model.image_size", 0), None, ["bundle.json: model.image_size: must be"]),
@@ -532,3 +566,246 @@ def test_cpp_runtime_reads_16bit_pngs_like_python(ts_bundle, tiny_run, tmp_path,
     p = json.loads((tmp_path / "py" / "results.jsonl").read_text())
     assert c["prior_passes"] == p["prior_passes"] and c["n_resampled"] == p["n_resampled"]
     assert c["score"] == pytest.approx(p["score"], rel=1e-5, abs=1e-6)
+
+
+# ---- verdicts, regions and masks (lsr.decision, issue 13) -------------------------------
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def _cpp_map(row):
+    return np.fromfile(row["map_raw"], dtype=np.float32).reshape(row["map_shape"])
+
+
+def _gap_threshold(maps, q):
+    """A pixel threshold near the q-quantile of the maps' pixels, in the middle of the widest
+    gap between neighbouring values there (so maps that agree to well within half the gap
+    give the same regions); (threshold, half the gap)."""
+    v = np.unique(np.concatenate([m.ravel() for m in maps]).astype(np.float64))
+    lo, hi = int((q - 0.02) * v.size), int((q + 0.02) * v.size)
+    k = lo + int(np.argmax(np.diff(v[lo:hi + 1])))
+    return float((v[k] + v[k + 1]) / 2), float((v[k + 1] - v[k]) / 2)
+
+
+def _expect_verdict(c, want, regions_exact=True):
+    """The verdict fields of a C++ row ``c`` against ``want`` (lsr.decision.verdict or a
+    Python row)."""
+    for key in ("anomalous", "threshold", "false_alarm_rate", "pixel_threshold", "pixel_fpr"):
+        assert c[key] == want[key], (key, c[key], want[key])
+    if want["normalised_score"] is None:
+        assert c["normalised_score"] is None
+    else:
+        assert c["normalised_score"] == pytest.approx(want["normalised_score"], rel=1e-6)
+    assert ("regions" in c) == ("regions" in want) == (want["pixel_threshold"] is not None)
+    if "regions" in want:
+        assert c["n_regions"] == want["n_regions"] and len(c["regions"]) == len(want["regions"])
+        for rc, rw in zip(c["regions"], want["regions"]):
+            assert set(rc) == {"area", "bbox", "peak", "peak_xy"}
+            assert (rc["area"], rc["bbox"], rc["peak_xy"]) == (rw["area"], rw["bbox"], rw["peak_xy"])
+            if regions_exact:          # the same float32 map: the same float32 peak
+                assert rc["peak"] == rw["peak"]
+            else:
+                assert rc["peak"] == pytest.approx(rw["peak"], rel=1e-5, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def verdict_images(images, tmp_path_factory):
+    """The test images and one at another size (its map is resized to 51 x 45 pixels)."""
+    from PIL import Image
+
+    big = tmp_path_factory.mktemp("sizes") / "big.png"
+    Image.open(images[-1]).convert("RGB").resize((45, 51), Image.Resampling.NEAREST).save(big)
+    return [*images, big]
+
+
+@pytest.fixture(scope="module")
+def exported_rows(ts_bundle, verdict_images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verdicts") / "exported"
+    run_bin(ts_bundle, *verdict_images, "--out", out, "--threads", "1")
+    return _rows(out)
+
+
+@pytest.mark.parametrize("case", ["exported", "lowered", "zero"])
+def test_cpp_runtime_verdicts_equal_python(ts_bundle, verdict_images, exported_rows, tmp_path, case):
+    """Each C++ row's verdict is lsr.decision.verdict of its own map and score (so regions,
+    labels and their order follow the one definition exactly) and the Python bundle path's
+    (``lsr detect BUNDLE --masks``: the maps agree end to end); --masks writes
+    lsr.decision.mask of the map. ``exported``: the bundle's operating point (on these
+    images, typically nothing rejected and no region); ``lowered``: the pixel threshold near the 90th
+    percentile of the maps and the image threshold at the median score, so images are
+    rejected and passed and have several regions; ``zero``: image threshold 0 (no
+    normalised score) and a pixel threshold below every map value (one region, the whole
+    image)."""
+    from PIL import Image
+
+    from lsr import decision
+
+    maps = [_cpp_map(r) for r in exported_rows]
+    margin = None
+    if case == "exported":
+        bundle = ts_bundle
+    else:
+        if case == "lowered":
+            pt, margin = _gap_threshold(maps, 0.9)
+            it = float(np.median([r["score"] for r in exported_rows]))
+        else:
+            pt, it = float(min(m.min() for m in maps)) - 1.0, 0.0
+
+        def edit(meta, _):
+            meta["detect"].update(pixel_threshold=pt, image_threshold=it)
+        bundle = _edited_bundle(ts_bundle, tmp_path, edit)
+    detect = json.loads((bundle / "bundle.json").read_text())["detect"]
+    run_bin(bundle, *verdict_images, "--out", tmp_path / "cpp", "--masks", "--threads", "1")
+    cpp = _rows(tmp_path / "cpp")
+    assert main(["detect", str(bundle), *map(str, verdict_images), "--out", str(tmp_path / "py"), "--masks",
+                 "--tiff", "--no-panels", "--no-progress"]) == 0
+    py = _rows(tmp_path / "py")
+    assert len(cpp) == len(py) == len(verdict_images)
+    for c, p in zip(cpp, py):
+        raw = _cpp_map(c)
+        # the score as the runtime had it (float32, written with 9 digits)
+        want = decision.verdict(float(np.float32(c["score"])), raw, detect)
+        _expect_verdict(c, want)
+        py_map = tifffile.imread(p["map_tiff"])
+        assert c["score"] == pytest.approx(p["score"], rel=1e-6)
+        np.testing.assert_allclose(raw, py_map, atol=1e-5)
+        if margin is not None:       # the maps agree well within the threshold's gap
+            assert np.abs(raw.astype(np.float64) - py_map).max() < margin / 4
+        _expect_verdict(c, p, regions_exact=False)
+        mask = np.asarray(Image.open(c["mask"]))
+        assert Path(c["mask"]).parent == tmp_path / "cpp" / "masks" and Path(c["mask"]).name == Path(p["mask"]).name
+        assert mask.dtype == np.uint8 and mask.shape == raw.shape
+        np.testing.assert_array_equal(mask, decision.mask(raw, detect["pixel_threshold"]))
+        np.testing.assert_array_equal(mask, np.asarray(Image.open(p["mask"])))
+    rejected = [c["anomalous"] for c in cpp]
+    n_regions = [c["n_regions"] for c in cpp]
+    if case == "exported":
+        assert None not in rejected
+    elif case == "lowered":
+        assert True in rejected and False in rejected
+        assert max(n_regions) >= 2 and sum(n_regions) >= 4
+        assert any(0 < mask.mean() < 255 for mask in (np.asarray(Image.open(c["mask"])) for c in cpp))
+    else:
+        assert rejected == [True] * len(cpp) and all(c["normalised_score"] is None for c in cpp)
+        for c in cpp:
+            H, W = c["map_shape"]
+            assert c["n_regions"] == 1 and c["regions"][0]["area"] == H * W
+            assert c["regions"][0]["bbox"] == [0, 0, W - 1, H - 1]
+
+
+def _edge_maps():
+    """(name, float32 map, thresholds): maps the model would not make."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :40]
+    rings = np.zeros((40, 40), np.float32)
+    for k in range(0, 20, 4):                         # nested square rings with one gap each
+        ring = (np.maximum(abs(yy - 19.5), abs(xx - 19.5)) // 1 == 19 - k)
+        rings[ring] = 1.0 + k
+        rings[39 - k, 19] = 0.0                     # the gap in the ring's bottom row
+    nan = rng.random((9, 11)).astype(np.float32)
+    nan[::3, ::2] = np.nan
+    return [
+        ("noise-ties", (rng.integers(0, 5, (37, 53)) / 4).astype(np.float32), (0.0, 0.25, 0.5, 0.75, -1.0)),
+        ("noise-fine", rng.random((64, 48)).astype(np.float32), (0.5, 0.9, 0.99)),   # hundreds of regions
+        ("checkerboard", ((yy + xx) % 2).astype(np.float32), (0.5,)),               # one 8-connected region
+        ("diagonals", (((yy - xx) % 7 == 0) * (1 + (yy % 3))).astype(np.float32), (0.5, 1.5)),
+        ("u-shapes", np.tile(np.array([[1, 0, 1, 0], [1, 0, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]], np.float32), (6, 5)),
+         (0.5,)),
+        ("rings", rings, (0.5, 6.0)),
+        ("flat", np.ones((5, 7), np.float32), (1.0, 0.99999999, 1.00000001, 0.9999999)),  # float32 compare
+        ("row", rng.random((1, 300)).astype(np.float32), (0.3,)),
+        ("column", rng.random((300, 1)).astype(np.float32), (0.3,)),
+        ("pixel", np.full((1, 1), 2.0, np.float32), (1.0, 2.0)),
+        ("nan", nan, (0.2, -1e12)),
+    ]
+
+
+def test_cpp_runtime_regions_follow_decision_on_edge_maps(tmp_path):
+    """The runtime's regions (``lsr_detect --regions``, the code behind each row's
+    ``regions``) are lsr.decision.regions exactly on maps with ties, diagonal chains,
+    nested rings, NaN, single rows and hundreds of components: labels, order (peak, then
+    label), the first pixel at the peak, the list cut at 50, and the comparison in float32
+    (a threshold of 0.99999999 on a map of ones finds nothing, as numpy)."""
+    from lsr import decision
+
+    seen_many = seen_ties = False
+    for name, m, thresholds in _edge_maps():
+        path = tmp_path / f"{name}.f32"
+        m.tofile(path)
+        for t in thresholds:
+            p = run_bin("--regions", path, m.shape[0], m.shape[1], repr(t))
+            got = json.loads(p.stdout)
+            regs, n = decision.regions(m, t)
+            assert (got["n_regions"], got["regions"]) == (n, regs), (name, t)
+            seen_many |= n > decision.MAX_REGIONS
+            seen_ties |= len({r["peak"] for r in regs}) < len(regs)
+    assert seen_many and seen_ties
+    flat = json.loads(run_bin("--regions", tmp_path / "flat.f32", 5, 7, "0.9999999").stdout)
+    assert flat["n_regions"] == 1 and flat["regions"][0]["peak_xy"] == [0, 0]     # the first of the ties
+    assert json.loads(run_bin("--regions", tmp_path / "flat.f32", 5, 7, "0.99999999").stdout)["n_regions"] == 0
+    assert json.loads(run_bin("--regions", tmp_path / "checkerboard.f32", 40, 40, "0.5").stdout)["n_regions"] == 1
+    p = run_bin("--regions", tmp_path / "flat.f32", 5, 8, "0.5", check=False)
+    assert p.returncode == 2 and "not a float32 map of 5 x 8" in p.stderr
+
+
+@pytest.mark.parametrize("flags, kept", [
+    (["--tau", "0.05"], False),
+    (["--seed", "3"], False),
+    (["--restorations", "2"], False),
+    ("same", True),                   # the exported values given again: the thresholds hold
+], ids=["tau", "seed", "restorations", "same-values"])
+def test_cpp_runtime_overrides_drop_thresholds(ts_bundle, images, tmp_path, flags, kept):
+    """--tau, --seed or --restorations other than the exported values: the thresholds were
+    set for the exported settings only, so the verdict fields are null and --masks writes
+    nothing (as lsr.deploy.Inferencer)."""
+    detect = json.loads((ts_bundle / "bundle.json").read_text())["detect"]
+    if flags == "same":
+        flags = ["--tau", repr(detect["tau"]), "--seed", str(detect["seed"]), "--restorations",
+                 str(detect["restorations"])]
+    p = run_bin(ts_bundle, images[0], "--out", tmp_path / "o", "--masks", *flags)
+    (row,) = _rows(tmp_path / "o")
+    assert row["false_alarm_rate"] == detect["false_alarm_rate"] and row["pixel_fpr"] == detect["pixel_fpr"]
+    if kept:
+        assert row["threshold"] == detect["image_threshold"] and row["pixel_threshold"] == detect["pixel_threshold"]
+        assert row["anomalous"] is not None and "n_regions" in row and Path(row["mask"]).is_file()
+        return
+    assert row["threshold"] is row["pixel_threshold"] is row["anomalous"] is row["normalised_score"] is None
+    assert "regions" not in row and "n_regions" not in row and "mask" not in row
+    assert not (tmp_path / "o" / "masks").exists()
+    assert "no masks are written" in p.stderr
+    if flags[0] == "--tau":          # the Python bundle path says the same
+        assert main(["detect", str(ts_bundle), str(images[0]), "--out", str(tmp_path / "py"), "--masks",
+                     "--no-panels", "--no-progress", *flags]) == 0
+        (py,) = _rows(tmp_path / "py")
+        _expect_verdict(row, py)
+        assert "mask" not in py
+
+
+def test_cpp_runtime_older_bundle_has_no_verdict(ts_bundle, images, tmp_path):
+    """A bundle of lsr-export before the operating point (no thresholds nor rates in
+    bundle.json) still runs: null verdict fields and rates (as the Python bundle path), no
+    regions."""
+    def edit(meta, _):
+        for k in ("image_threshold", "pixel_threshold", "false_alarm_rate", "pixel_fpr"):
+            del meta["detect"][k]
+    b = _edited_bundle(ts_bundle, tmp_path, edit)
+    run_bin(b, images[0], "--out", tmp_path / "o", "--masks")
+    (row,) = _rows(tmp_path / "o")
+    assert row["threshold"] is row["pixel_threshold"] is row["anomalous"] is row["normalised_score"] is None
+    assert row["false_alarm_rate"] is row["pixel_fpr"] is None
+    assert "regions" not in row and not (tmp_path / "o" / "masks").exists()
+
+
+def test_cpp_runtime_refuses_a_locked_folder(ts_bundle, images, tmp_path):
+    """The runtime takes the same folder lock as the Python commands (lsr.io.folder_lock)."""
+    from lsr.io import folder_lock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.jsonl").write_text("earlier\n")
+    with folder_lock(out):
+        p = run_bin(ts_bundle, images[0], "--out", out, check=False)
+    assert p.returncode == 2 and "another lsr command is writing into this folder" in p.stderr, p.stderr
+    assert (out / "results.jsonl").read_text() == "earlier\n"
+    run_bin(ts_bundle, images[0], "--out", out)                      # released: runs

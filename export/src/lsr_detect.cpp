@@ -2,13 +2,22 @@
 // without Python.
 //
 //   lsr_detect BUNDLE IMAGE.png... --out DIR [--batch-size N] [--threads N] [--device cpu|cuda]
-//              [--tau X] [--seed N] [--restorations N] [--save-codes]
+//              [--tau X] [--seed N] [--restorations N] [--save-codes] [--masks]
 //
 // Per image: DIR/<stem>_map.png (the anomaly map, min-max scaled to 8 bits), DIR/<stem>_map.f32
 // (raw little-endian float32, the image's own height x width, as the Python path's TIFF), and
 // one JSON line in DIR/results.jsonl. Detection is lsr.detect.Detector.detect: encode, decode
 // the direct reconstruction, resample with the native loop (csrc/resample, the same C++ as
 // `--resampler native`), decode, post-process; noise and seeds as bundle.json "noise" says.
+//
+// Verdicts (lsr.decision.verdict, the one definition; tests hold this file to it): each row
+// gets "anomalous" (score > bundle.json detect.image_threshold), "threshold",
+// "normalised_score" (score / threshold), "false_alarm_rate", "pixel_threshold", "pixel_fpr"
+// and, with a pixel threshold, "n_regions" and "regions" (the connected components, 8-connected,
+// of the map at the image's own size above the pixel threshold; see `regions` below). A bundle
+// without thresholds (older lsr-export) or --tau/--seed/--restorations other than the exported
+// values (the thresholds hold for the exported settings only) gives null verdict fields.
+// --masks: DIR/masks/<stem>.png, 255 where that map exceeds the pixel threshold, else 0.
 //
 // Bad input (exit 2, one line "lsr_detect: error: ..." naming the flag or the file): every
 // flag and every value read from bundle.json follows the rules of lsr.config.RULES (below,
@@ -38,6 +47,10 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include "image_io.h"
 #include "json.h"
@@ -77,8 +90,10 @@ std::string num(double x) {  // lsr.config._num
 struct FloatRule {
   double lo, hi;
   bool open_lo, open_hi;
+  bool optional = false;  // null allowed (Rule.optional): the thresholds of a bundle
   std::string describe() const {
-    return "a finite number in " + std::string(open_lo ? "(" : "[") + num(lo) + ", " + num(hi) + (open_hi ? ")" : "]");
+    return "a finite number in " + std::string(open_lo ? "(" : "[") + num(lo) + ", " + num(hi) + (open_hi ? ")" : "]") +
+           (optional ? " (or null)" : "");
   }
   bool ok(double v) const {
     return std::isfinite(v) && (open_lo ? v > lo : v >= lo) && (open_hi ? v < hi : v <= hi);
@@ -98,6 +113,7 @@ struct NamedRule {
 const IntRule kImageSize{8, 4096}, kChannels{1, 3}, kGridSize{1, 1024}, kCodebookSize{2, 65536};
 const IntRule kSeed{0, kMaxSeed}, kRestorations{1, 64}, kBatchSize{1, 4096}, kThreads{0, 4096};
 const FloatRule kTau{0.0, 1.0, true, true}, kTemperature{0.0, 1e3, true, false};
+const FloatRule kRate{0.0, 0.5, true, false}, kThreshold{-1e12, 1e12, false, false, true};
 
 const std::vector<NamedRule>& rules() {
   static const std::vector<NamedRule> table = {
@@ -109,6 +125,10 @@ const std::vector<NamedRule>& rules() {
       {"detect.temperature", "detect.temperature", false, {}, kTemperature},
       {"detect.seed", "detect.seed", true, kSeed, {}},
       {"detect.restorations", "detect.restorations", true, kRestorations, {}},
+      {"detect.false_alarm_rate", "detect.false_alarm_rate", false, {}, kRate},
+      {"detect.pixel_fpr", "detect.pixel_fpr", false, {}, kRate},
+      {"detect.image_threshold", "detect.image_threshold", false, {}, kThreshold},
+      {"detect.pixel_threshold", "detect.pixel_threshold", false, {}, kThreshold},
       {"--tau", "detect.tau", false, {}, kTau},
       {"--seed", "detect.seed", true, kSeed, {}},
       {"--restorations", "detect.restorations", true, kRestorations, {}},
@@ -263,6 +283,18 @@ double json_float(const lsr::json::Value& root, const std::string& key) {
   return v.num;
 }
 
+// A value of the detect section that older bundles lack: `missing` when the key is absent,
+// nullopt for null where the rule allows it (a bundle without thresholds), else checked.
+std::optional<double> json_float_or(const lsr::json::Value& root, const std::string& key,
+                                    std::optional<double> missing) {
+  const size_t dot = key.rfind('.');
+  const lsr::json::Value& section = get(root, key.substr(0, dot));
+  if (section.kind == lsr::json::Value::Object && !section.has(key.substr(dot + 1))) return missing;
+  const lsr::json::Value& v = get(root, key);
+  if (v.kind == lsr::json::Value::Null && rule_of(key).f.optional) return std::nullopt;
+  return json_float(root, key);
+}
+
 const std::string& json_string(const lsr::json::Value& root, const std::string& key) {
   const lsr::json::Value& v = get(root, key);
   if (v.kind != lsr::json::Value::String) throw Error(key + ": must be a string, got " + shown(v));
@@ -293,6 +325,9 @@ struct Bundle {
   double tau = 0, temperature = 1;
   int64_t seed = 0;
   int restorations = 1;
+  // the operating point (lsr.decision), set at export for the settings above
+  std::optional<double> false_alarm_rate, pixel_fpr;  // null in a bundle older than the operating point
+  std::optional<double> image_threshold, pixel_threshold;
   std::map<std::string, fs::path> graphs;
 };
 
@@ -330,6 +365,11 @@ Bundle read_bundle(const fs::path& dir) {
     b.temperature = json_float(meta, "detect.temperature");
     b.seed = json_int(meta, "detect.seed");  // from the literal: seeds beyond 2^53 stay exact
     b.restorations = static_cast<int>(json_int(meta, "detect.restorations"));
+    // absent from bundles of lsr-export before the operating point: no thresholds, default rates
+    b.false_alarm_rate = json_float_or(meta, "detect.false_alarm_rate", std::nullopt);
+    b.pixel_fpr = json_float_or(meta, "detect.pixel_fpr", std::nullopt);
+    b.image_threshold = json_float_or(meta, "detect.image_threshold", std::nullopt);
+    b.pixel_threshold = json_float_or(meta, "detect.pixel_threshold", std::nullopt);
     // the four graphs, then prior_native (the prior on the native attention kernels, written
     // when lsr-export had the extension): this runtime links the op library, so it prefers it
     const auto& graphs = get(meta, "graphs");
@@ -398,6 +438,109 @@ std::string fmt(double v) {
   return buf;
 }
 
+// A double as Python's json writes it up to the form of integral values ("2" for 2.0): the
+// shortest text that reads back as the same double; null when not finite.
+std::string exact(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[64];
+  const auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+  return ec == std::errc() ? std::string(buf, end) : fmt(v);
+}
+
+std::string exact(const std::optional<double>& v) { return v ? exact(*v) : "null"; }
+
+// ---- regions (lsr.decision.regions / label / mask) ----------------------------------------
+constexpr size_t kMaxRegions = 50;  // lsr.decision.MAX_REGIONS
+
+struct Region {
+  int64_t area = 0;
+  int x0 = 0, y0 = 0, x1 = 0, y1 = 0;
+  float peak = -std::numeric_limits<float>::infinity();
+  int64_t first_peak = -1;  // raster index of the first pixel holding the peak
+};
+
+// numpy compares a float32 map with a Python float in float32 (the float is cast to the
+// array's dtype), so the threshold is rounded to float32 first, as there.
+float map_threshold(double t) { return static_cast<float>(t); }
+
+// The connected components (8-connectivity) of map > t on an (H, W) map: labelled 1..n in
+// raster order of each component's first pixel (as lsr.decision.label); per component its
+// area, inclusive bounding box, peak and the first pixel (raster order) at the peak. Returned
+// in the order of lsr.decision.regions: peak descending, ties in label order; all of them
+// (the row lists the first kMaxRegions, n_regions counts all).
+std::vector<Region> regions(const float* m, int H, int W, double threshold) {
+  const float t = map_threshold(threshold);
+  const int64_t N = static_cast<int64_t>(H) * W;
+  std::vector<int32_t> lab(static_cast<size_t>(N), 0);
+  std::vector<int64_t> stack;
+  int32_t n = 0;
+  for (int64_t k = 0; k < N; ++k) {
+    if (lab[k] || !(m[k] > t)) continue;
+    lab[k] = ++n;
+    stack.push_back(k);
+    while (!stack.empty()) {
+      const int64_t q = stack.back();
+      stack.pop_back();
+      const int y = static_cast<int>(q / W), x = static_cast<int>(q % W);
+      for (int dy = -1; dy <= 1; ++dy)
+        for (int dx = -1; dx <= 1; ++dx) {
+          const int yy = y + dy, xx = x + dx;
+          if ((dy == 0 && dx == 0) || yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+          const int64_t r = static_cast<int64_t>(yy) * W + xx;
+          if (!lab[r] && m[r] > t) {
+            lab[r] = n;
+            stack.push_back(r);
+          }
+        }
+    }
+  }
+  std::vector<Region> out(static_cast<size_t>(n));
+  for (auto& r : out) r.x0 = W, r.y0 = H;
+  for (int64_t k = 0; k < N; ++k) {  // raster order: the first pixel at the peak wins ties
+    if (!lab[k]) continue;
+    Region& r = out[lab[k] - 1];
+    const int y = static_cast<int>(k / W), x = static_cast<int>(k % W);
+    ++r.area;
+    r.x0 = std::min(r.x0, x), r.y0 = std::min(r.y0, y), r.x1 = std::max(r.x1, x), r.y1 = std::max(r.y1, y);
+    if (m[k] > r.peak) r.peak = m[k], r.first_peak = k;
+  }
+  std::stable_sort(out.begin(), out.end(), [](const Region& a, const Region& b) { return a.peak > b.peak; });
+  return out;
+}
+
+// `"n_regions": N, "regions": [...]` of lsr.decision.verdict (the first kMaxRegions listed).
+std::string regions_json(const std::vector<Region>& regs, int W) {
+  std::ostringstream o;
+  o << "\"n_regions\": " << regs.size() << ", \"regions\": [";
+  for (size_t k = 0; k < std::min(regs.size(), kMaxRegions); ++k) {
+    const Region& r = regs[k];
+    o << (k ? ", " : "") << "{\"area\": " << r.area << ", \"bbox\": [" << r.x0 << ", " << r.y0 << ", " << r.x1 << ", "
+      << r.y1 << "], \"peak\": " << exact(static_cast<double>(r.peak)) << ", \"peak_xy\": [" << r.first_peak % W << ", "
+      << r.first_peak / W << "]}";
+  }
+  o << "]";
+  return o.str();
+}
+
+// The verdict fields of a row (lsr.decision.verdict), from the leading ", "; `*n_regions`
+// counts the regions (0 without a pixel threshold).
+std::string verdict_fields(double score, const float* m, int H, int W, const Bundle& b, size_t* n_regions) {
+  *n_regions = 0;
+  std::ostringstream o;
+  const auto& t = b.image_threshold;
+  const bool decided = t && std::isfinite(score);
+  o << ", \"anomalous\": " << (decided ? (score > *t ? "true" : "false") : "null") << ", \"threshold\": " << exact(t)
+    << ", \"normalised_score\": " << (decided && *t > 0 ? exact(score / *t) : "null")
+    << ", \"false_alarm_rate\": " << exact(b.false_alarm_rate) << ", \"pixel_threshold\": " << exact(b.pixel_threshold)
+    << ", \"pixel_fpr\": " << exact(b.pixel_fpr);
+  if (b.pixel_threshold) {
+    const std::vector<Region> regs = regions(m, H, W, *b.pixel_threshold);
+    *n_regions = regs.size();
+    o << ", " << regions_json(regs, W);
+  }
+  return o.str();
+}
+
 void write_atomic(const fs::path& path, const std::string& bytes) {
   const fs::path tmp = path.string() + ".tmp";
   std::error_code ec;
@@ -423,7 +566,9 @@ int usage(const char* msg = nullptr) {
   if (msg) std::cerr << "lsr_detect: error: " << msg << "\n";
   std::cerr << "usage: lsr_detect BUNDLE IMAGE.png... --out DIR [--batch-size N] [--threads N]\n"
                "                  [--device cpu|cuda] [--tau X] [--seed N] [--restorations N] [--save-codes]\n"
-               "       lsr_detect --rules   (the value rules applied to the flags and bundle.json)\n";
+               "                  [--masks]   (binary defect masks in DIR/masks, at the bundle's pixel threshold)\n"
+               "       lsr_detect --rules   (the value rules applied to the flags and bundle.json)\n"
+               "       lsr_detect --regions MAP.f32 HEIGHT WIDTH THRESHOLD   (a raw map's regions, for tests)\n";
   return 2;
 }
 
@@ -431,6 +576,33 @@ int usage(const char* msg = nullptr) {
 void print_rules() {
   for (const auto& r : rules()) std::cout << r.key << "\t" << r.python << "\t" << (r.is_int ? r.i.describe() : r.f.describe()) << "\n";
   std::cout << "image pixels\tPIL.Image.MAX_IMAGE_PIXELS\tat most " << lsr::image::kMaxImagePixels << "\n";
+}
+
+// `lsr_detect --regions MAP.f32 HEIGHT WIDTH THRESHOLD`: the regions of a raw float32 map
+// (as DIR/<stem>_map.f32) above a pixel threshold, as one JSON object; for tests, which hold
+// them to lsr.decision.regions on maps the model would not make (ties, diagonal chains,
+// hundreds of components).
+int print_regions(int argc, char** argv) {
+  if (argc != 6) return usage("--regions needs MAP.f32 HEIGHT WIDTH THRESHOLD");
+  auto side = [](const char* what, const std::string& text) {
+    int64_t v = 0;
+    bool overflow = false;
+    if (!parse_int(text, &v, &overflow) || v < 1 || v > 65536)
+      throw Error(std::string("--regions ") + what + ": must be an integer in [1, 65536], got " + text);
+    return static_cast<int>(v);
+  };
+  const int H = side("height", argv[3]), W = side("width", argv[4]);
+  if (static_cast<uint64_t>(H) * W > lsr::image::kMaxImagePixels)
+    throw Error("--regions: a map of at most " + std::to_string(lsr::image::kMaxImagePixels) + " pixels");
+  double t = 0;
+  if (!parse_float(argv[5], &t) || !kThreshold.ok(t))
+    throw Error(std::string("--regions threshold: must be ") + kThreshold.describe() + ", got " + argv[5]);
+  std::ifstream f(argv[2], std::ios::binary);
+  std::vector<float> m(static_cast<size_t>(H) * W);
+  f.read(reinterpret_cast<char*>(m.data()), static_cast<std::streamsize>(m.size() * sizeof(float)));
+  if (!f || f.peek() != EOF) throw Error(std::string(argv[2]) + ": not a float32 map of " + argv[3] + " x " + argv[4]);
+  std::cout << "{" << regions_json(regions(m.data(), H, W, t), W) << "}\n";
+  return 0;
 }
 
 // An exception's message without LibTorch's C++ stack trace.
@@ -454,11 +626,19 @@ std::string check_device(const std::string& name) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--regions") {
+    try {
+      return print_regions(argc, argv);
+    } catch (const std::exception& e) {
+      std::cerr << "lsr_detect: error: " << e.what() << "\n";
+      return 2;
+    }
+  }
   std::vector<std::string> pos;
   fs::path out;
   int batch_size = 8, threads = 0;
   std::string device_name = "cpu";
-  bool save_codes = false;
+  bool save_codes = false, masks = false;
   std::optional<double> tau_override;
   std::optional<int64_t> seed_override;
   std::optional<int> restorations_override;
@@ -478,6 +658,7 @@ int main(int argc, char** argv) {
       else if (a == "--seed") seed_override = flag_int(a, next("--seed"));
       else if (a == "--restorations") restorations_override = static_cast<int>(flag_int(a, next("--restorations")));
       else if (a == "--save-codes") save_codes = true;
+      else if (a == "--masks") masks = true;
       else if (a == "--rules") return print_rules(), 0;
       else if (a == "-h" || a == "--help") return usage(), 0;
       else if (a.rfind("--", 0) == 0) return usage(("unknown option " + a).c_str());
@@ -489,6 +670,10 @@ int main(int argc, char** argv) {
   if (pos.size() < 2 || out.empty()) return usage("give a bundle, at least one image and --out DIR");
   try {
     Bundle b = read_bundle(pos[0]);
+    // the exported thresholds hold for the exported settings only (as lsr.deploy.Inferencer)
+    if ((tau_override && *tau_override != b.tau) || (seed_override && *seed_override != b.seed) ||
+        (restorations_override && *restorations_override != b.restorations))
+      b.image_threshold = b.pixel_threshold = std::nullopt;
     if (tau_override) b.tau = *tau_override;
     if (seed_override) b.seed = *seed_override;
     if (restorations_override) b.restorations = *restorations_override;
@@ -519,7 +704,19 @@ int main(int argc, char** argv) {
       fs::create_directories(out, ec);
       if (ec) throw Error("--out " + out.string() + ": cannot create the folder (" + ec.message() + ")");
     }
+    // the lock of lsr.io.folder_lock: flock on the folder itself, held until the process
+    // ends, so this runtime and the Python commands never write into one folder at once
+    const int lock_fd = ::open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX | LOCK_NB) != 0)
+      throw Error("--out " + out.string() + ": another lsr command is writing into this folder; wait for it to "
+                  "finish or choose another --out");
     const auto stems = unique_stems(paths);
+    if (masks && !b.pixel_threshold)
+      std::cerr << "lsr_detect: note: --masks: no pixel threshold ("
+                << (tau_override || seed_override || restorations_override
+                        ? "--tau/--seed/--restorations differ from the exported settings"
+                        : "the bundle has none; export it again from a calibrated run")
+                << "), so no masks are written\n";
     const int S = b.image_size, C = b.channels, n = b.restorations;
     const int64_t T = static_cast<int64_t>(b.grid) * b.grid;
     std::ostringstream lines;
@@ -578,6 +775,19 @@ int main(int argc, char** argv) {
           for (size_t k = 0; k < px.size(); ++k)
             px[k] = static_cast<uint8_t>(std::lround(hi > lo ? 255.0 * (mp[k] - lo) / (hi - lo) : 0.0));
           lsr::image::write_png_gray8(png.string(), px, H, W);
+          const double s = score[static_cast<int64_t>(i)].item<double>();
+          size_t n_regions = 0;
+          const std::string verdict = verdict_fields(s, mp, H, W, b, &n_regions);
+          fs::path mask_png;
+          if (masks && b.pixel_threshold) {  // lsr.decision.mask
+            const float t = map_threshold(*b.pixel_threshold);
+            for (size_t k = 0; k < px.size(); ++k) px[k] = mp[k] > t ? 255 : 0;
+            std::error_code ec;
+            fs::create_directories(out / "masks", ec);
+            if (ec) throw Error((out / "masks").string() + ": cannot create the folder (" + ec.message() + ")");
+            mask_png = out / "masks" / (stem + ".png");
+            lsr::image::write_png_gray8(mask_png.string(), px, H, W);
+          }
           const int64_t p = passes[static_cast<int64_t>(i)].item<int64_t>();
           const int64_t e = evaluated[static_cast<int64_t>(i)].item<int64_t>();
           const int64_t later = p - n;
@@ -590,7 +800,9 @@ int main(int argc, char** argv) {
               << ", \"positions_evaluated\": " << e << ", \"recomputed_fraction\": "
               << (later > 0 ? fmt(static_cast<double>(e - n * T) / static_cast<double>(later * T)) : "null")
               << ", \"n_codes\": " << T << ", \"time_ms\": " << fmt(ms) << ", \"map_png\": " << lsr::json::quote(png.string())
-              << ", \"map_raw\": " << lsr::json::quote(raw.string()) << ", \"map_shape\": [" << H << ", " << W << "]";
+              << ", \"map_raw\": " << lsr::json::quote(raw.string()) << ", \"map_shape\": [" << H << ", " << W << "]"
+              << verdict;
+          if (!mask_png.empty()) row << ", \"mask\": " << lsr::json::quote(mask_png.string());
           if (save_codes) {
             row << ", \"resampled_codes\": [";
             const at::Tensor c = first_codes[static_cast<int64_t>(i)].flatten().contiguous();
@@ -601,8 +813,14 @@ int main(int argc, char** argv) {
           row << "}";
           lines << row.str() << "\n";
           ++done;
-          std::cout << paths[start + i].string() << ": score " << fmt(score[static_cast<int64_t>(i)].item<double>())
-                    << "  passes " << p << "  " << fmt(ms) << " ms\n";
+          std::cout << paths[start + i].string() << ": ";
+          if (b.image_threshold && std::isfinite(s)) {  // as lsr.cli's rows
+            char ratio[32] = "n/a";
+            if (*b.image_threshold > 0) std::snprintf(ratio, sizeof ratio, "%.2f", s / *b.image_threshold);
+            std::cout << (s > *b.image_threshold ? "REJECT" : "pass") << " (score/threshold " << ratio << ", "
+                      << n_regions << " region(s))  ";
+          }
+          std::cout << "score " << fmt(s) << "  passes " << p << "  " << fmt(ms) << " ms\n";
         }
       }
     } catch (const std::exception& e) {
