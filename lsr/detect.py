@@ -438,6 +438,7 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     from .config import OPTION_RULES, check_value
     from .io import save_png
     from .report import save_panel
+    from .report_html import save_thumbnail, write_index
 
     check_value("batch_size", batch_size, "--batch-size", OPTION_RULES)
     ctx = dist.context(device)
@@ -459,6 +460,9 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
             if masks and d["pixel_threshold"] is not None:
                 save_png(out / "masks" / f"{stem}.png", decision.mask(full, d["pixel_threshold"]))
                 row["mask"] = str(out / "masks" / f"{stem}.png")
+            thumb = out / "thumbs" / f"{stem}.png"
+            save_thumbnail(thumb, x[i].numpy(), res.anomaly_map[i].cpu().numpy(), **thumbnail_scale(d))
+            row["thumbnail"] = str(thumb)
             if panels:
                 row["panel"] = str(out / f"{stem}.png")
                 save_panel(out / f"{stem}.png", x[i].numpy(), res.direct[i].cpu().numpy(),
@@ -477,7 +481,15 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
         with atomic_write(out / "results.jsonl", "w") as f:
             for row in rows:
                 f.write(dumps(row) + "\n")
+        write_index(out, rows, title=f"lsr detect: {Path(run).name} ({len(rows)} images)")
     return dist.broadcast_object(rows)
+
+
+def thumbnail_scale(d: dict[str, Any]) -> dict[str, float]:
+    """One colour scale for every thumbnail of a command (0 to twice the pixel threshold,
+    so colours compare across images), or each map's own range without a threshold."""
+    t = d.get("pixel_threshold")
+    return {"vmin": 0.0, "vmax": 2.0 * t} if t is not None and t > 0 else {}
 
 
 __all__ = ["Detector", "DetectionResult", "detect_images", "resolve_device", "chain_seed", "score_stats",

@@ -25,7 +25,8 @@ import numpy as np
 
 from . import anomaly, decision
 from .data import check_mask_sizes, load_mask, scan_mvtec
-from .detect import Detector, map_score_kind, result_row, with_held_out_stats
+from .detect import Detector, thumbnail_scale, map_score_kind, result_row, with_held_out_stats
+from .report_html import save_thumbnail, write_index
 from .io import atomic_write, dumps, locks_output, save_tiff, write_json
 from .metrics import all_metrics, image_metrics, roc_curve
 
@@ -120,6 +121,11 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
                    **result_row(res, i, det.config.detect.restorations),
                    "time_ms": ms}
             row.update(decision.verdict(row["score"], full["lsr"], d_dict))
+            thumb = out / "thumbs" / f"{s.defect}_{s.path.stem}.png"
+            save_thumbnail(thumb, x[i].numpy(), res.anomaly_map[i].cpu().numpy(), **thumbnail_scale(d_dict))
+            row["thumbnail"] = str(thumb)
+            if k in shown:
+                row["panel"] = str(out / "panels" / f"{s.defect}_{s.path.stem}.png")
             item = None
             if k in shown:
                 item = {"image": x[i].numpy(), "direct": res.direct[i].cpu().numpy(),
@@ -174,6 +180,8 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
             f.write(dumps(r) + "\n")
     write_json(out / "metrics.json", result)
     _write_pictures(out, cat.name, samples, keep, masks, names, maps, labels, methods)
+    write_index(out, rows, title=f"lsr eval: {cat.name} ({n} test images, run {Path(run).name})", metrics=result,
+                pictures=["report.png"])
     return dist.broadcast_object(result)
 
 

@@ -343,6 +343,7 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     from ..data import list_images
     from .. import decision
     from ..config import OPTION_RULES, check_value
+    from ..report_html import save_thumbnail, write_index
     from ..io import atomic_write, dumps, save_png, save_tiff
 
     check_value("batch_size", batch_size, "--batch-size", OPTION_RULES)
@@ -385,6 +386,10 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
                                  f"resampled {row['n_resampled']:.0f}/{row['n_codes']}")
             full = nops.resize_maps(res.anomaly_map[i:i + 1], size)[0]
             row.update(decision.verdict(row["score"], full, d))
+            t = d.get("pixel_threshold")
+            thumb = out / "thumbs" / f"{stem}.png"
+            save_thumbnail(thumb, x[i], res.anomaly_map[i], **({"vmin": 0.0, "vmax": 2.0 * t} if t else {}))
+            row["thumbnail"] = str(thumb)
             if masks and d.get("pixel_threshold") is not None:
                 save_png(out / "masks" / f"{stem}.png", decision.mask(full, d["pixel_threshold"]))
                 row["mask"] = str(out / "masks" / f"{stem}.png")
@@ -397,6 +402,7 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     with atomic_write(out / "results.jsonl", "w") as f:
         for row in rows:
             f.write(dumps(row) + "\n")
+    write_index(out, rows, title=f"lsr detect: bundle {inf.bundle.root.name} ({len(rows)} images)")
     return rows
 
 
