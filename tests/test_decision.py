@@ -179,3 +179,48 @@ def test_eval_operating_point(tiny_run, tiny_dataset, tmp_path):
     assert lo <= op["false_alarm_rate_measured"] <= hi
     for kind, rate in op["detection_rate_per_defect"].items():
         assert rate == pytest.approx(np.mean([r["anomalous"] for r in rows if r["defect"] == kind]))
+
+
+def test_verdicts_equal_between_run_and_onnx_bundle(tiny_run, tiny_dataset, tmp_path):
+    """The PyTorch path and the onnxruntime path give the same verdicts, regions and masks
+    from the same thresholds (a lowered pixel threshold, set in a gap of the map values so
+    float rounding between the two cannot flip a pixel, makes regions exist)."""
+    import shutil
+
+    from PIL import Image
+
+    from lsr.cli import main
+    from lsr.deploy.export import export_bundle
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    images = sorted((tiny_dataset / "test").rglob("*.png"))
+    assert main(["--no-progress", "detect", str(run), *map(str, images), "--out", str(tmp_path / "probe"),
+                 "--tiff", "--no-panels"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "probe" / "results.jsonl").read_text().splitlines()]
+    import tifffile
+    vals = np.sort(np.concatenate([tifffile.imread(r["map_tiff"]).ravel() for r in rows]))
+    lo = int(0.85 * vals.size)
+    gaps = np.diff(vals[lo:int(0.95 * vals.size)])
+    j = lo + int(np.argmax(gaps))
+    pixel_thr = float((vals[j] + vals[j + 1]) / 2)
+    image_thr = float(np.median([r["score"] for r in rows]))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["detect"].update(pixel_threshold=pixel_thr, image_threshold=image_thr)
+    (run / "config.json").write_text(json.dumps(cfg))
+    bundle = tmp_path / "bundle"
+    export_bundle(run, bundle, "onnx", check=False, log=lambda *_: None)
+    for src, out in ((run, "a"), (bundle, "b")):
+        assert main(["--no-progress", "detect", str(src), *map(str, images), "--out", str(tmp_path / out),
+                     "--masks", "--no-panels"]) == 0
+    a = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert sum(r["n_regions"] for r in a) > 0 and len({r["anomalous"] for r in a}) == 2   # not vacuous
+    for ra, rb in zip(a, b):
+        assert ra["anomalous"] == rb["anomalous"] and ra["threshold"] == rb["threshold"] == image_thr
+        assert ra["n_regions"] == rb["n_regions"]
+        assert [(g["area"], g["bbox"], g["peak_xy"]) for g in ra["regions"]] == \
+               [(g["area"], g["bbox"], g["peak_xy"]) for g in rb["regions"]]
+        np.testing.assert_allclose([g["peak"] for g in ra["regions"]], [g["peak"] for g in rb["regions"]],
+                                   atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(Image.open(ra["mask"])), np.asarray(Image.open(rb["mask"])))
