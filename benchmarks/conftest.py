@@ -36,7 +36,8 @@ def machine_limits():
 
 @pytest.fixture
 def bench_means(request):
-    """{group: {name: mean seconds}}, filled by the benchmarks that compare to `native`."""
+    """{group: {name: mean seconds}}, filled by the benchmarks that compare to `native`; the
+    terminal summary prints each other variant's mean divided by native's mean."""
     return request.config.stash[_MEANS]
 
 
@@ -44,6 +45,14 @@ def pytest_terminal_summary(terminalreporter, config):
     means = dict(config.stash.get(_MEANS, {}))
     later = means.pop("_later_pass", {})
     roof = means.pop("_roofline", {})
+    codes = means.pop("_codes", {})
+    if codes:
+        terminalreporter.section("resampling: codes compared across the loops of each case (this session)")
+        for group, methods in codes.items():
+            if len(methods) > 1:
+                terminalreporter.write_line(f"{group}: {', '.join(methods)}: identical codes and redrawn positions")
+            else:
+                terminalreporter.write_line(f"{group}: only {methods[0]} ran: not compared")
     if not any("native" in by for by in means.values()):
         return
     terminalreporter.section("speed-up of native (other mean / native mean)")

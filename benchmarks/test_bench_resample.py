@@ -13,6 +13,12 @@ native loop's, and per native case the cost of one pass after a change relative 
 full pass (measured in the same run), and for fast and native the FLOPs and bytes of the
 operators that ran (lsr.profiling, counted in a separate instrumented run) against the
 machine's measured matrix rate and copy bandwidth: the fraction of its limit reached.
+
+Every timed call's codes (and redrawn positions) are compared with those of the other
+loops that ran the same case in this session: a difference fails the benchmark, and the
+terminal summary lists, per case, which loops were compared (a case that only one loop
+ran in the session, e.g. under ``-k native``, is listed as not compared). This holds with
+``--benchmark-disable`` too (each loop then runs once, untimed).
 """
 import time
 
@@ -26,6 +32,7 @@ from lsr.models import PixelSNAIL
 pytestmark = pytest.mark.skipif(not ops.native_available(), reason="needs the lsr._C extension")
 
 _CASES: dict = {}
+_CODES: dict = {}          # case -> (first loop that ran it, its codes, its redrawn positions)
 
 
 def setup_case(grid: int, batch: int, flagged: float, seed: int = 0):
@@ -58,6 +65,19 @@ def _roofline(benchmark, bench_means, limits, group, method, prior, codes, noise
     bench_means.setdefault("_roofline", {})[(group, method)] = (r, cost, limits)
 
 
+def _compare_codes(bench_means, group, case, method, res):
+    """The timed call's codes equal those of the first loop that ran this case (this session)."""
+    compared = bench_means.setdefault("_codes", {}).setdefault(group, [])
+    if case not in _CODES:
+        _CODES[case] = (method, res.codes.clone(), res.resampled.clone())
+        compared.append(method)
+        return
+    first, codes, resampled = _CODES[case]
+    assert torch.equal(res.codes, codes), f"{group}: {method} and {first} give different codes"
+    assert torch.equal(res.resampled, resampled), f"{group}: {method} and {first} redraw other positions"
+    compared.append(method)
+
+
 def _run(benchmark, bench_means, method, grid, batch, flagged, rounds, limits=None):
     prior, codes, noise, tau = setup_case(grid, batch, flagged)
     if method == "native":
@@ -67,6 +87,7 @@ def _run(benchmark, bench_means, method, grid, batch, flagged, rounds, limits=No
     benchmark.group = group
     res = benchmark.pedantic(ops.resample, args=(prior, codes, noise, tau, 1.0, method), rounds=rounds,
                              iterations=1, warmup_rounds={"naive": 0, "fast": 1, "native": 3}[method])
+    _compare_codes(bench_means, group, (grid, batch, flagged), method, res)
     if benchmark.stats is None:                              # --benchmark-disable
         return res
     passes, changed = int(res.prior_passes.sum()), int(res.resampled.sum())

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ import tifffile
 import torch
 
 import lsr
-from conftest import interrupt_training_in_prior_epoch_1
 from lsr.checkpoint import load_weights
 
 pytestmark = pytest.mark.slow
@@ -34,6 +32,13 @@ def torchrun(*args, env=None, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(env), timeout=timeout)
 
 
+def torchrun_script(script, *args, env=None, timeout=300):
+    """Run ``torchrun --standalone --nproc_per_node=2 SCRIPT ARGS``; returns the process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(env), timeout=timeout)
+
+
 def one_process(*args, timeout=300):
     """Run ``python -m lsr ARGS`` in a fresh single process."""
     cmd = [sys.executable, "-m", "lsr", *map(str, args), "--no-progress"]
@@ -47,12 +52,14 @@ def _log(run, stage):
             if json.loads(line)["stage"] == stage]
 
 
+TWO_RUNS_CFG = {"train.vqvae_epochs": 3, "train.prior_epochs": 3, "vqvae.dead_code_after": 2}   # restarts happen
+
+
 @pytest.fixture(scope="module")
 def two_runs(tiny_dataset, tmp_path_factory):
     """The same tiny training once in one process and once under torchrun (2 ranks)."""
     base = tmp_path_factory.mktemp("dist")
-    cfg = lsr.preset("tiny", in_channels=1).with_overrides(
-        {"train.vqvae_epochs": 3, "train.prior_epochs": 3, "vqvae.dead_code_after": 2})   # restarts happen
+    cfg = lsr.preset("tiny", in_channels=1).with_overrides(TWO_RUNS_CFG)
     cfg_file = base / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     single = lsr.train(tiny_dataset, base / "single", cfg, progress=False, log=lambda *_: None)
@@ -99,8 +106,11 @@ def test_sharded_eval_equals_one_process(two_runs, tiny_dataset, tmp_path):
     assert two["methods"] == one["methods"]
     rows1 = [json.loads(x) for x in (tmp_path / "one" / "results.jsonl").read_text().splitlines()]
     rows2 = [json.loads(x) for x in (tmp_path / "two" / "results.jsonl").read_text().splitlines()]
-    strip = lambda r: {k: v for k, v in r.items() if k != "time_ms"}          # noqa: E731
-    assert [strip(r) for r in rows1] == [strip(r) for r in rows2]
+    def strip(r, out):                      # no timings; files written under OUT compared relative to it
+        return {k: (os.path.relpath(v, out) if isinstance(v, str) and v.startswith(str(out)) else v)
+                for k, v in r.items() if k != "time_ms"}
+
+    assert [strip(r, tmp_path / "one") for r in rows1] == [strip(r, tmp_path / "two") for r in rows2]
     tiffs = sorted((tmp_path / "one").rglob("*.tiff"))
     assert tiffs
     for f in tiffs:
@@ -116,24 +126,132 @@ def test_sharded_detect_equals_one_process(two_runs, tiny_dataset, tmp_path):
     p = torchrun("detect", single, *images, "--out", tmp_path / "two", "--batch-size", "2")
     assert p.returncode == 0, p.stdout + p.stderr
     two = [json.loads(x) for x in (tmp_path / "two" / "results.jsonl").read_text().splitlines()]
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("time_ms", "panel")}   # noqa: E731
-    assert [strip(r) for r in one] == [strip(r) for r in two]
+    def strip(r, out):                      # no timings; files written under OUT compared relative to it
+        return {k: (os.path.relpath(v, out) if isinstance(v, str) and v.startswith(str(out)) else v)
+                for k, v in r.items() if k != "time_ms"}
+
+    assert [strip(r, tmp_path / "one") for r in one] == [strip(r, tmp_path / "two") for r in two]
     assert len(list((tmp_path / "two").glob("*.png"))) == 5
 
 
-def test_resume_under_torchrun(tiny_dataset, tmp_path, monkeypatch):
-    cfg = lsr.preset("tiny", in_channels=1).with_overrides({"train.prior_epochs": 3})
+INTERRUPT_SCRIPT = """
+import sys
+import lsr.training as T
+from lsr.cli import main
+
+real, calls = T.prior_nll, [0]
+
+
+def flaky(*a, **k):                  # Ctrl-C at the end of the prior's epoch 1, on every rank
+    calls[0] += 1
+    if calls[0] == 2:
+        raise KeyboardInterrupt
+    return real(*a, **k)
+
+
+T.prior_nll = flaky
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_under_torchrun_equals_an_uninterrupted_torchrun_run(two_runs, tiny_dataset, tmp_path):
+    """A torchrun training interrupted in the prior's epoch 1 (epoch 0 checkpointed) and
+    resumed under torchrun ends with the same weights, bit for bit, and the same config.json
+    (tau, thresholds) as the uninterrupted torchrun run of the same configuration."""
+    _, ddp, _ = two_runs
     cfg_file = tmp_path / "cfg.json"
-    cfg_file.write_text(json.dumps(cfg.to_dict()))
-    interrupt_training_in_prior_epoch_1(monkeypatch, tiny_dataset, tmp_path / "run", cfg)
-    p = torchrun("train", tiny_dataset, "--out", tmp_path / "run", "--config", cfg_file)
+    cfg_file.write_text(json.dumps(lsr.preset("tiny", in_channels=1).with_overrides(TWO_RUNS_CFG).to_dict()))
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT_SCRIPT)
+    run = tmp_path / "run"
+    args = ("train", tiny_dataset, "--out", run, "--config", cfg_file, "--no-progress")
+    p = torchrun_script(script, *args, env={"LSR_CHECK_SYNC": "1"})
+    assert p.returncode != 0 and "interrupted" in p.stderr, p.stdout + p.stderr
+    assert not (run / "prior.safetensors").exists()
+    assert json.loads((run / "checkpoints" / "prior_state.json").read_text())["info"]["epoch"] == 0
+    p = torchrun(*args[:-1], env={"LSR_CHECK_SYNC": "1"})
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resuming" in p.stdout
-    assert [r["epoch"] for r in _log(tmp_path / "run", "prior")] == [0, 1, 2]
-    assert (tmp_path / "run" / "prior.safetensors").is_file()
+    assert [r["epoch"] for r in _log(run, "prior")] == [0, 1, 2]          # epoch 0 is not trained twice
+    assert [r["epoch"] for r in _log(run, "vqvae")] == [0, 1, 2]
+    for name in ("vqvae.safetensors", "prior.safetensors"):
+        a, b = load_weights(ddp / name), load_weights(run / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((run / "config.json").read_text()) == json.loads((ddp / "config.json").read_text())
+
+
+DRIFT_SCRIPT = """
+import json
+import sys
+
+import torch
+
+import lsr.distributed as d
+
+ctx = d.context("cpu")
+out = {}
+for case in ("none", "nudge", "one_ulp", "buffer", "swap", "offsetting", "negative_zero"):
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    m.register_buffer("counts", torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    with torch.no_grad():
+        m.weight[0, 1] = 0.0
+        if ctx.rank == 1:
+            w = m.weight
+            if case == "nudge":
+                w[1, 1] += 1e-3
+            elif case == "one_ulp":
+                w[1, 1] = torch.nextafter(w[1, 1], torch.tensor(2.0))
+            elif case == "buffer":
+                m.counts[2] = 3.5
+            elif case == "swap":                       # the same values in another order
+                m.counts[0], m.counts[1] = 2.0, 1.0
+            elif case == "offsetting":                 # +0.5 and -0.5: the same sum
+                m.counts[0], m.counts[1] = 1.5, 1.5
+            elif case == "negative_zero":              # -0.0 and 0.0 differ in their sign bit
+                w[0, 1] = -0.0
+    try:
+        d.assert_in_sync(m, case)
+        out[case] = "in sync"
+    except RuntimeError as e:
+        out[case] = str(e)
+if ctx.rank == 0:
+    print("RESULT " + json.dumps(out))
+d.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def drift(tmp_path_factory):
+    """assert_in_sync's verdict, per case of a difference between rank 1 and rank 0."""
+    script = tmp_path_factory.mktemp("drift") / "drift.py"
+    script.write_text(DRIFT_SCRIPT)
+    p = torchrun_script(script, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_assert_in_sync_raises_when_ranks_drift(drift):
+    assert drift["none"] == "in sync"
+    for case, name in (("nudge", "weight"), ("one_ulp", "weight"), ("buffer", "counts")):
+        assert drift[case].startswith(f"ranks out of sync at {case}: rank 1 differs from rank 0"), case
+        assert name in drift[case], case
+
+
+@pytest.mark.xfail(strict=True, reason="assert_in_sync compares one float64 sum per tensor, not the bits its "
+                                       "docstring promises: a permutation, offsetting changes or -0.0 for 0.0 "
+                                       "leave the sums equal (issue 18)")
+@pytest.mark.parametrize("case", ["swap", "offsetting", "negative_zero"])
+def test_assert_in_sync_sees_differences_that_keep_the_sum(drift, case):
+    assert drift[case] != "in sync"
 
 
 def test_a_failing_rank_stops_the_job_and_names_the_file(two_runs, tiny_dataset, tmp_path):
+    """One rank fails (a truncated image only it reads): the job stops, names the file and
+    writes no metrics. No timing is asserted: the collective timeout is set far beyond the
+    subprocess's, so the job can end only by the failure being passed on (torchrun
+    tearing down the other rank), never by a collective timing out; a hang fails the test."""
     import shutil
 
     single, _, _ = two_runs
@@ -141,9 +259,13 @@ def test_a_failing_rank_stops_the_job_and_names_the_file(two_runs, tiny_dataset,
     shutil.copytree(tiny_dataset, data)
     bad = sorted((data / "test" / "good").glob("*.png"))[-1]
     bad.write_bytes(bad.read_bytes()[:200])                    # truncated: only one rank reads it
-    t0 = time.perf_counter()
-    p = torchrun("eval", single, data, "--out", tmp_path / "out", "--batch-size", "2", timeout=120)
+    try:
+        p = torchrun("eval", single, data, "--out", tmp_path / "out", "--batch-size", "2",
+                     env={"LSR_DIST_TIMEOUT": "3600"}, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the job hung after one rank failed")
     assert p.returncode != 0
     assert bad.name in p.stderr and "truncated" in p.stderr
-    assert time.perf_counter() - t0 < 90                       # stopped, not hung
+    assert "ChildFailedError" in p.stderr                      # torchrun stopped the job for a failed worker
+    assert "timed out" not in p.stderr.lower() and "timeout" not in p.stderr.lower()
     assert not (tmp_path / "out" / "metrics.json").exists()

@@ -30,7 +30,16 @@ def test_train_writes_run_folder(tiny_run):
     assert {r["stage"] for r in log} == {"vqvae", "prior"}
 
 
+def _mask(sample, shape):
+    """Ground truth read here (PIL, not lsr.data): True where the mask PNG is non-zero."""
+    if sample.mask_path is None:
+        return np.zeros(shape, dtype=bool)
+    return np.asarray(Image.open(sample.mask_path).convert("L")) > 0
+
+
 def test_eval_writes_metrics_maps_and_report(tiny_run, tiny_dataset, tmp_path):
+    from lsr.metrics import image_metrics, pixel_metrics
+
     out = tmp_path / "res"
     res = lsr.evaluate(tiny_run, tiny_dataset, out, progress=False)
     m = json.loads((out / "metrics.json").read_text())
@@ -41,14 +50,49 @@ def test_eval_writes_metrics_maps_and_report(tiny_run, tiny_dataset, tmp_path):
         assert set(m["methods"][method]["per_defect"]) == {"hole", "stain", "foreign"}
     assert "image_auroc" in m["methods"]["nll"]
     cat = tiny_dataset.name
-    for s in lsr.data.scan_mvtec(tiny_dataset).test:
-        for kind in ("anomaly_maps", "baseline_maps"):
+    samples = lsr.data.scan_mvtec(tiny_dataset).test
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == m["n_test"] == len(samples)
+    assert [r["image"] for r in rows] == [str(s.path) for s in samples]
+    maps = {"anomaly_maps": [], "baseline_maps": []}
+    for s in samples:
+        for kind in maps:
             f = out / kind / cat / "test" / s.defect / f"{s.path.stem}.tiff"
             arr = tifffile.imread(f)
             assert arr.dtype == np.float32 and arr.shape == Image.open(s.path).size[::-1]
-    assert Image.open(out / "report.png").size[0] > 300
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == m["n_test"]
+            maps[kind].append(arr)
+    masks = [_mask(s, a.shape) for s, a in zip(samples, maps["anomaly_maps"])]
+    labels = np.array([s.label for s in samples])
+    defects = np.array([s.defect for s in samples])
+    assert m["detect"]["score"] == "max"
+    # metrics.json again, from the written files only: TIFF maps, masks, results.jsonl scores
+    for method, kind, key in (("lsr", "anomaly_maps", "score"), ("direct", "baseline_maps", "direct_score")):
+        scores = np.array([r[key] for r in rows])
+        np.testing.assert_allclose(scores, [a.max() for a in maps[kind]], rtol=1e-6)   # score = max of the map
+        for name, sel in [("all", np.ones(len(samples), bool))] + [
+                (d, (defects == d) | (defects == "good")) for d in ("hole", "stain", "foreign")]:
+            want = {**image_metrics(scores[sel], labels[sel]),
+                    **pixel_metrics([a for a, k in zip(maps[kind], sel) if k], [g for g, k in zip(masks, sel) if k])}
+            got = m["methods"][method] if name == "all" else m["methods"][method]["per_defect"][name]
+            for k2, v in want.items():
+                assert got[k2] == pytest.approx(v, abs=1e-12), (method, name, k2)
+    nll = np.array([r["nll_score"] for r in rows])
+    assert m["methods"]["nll"]["image_auroc"] == pytest.approx(image_metrics(nll, labels)["image_auroc"], abs=1e-12)
+    # report.png: one row per shown image (all 7 here) above the ROC curves, heat-maps drawn
+    shown = sorted((out / "panels").glob("*.png"))
+    assert len(shown) == len(samples)                                  # report_rows=10 >= 7 images
+    report = Image.open(out / "report.png")
+    assert report.format == "PNG"
+    rgb = np.asarray(report.convert("RGB")).astype(int)
+    assert rgb.shape[0] > rgb.shape[1] > 300                           # 7 rows of tiles: taller than wide
+    coloured = (rgb.max(-1) - rgb.min(-1)) > 60                        # heat-maps and curves (the images are grey)
+    assert 0.05 < coloured.mean() < 0.9
+    assert (rgb.sum(-1) < 3 * 250).mean() > 0.2                        # not a blank page
+    small = lsr.evaluate(tiny_run, tiny_dataset, tmp_path / "two_rows", progress=False, report_rows=2)
+    assert small["methods"] == m["methods"]
+    two = Image.open(tmp_path / "two_rows" / "report.png")
+    assert two.size[0] == report.size[0] and two.size[1] < report.size[1] - 3 * 100   # 5 rows fewer
+    assert len(list((tmp_path / "two_rows" / "panels").glob("*.png"))) == 2
 
 
 def test_detect_cli_outputs(tiny_run, tiny_dataset, tmp_path):
@@ -86,16 +130,96 @@ def test_same_seed_same_codes_any_batch(tiny_run, tiny_dataset):
     together = det.detect(x, image_ids=[0, 1, 2])
     alone = det.detect(x[2:3], image_ids=[2])
     assert torch.equal(together.resampled_codes[2], alone.resampled_codes[0])
+    assert together.resampled.sum() >= 6                   # tau 0.2: many codes are redrawn
+    again = det.detect(x, image_ids=[0, 1, 2])
+    assert torch.equal(again.resampled_codes, together.resampled_codes)     # same seed: same draws
     other_seed = det.with_options(seed=4).detect(x, image_ids=[0, 1, 2])
-    assert torch.equal(other_seed.codes, together.codes)
+    assert torch.equal(other_seed.codes, together.codes)   # the encoder's codes never depend on it
+    # the seed selects the noise of the redraws: another seed draws other codes
+    assert not torch.equal(other_seed.resampled_codes, together.resampled_codes)
+    other_ids = det.detect(x, image_ids=[10, 11, 12])
+    assert not torch.equal(other_ids.resampled_codes, together.resampled_codes)   # so does the image id
 
 
-def test_restorations_are_averaged(tiny_run, tiny_dataset):
-    det = lsr.Detector.load(tiny_run, "cpu").with_options(tau=0.2, restorations=3)
+def test_detect_cli_seed_option_selects_the_noise(tiny_run, tiny_dataset, tmp_path):
+    """`lsr detect --seed` reaches the detector: another seed, other scores (other redrawn
+    codes, hence other restorations); the same seed's determinism is tested above."""
+    images = sorted((tiny_dataset / "test").rglob("*.png"))[:3]
+    rows = {}
+    for seed in (3, 4):
+        assert main(["detect", str(tiny_run), *map(str, images), "--out", str(tmp_path / str(seed)), "--tau", "0.2",
+                     "--seed", str(seed), "--resampler", "fast", "--no-panels", "--no-progress"]) == 0
+        rows[seed] = [json.loads(x) for x in (tmp_path / str(seed) / "results.jsonl").read_text().splitlines()]
+    assert all(r["n_resampled"] > 0 for r in rows[3])
+    assert [r["image"] for r in rows[3]] == [r["image"] for r in rows[4]]
+    assert all(a["score"] != b["score"] for a, b in zip(rows[3], rows[4]))
+
+
+def _restoration_maps(det, x, image_ids):
+    """Oracle of a pixel-space detection with n restorations, chain by chain: each chain
+    resampled alone from its own noise stream (lsr.detect.chain_seed), decoded, compared
+    with the input, smoothed. Returns maps (B, n, S, S), mean distances (B, n), passes (B, n)."""
+    from lsr import anomaly
+    from lsr.detect import chain_seed
+
+    d = det.config.detect
+    K = det.config.prior.codebook_size
+    codes = det.vqvae.quantizer(det.vqvae.encoder(x)).indices
+    h, w = codes.shape[1:]
+    maps, closeness, passes = [], [], []
+    for b, i in enumerate(image_ids):
+        row_m, row_c, row_p = [], [], []
+        for r in range(d.restorations):
+            noise = ops.gumbel_noise(1, h * w, K, [chain_seed(d.seed, i, r)])
+            rs = ops.resample(det.prior, codes[b:b + 1], noise, float(d.tau), d.temperature, "fast")
+            restored = det.vqvae.decode_indices(rs.codes).clamp(0, 1)
+            dist = anomaly.distance(restored, x[b:b + 1], d.distance)
+            row_m.append(anomaly.smooth(dist, d.smoothing, d.sigma)[0])
+            row_c.append(dist.mean())
+            row_p.append(int(rs.prior_passes[0]))
+        maps.append(torch.stack(row_m))
+        closeness.append(torch.stack(row_c))
+        passes.append(row_p)
+    return torch.stack(maps), torch.stack(closeness), torch.tensor(passes)
+
+
+@pytest.mark.parametrize("weighting", ["mean", "closeness"])
+def test_restorations_are_averaged(tiny_run, tiny_dataset, weighting, monkeypatch):
+    """The map of n restorations is the weighted mean of the n restorations' own maps
+    (equal weights, or softmax(3 / mean distance to the input) for ``closeness``),
+    each restoration being the chain of its own noise stream.
+
+    The tiny run's decoder barely depends on the codes (its restorations' maps differ by
+    ~1e-4), so the decoder is replaced, for the detector and the oracle alike, by one that
+    paints each code cell grey level code / K: restorations then differ clearly, and so do
+    the closeness weights."""
+    det = lsr.Detector.load(tiny_run, "cpu").with_options(tau=0.2, restorations=3, weighting=weighting,
+                                                          resampler="fast", temperature=2.0)
+    assert det.space == "pixels" and det.config.detect.map_kind == "restored_vs_input"
+    K, f = det.config.prior.codebook_size, det.config.vqvae.downsample
+
+    def paint(codes):
+        return (codes.float() / (K - 1)).repeat_interleave(f, 1).repeat_interleave(f, 2).unsqueeze(1)
+
+    monkeypatch.setattr(det.vqvae, "decode_indices", paint)
     x, _ = det.load_batch([s.path for s in lsr.data.scan_mvtec(tiny_dataset).test[:2]])
-    r = det.detect(x)
+    r = det.detect(x, image_ids=[0, 1])
     assert r.anomaly_map.shape == (2, 32, 32) and r.prior_passes.shape == (2,)
-    assert (r.prior_passes >= 3).all()
+    assert (r.n_resampled >= 8).all()
+    with torch.no_grad():
+        per, closeness, passes = _restoration_maps(det, x, [0, 1])            # (2, 3, 32, 32)
+    if weighting == "mean":
+        wts = torch.full((2, 3), 1.0 / 3)
+    else:
+        wts = torch.softmax(3.0 / closeness.double(), dim=1).float()
+        assert (wts - 1.0 / 3).abs().amax() > 0.02                        # far from the plain mean
+    expected = (per * wts.view(2, 3, 1, 1)).sum(dim=1)
+    torch.testing.assert_close(r.anomaly_map, expected, rtol=1e-5, atol=1e-6)
+    for k in range(3):                                                    # not any one restoration
+        assert (r.anomaly_map - per[:, k]).abs().amax() > 1e-2, k
+    if weighting == "closeness":                                          # nor the unweighted mean
+        assert (r.anomaly_map - per.mean(dim=1)).abs().amax() > 1e-3
+    assert torch.equal(r.prior_passes, passes.sum(dim=1))                  # every chain's passes counted
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_dataset, tmp_path, monkeypatch):

@@ -153,19 +153,45 @@ def test_reference_and_fast_attention_agree_in_model():
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_even_kernel_size_rejected_or_works():
+@pytest.mark.parametrize("k", [2, 4, 6])
+def test_even_kernel_size_is_refused(k, tmp_path, capsys):
+    """An even prior kernel has no centre column, so the masked convolutions cannot be
+    made causal with a symmetric half-width: every way in refuses it with a ValueError
+    naming prior.kernel_size (a RunConfig, a config.json, --set on the command line),
+    while the odd neighbours are accepted."""
+    import json
+
+    from lsr.cli import main
+
     base = preset("tiny", in_channels=1)
-    try:
-        cfg = RunConfig(preset="tiny", vqvae=base.vqvae,
-                        prior=dataclasses.replace(base.prior, kernel_size=4),
-                        train=base.train, detect=base.detect)
-    except ValueError:
-        return                                                              # rejected up front: fine
-    model = PixelSNAIL(cfg.prior).double().eval()
-    codes = torch.randint(0, cfg.prior.codebook_size, (1, 6, 6))
-    with torch.no_grad():
-        L0 = model(codes)
-        assert L0.shape == (1, cfg.prior.codebook_size, 6, 6)
-        c = codes.clone()
-        c[0, 2, 3] = (c[0, 2, 3] + 1) % cfg.prior.codebook_size
-        assert torch.equal(model(c).flatten(2)[..., :2 * 6 + 4], L0.flatten(2)[..., :2 * 6 + 4])
+
+    def build(kernel):
+        return RunConfig(preset="tiny", vqvae=base.vqvae, prior=dataclasses.replace(base.prior, kernel_size=kernel),
+                         train=base.train, detect=base.detect)
+
+    for odd in (k - 1, k + 1):
+        if odd >= 3:
+            assert build(odd).prior.kernel_size == odd
+    with pytest.raises(ValueError, match="kernel_size"):
+        build(k)
+    d = base.to_dict()
+    d["prior"]["kernel_size"] = k
+    with pytest.raises(ValueError, match="kernel_size"):
+        RunConfig.from_dict(d, "config.json")
+    with pytest.raises(ValueError, match="kernel_size"):
+        base.with_overrides({"prior.kernel_size": k})
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(d))
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):                                   # a plain folder of normal images
+        Image.fromarray(((torch.rand(32, 32) * 255).byte()).numpy()).save(data / f"{i}.png")
+    capsys.readouterr()
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--config", str(cfg), "--no-progress"]) == 2
+    assert "prior.kernel_size" in capsys.readouterr().err
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                 "--set", f"prior.kernel_size={k}", "--no-progress"]) == 2
+    assert "prior.kernel_size" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -95,14 +95,11 @@ class _Checker(html.parser.HTMLParser):
             self.scripts.append(data)
 
 
-def test_thumbnail_small_and_fast(tmp_path):
+def test_thumbnail_small(tmp_path):
     img = np.random.default_rng(0).random((3, 256, 384)).astype(np.float32)
-    t0 = time.perf_counter()
     save_thumbnail(tmp_path / "t.png", img, np.random.default_rng(1).random((64, 96)), size=160)
-    ms = 1000 * (time.perf_counter() - t0)
     with Image.open(tmp_path / "t.png") as im:
         assert im.size == (2 * 160 + 2, 107) and im.mode == "RGB"
-    assert ms < 500
     save_thumbnail(tmp_path / "g.png", img[0], np.full((8, 8), np.nan), size=32)   # grey, constant map
     with pytest.raises(ValueError, match="anomaly_map"):
         save_thumbnail(tmp_path / "bad.png", img, np.zeros((2, 3, 4)))
