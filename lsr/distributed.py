@@ -133,17 +133,23 @@ def sync_check_enabled() -> bool:
 
 
 def assert_in_sync(module: torch.nn.Module, where: str) -> None:
-    """Raise if any rank's parameters or buffers differ from rank 0's (bit for bit, by a
-    float64 checksum of every tensor)."""
+    """Raise if any rank's parameters or buffers differ from rank 0's, bit for bit: every
+    tensor's bytes are hashed (sha256, the first 8 bytes compared), so a permutation, -0.0
+    for 0.0 or changes that keep a sum are seen too."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
+    import hashlib
+
+    state = module.state_dict()
     with torch.no_grad():
-        sums = torch.stack([t.detach().double().sum() for t in module.state_dict().values()]).cpu()
-    parts = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, sums)
+        digests = torch.tensor([int.from_bytes(hashlib.sha256(
+            t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).digest()[:8],
+            "little", signed=True) for t in state.values()], dtype=torch.int64)
+    parts = [torch.empty_like(digests) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, digests)
     for r, p in enumerate(parts[1:], start=1):
         if not torch.equal(p, parts[0]):
-            names = [k for k, a, b in zip(module.state_dict(), parts[0], p) if a != b]
+            names = [k for k, a, b in zip(state, parts[0], p) if a != b]
             raise RuntimeError(f"ranks out of sync at {where}: rank {r} differs from rank 0 in {names[:5]}")
 
 
