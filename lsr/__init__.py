@@ -28,6 +28,10 @@ Where things are:
 * :mod:`lsr.deploy`   – ``lsr-export`` (ONNX / TorchScript bundles, parity check) and
   :class:`lsr.deploy.Inferencer`, which runs a bundle with numpy and onnxruntime only
 * :mod:`lsr.profiling` – FLOPs and bytes of what ran, the machine's measured limits
+* :mod:`lsr.decision` – thresholds from held-out good images, verdicts, regions, masks
+* :mod:`lsr.explain`, :mod:`lsr.differential` – the prior's attention maps; detection against a reference
+* :mod:`lsr.runfolder`, :mod:`lsr.contract`, :mod:`lsr.report_html` – the run manifest; what every
+  port shares; the HTML report
 * :mod:`lsr.cli`      – the command line (C++ runtime: ``export/``)
 
 Example:
@@ -51,8 +55,9 @@ _LAZY = {
     "Detector": "detect", "DetectionResult": "detect", "detect_images": "detect",
     "evaluate": "evaluation", "train": "training", "TrainResult": "training",
 }
-_SUBMODULES = ("anomaly", "checkpoint", "cli", "config", "data", "demo", "demo_data", "deploy", "detect",
-               "distributed", "evaluation", "io", "metrics", "models", "ops", "profiling", "report", "training")
+_SUBMODULES = ("anomaly", "checkpoint", "cli", "config", "contract", "data", "decision", "demo", "demo_data",
+               "deploy", "detect", "differential", "distributed", "evaluation", "explain", "io", "metrics",
+               "models", "ops", "profiling", "report", "report_html", "runfolder", "training")
 
 
 def __getattr__(name: str) -> Any:

@@ -56,6 +56,7 @@ def _add_detect_options(p: argparse.ArgumentParser) -> None:
 
 
 _FLAGS = {"map_kind": "--map", "gate_dilate": "--gate-dilate"}
+_RESAMPLED = True                   # --explain without N: the resampled codes
 
 
 def flag(key: str) -> str:
@@ -111,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("data")
     e.add_argument("--out", required=True)
+    e.add_argument("--reference-from", choices=("good",), help="also run differential detection (D-MAD): every "
+                   "test image against its nearest train/good image (lsr.differential); adds the "
+                   "'differential' and 'differential_direct' rows to metrics.json")
+    e.add_argument("--max-shift", type=int, help="with --reference-from: registration search radius in model "
+                   "pixels (default min(8, image size / 4); 0: no search)")
+    e.add_argument("--explain", nargs="?", type=int, const=_RESAMPLED, metavar="N", help="also explain one "
+                   "test image per defect type: the prior's attention for its resampled codes (at most 16; or "
+                   "its N least likely codes) in OUT/explain/ (lsr.explain)")
     _add_detect_options(e)
 
     d = sub.add_parser("detect", parents=[common], help="detect anomalies in images")
@@ -123,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "own size) of the map above the pixel threshold")
     d.add_argument("--providers", help="bundles only: onnxruntime execution providers in order, e.g. "
                    "cuda,cpu (default: CUDA when it loads, else CPU)")
+    d.add_argument("--explain", nargs="?", type=int, const=_RESAMPLED, metavar="N", help="also write the prior's "
+                   "attention over earlier codes (per layer, mean over heads) for the resampled codes (at most 16, "
+                   "the least likely first), or with N for the N least likely codes: OUT/explain/<stem>_<i>_<j>.png "
+                   "and <stem>.npz (lsr.explain)")
+    d.add_argument("--reference", metavar="REF", help="also run differential detection (D-MAD) against a "
+                   "reference image (or the nearest image of a folder of references): OUT/differential/ "
+                   "(lsr.differential)")
+    d.add_argument("--max-shift", type=int, help="with --reference: registration search radius in model pixels "
+                   "(default min(8, image size / 4); 0: no search)")
     _add_detect_options(d)
 
     m = sub.add_parser("demo", parents=[common], help="build a texture dataset, train, evaluate, report (about 5 min on 2 CPU cores)")
@@ -216,11 +234,20 @@ def _main(args: argparse.Namespace) -> int:
             from .evaluation import evaluate
             from .report import format_table
 
+            top = _check_explain_reference(args)
             r = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, device=args.device,
-                         progress=progress, **_detect_options(args))
+                         progress=progress, reference_from=args.reference_from, max_shift=args.max_shift,
+                         **_detect_options(args))
             print(format_table({k: v for k, v in r["methods"].items()},
                                ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"]))
             print(f"metrics: {Path(args.out) / 'metrics.json'}   report: {Path(args.out) / 'report.png'}")
+            if args.explain is not None and main_rank:  # under torchrun: rank 0 only
+                from .explain import explain_examples
+
+                ex = explain_examples(args.run, args.data, args.out, top=top, device=args.device,
+                                      **_detect_options(args))
+                print(f"explained: one image per defect type, {sum(len(e['codes']) for e in ex)} code(s), in "
+                      f"{Path(args.out) / 'explain'}")
         elif args.command == "detect" and is_bundle(args.run):
             return _detect_bundle(args, progress)
         elif args.command == "detect":
@@ -229,11 +256,31 @@ def _main(args: argparse.Namespace) -> int:
                                  f"{args.run} is a run folder (use --device)")
             from .detect import detect_images
 
+            opts = _detect_options(args)
+            top = _check_explain_reference(args)
             rows = detect_images(args.run, args.images, args.out, batch_size=args.batch_size,
                                  device=args.device, save_tiff_maps=args.tiff, panels=not args.no_panels,
-                                 progress=progress, masks=args.masks, **_detect_options(args))
+                                 progress=progress, masks=args.masks, **opts)
             _print_rows(rows)
             print(f"results: {Path(args.out) / 'results.jsonl'}")
+            if args.explain is not None and main_rank:  # under torchrun: rank 0 only
+                from .explain import explain_images
+
+                ex = explain_images(args.run, args.images, args.out, top=top, batch_size=args.batch_size,
+                                    device=args.device, panels=not args.no_panels, progress=progress, **opts)
+                print(f"explained: {sum(len(r['codes']) for r in ex)} code(s) of {len(ex)} image(s) in "
+                      f"{Path(args.out) / 'explain'} (index {Path(args.out) / 'explain' / 'explain.jsonl'})")
+            if args.reference is not None and main_rank:  # under torchrun: rank 0 only
+                from .differential import detect_differential_images
+
+                dr = detect_differential_images(args.run, args.images, args.reference, args.out,
+                                                batch_size=args.batch_size, device=args.device,
+                                                max_shift=args.max_shift, save_tiff_maps=args.tiff,
+                                                panels=not args.no_panels, progress=progress, **opts)
+                for r in dr:
+                    print(f"{r['image']}: differential score {r['score']:.4f} (direct {r['direct_score']:.4f}) "
+                          f"against {r['reference']} (shift dy, dx = {r['shift'][0]}, {r['shift'][1]})")
+                print(f"differential: {Path(args.out) / 'differential' / 'results.jsonl'}")
         elif args.command == "demo":
             from .demo import run_demo
 
@@ -266,9 +313,43 @@ def _print_rows(rows: Sequence[dict[str, Any]]) -> None:
               f"resampled {r['n_resampled']:.0f}  passes {r['prior_passes']}{later}  {r['time_ms']:.0f} ms")
 
 
+def _check_explain_reference(args: argparse.Namespace) -> int | None:
+    """``lsr detect RUN``'s (and ``lsr eval``'s) --explain, --reference and --max-shift checked
+    against the run before anything runs; returns the --explain N (None: the resampled codes)."""
+    reference = getattr(args, "reference", None)
+    if args.max_shift is not None and reference is None and getattr(args, "reference_from", None) is None:
+        hint = "--reference-from good" if hasattr(args, "reference_from") else "--reference REF"
+        raise ValueError(f"--max-shift: applies to differential detection only (give {hint})")
+    top = None if args.explain is None or args.explain is _RESAMPLED else args.explain
+    if args.explain is None and reference is None:
+        return top
+    from .io import read_json
+
+    cfg = RunConfig.from_dict(read_json(Path(args.run) / "config.json", "run config"),
+                              str(Path(args.run) / "config.json"))
+    if args.explain is not None:
+        from .explain import _check_top
+
+        _check_top(top)
+        if not cfg.prior.attention:
+            raise ValueError(f"--explain: the prior of {args.run} has no attention layers (prior.attention is false)")
+    if reference is not None:
+        from .data import list_images
+        from .differential import resolve_max_shift
+
+        if not Path(reference).exists():
+            raise FileNotFoundError(f"{reference}: --reference: reference image or folder not found")
+        list_images([reference])
+        resolve_max_shift(args.max_shift, cfg.vqvae.image_size)
+    return top
+
+
 def _detect_bundle(args: argparse.Namespace, progress: bool) -> int:
     """``lsr detect BUNDLE ...``: onnxruntime (or TorchScript) instead of the run's models;
     imports no torch for an ONNX bundle."""
+    for given, name in ((args.explain, "--explain"), (args.reference, "--reference"), (args.max_shift, "--max-shift")):
+        if given is not None:
+            raise ValueError(f"{name}: needs a run folder (lsr train); {args.run} is an exported bundle")
     from .deploy import detect_bundle
     from .deploy.runtime import CPU, CUDA, parse_providers
 

@@ -63,13 +63,18 @@ def _curve(scores: np.ndarray, labels: np.ndarray, auc: float, kind: str, max_po
 @locks_output("out")
 def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
              batch_size: int = 8, device: str | None = None, progress: bool = True,
-             report_rows: int = 10, **options: Any) -> dict[str, Any]:
+             report_rows: int = 10, reference_from: str | None = None, max_shift: int | None = None,
+             **options: Any) -> dict[str, Any]:
     """Evaluate a trained run on an MVTec AD category; returns what ``metrics.json`` holds.
 
     Args:
         run: run folder from ``lsr train``.
         data: MVTec AD category folder (``test/`` and ``ground_truth/`` are read).
         out: output folder.
+        reference_from: ``"good"`` adds the ``differential`` and ``differential_direct`` rows
+            (D-MAD, :mod:`lsr.differential`): every test image against its nearest ``train/good``
+            image.
+        max_shift: the differential registration's search radius (model pixels).
         options: detect options to override (resampler, seed, restorations, ...).
     """
     from . import distributed as dist
@@ -81,6 +86,11 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
                          f"choose another --score (e.g. max)")
     cat = scan_mvtec(data, require_test=True, require_train=False)
     check_mask_sizes(cat)
+    # -- differential detection (D-MAD, lsr.differential): its options checked before any work --
+    if reference_from is not None or max_shift is not None:
+        from .differential import check_differential_inputs
+        check_differential_inputs(reference_from, cat, max_shift, det.image_size)
+    # -- end of the differential block --
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = cat.test
@@ -175,6 +185,14 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
         "seconds": seconds,
         "ms_per_image": 1000.0 * seconds / max(1, n),
     }
+    # -- differential detection (D-MAD, lsr.differential): a row beside the single-image ones --
+    if reference_from is not None:
+        from .differential import evaluate_differential
+        rows_d, result["differential"] = evaluate_differential(
+            det, cat, samples, masks, labels, defects, out, batch_size=batch_size, max_shift=max_shift,
+            progress=progress, method_metrics=_method_metrics)
+        methods.update(rows_d)                             # differential, differential_direct
+    # -- end of the differential block --
     with atomic_write(out / "results.jsonl", "w") as f:
         for r in rows:
             f.write(dumps(r) + "\n")

@@ -13,7 +13,9 @@ rotated pastes of the same texture):
 
 Rows, all on the same images: ``lsr`` in feature space (the ``cpu`` preset), ``lsr`` in
 pixel space (``demo-pixels``, the paper's method at the size the CPU demo used), each one's ``direct`` baseline (the
-same VQ-VAE's reconstruction error, no prior), and ``patchcore`` (nearest neighbour on
+same VQ-VAE's reconstruction error, no prior), each one's ``differential`` and
+``differential direct`` rows (D-MAD: every evaluation image against its nearest
+``train/good`` image, :mod:`lsr.differential`), and ``patchcore`` (nearest neighbour on
 the same backbone's patch features, greedy coreset; :mod:`patchcore`). Metrics: image
 AUROC, pixel AUROC, AUPRO (FPR <= 0.3), F1-max; training seconds and detection ms per
 image (batch 1, measured separately). Writes ``OUT/quality.json`` and prints the tables.
@@ -141,7 +143,7 @@ def run_category(cat: str, folders: dict[str, Path], out: Path, log, presets: di
         entry: dict[str, Any] = {"train_s": train_s, "preset": preset}
         for split in ("val", "test"):
             entry[split] = lsr.evaluate(run, folders[split], out / "eval" / mode / split / cat, device="cpu",
-                                        progress=False, report_rows=6)
+                                        progress=False, report_rows=6, reference_from="good")
         paths = [s.path for s in scan_mvtec(folders["test"]).test]
         entry["ms_per_image"] = detection_ms(run, paths)
         calib = json.loads((run / "calibration.json").read_text())
@@ -190,6 +192,9 @@ def tables(results: dict[str, Any], split: str, chosen: dict[str, dict[str, str]
             for m in ("nll", "fused"):
                 if m in met["methods"]:
                     per.setdefault(f"lsr-{mode} {m} (image only)", {})[c] = dict(met["methods"][m])
+            for m in ("differential", "differential_direct"):    # D-MAD against the nearest train/good image
+                if m in met["methods"]:
+                    per.setdefault(f"{m.replace('_', ' ')} ({mode})", {})[c] = row(met, m)
             ch = chosen[mode]
             best = row(met, ch["map"])
             if ch["score_kind"] in SCORES:
