@@ -374,8 +374,9 @@ def calibrate_thresholds(run: str | os.PathLike, false_alarm_rate: float | None 
     run = Path(run)
     opts = {k: check_value(f"detect.{k}", v, f"--{k.replace('_', '-')}")
             for k, v in (("false_alarm_rate", false_alarm_rate), ("pixel_fpr", pixel_fpr)) if v is not None}
-    det = Detector.load(run, device)
-    det = det.with_options(**opts)
+    # everything set on the held-out images is set again (None is not an option value, so
+    # the fields are cleared on the config rather than through with_options)
+    det = Detector.load(run, device).with_options(**opts)
     det.config = dataclasses.replace(det.config, detect=dataclasses.replace(
         det.config.detect, **{k: None for k in HELD_OUT_FIELDS}))
     try:
