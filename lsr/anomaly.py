@@ -6,10 +6,13 @@ be exported; the bilateral option alone runs through scikit-image on the CPU.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .config import MAP_KINDS, MAP_SCORES
 
 
 def gaussian_kernel1d(sigma: float, radius: int | None = None, dtype=torch.float32) -> Tensor:
@@ -192,3 +195,134 @@ def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+# --- the one postprocess: every backend's maps and scores --------------------------------
+
+class MapSettings(NamedTuple):
+    """What :func:`postprocess` needs of a run's config (``vqvae.space`` and the detect
+    settings of the map and the score); an exported postprocess graph bakes them in."""
+    space: str = "pixels"          # pixels | features
+    image_size: int = 128          # S: maps are (B, S, S)
+    map_kind: str = "restored_vs_input"
+    distance: str = "l2"
+    smoothing: str = "gaussian"
+    sigma: float = 4.0
+    score: str = "max"             # max | topk_mean | pooled_max | nll | fused
+    topk: int = 100
+    pool: int = 21
+    gate_dilate: int = 1
+    weighting: str = "mean"
+
+    @classmethod
+    def of(cls, config) -> "MapSettings":
+        """The settings of a :class:`lsr.config.RunConfig`."""
+        d = config.detect
+        return cls(config.vqvae.space, int(config.vqvae.image_size), d.map_kind, d.distance, d.smoothing,
+                   float(d.sigma), d.score, int(d.topk), int(d.pool), int(d.gate_dilate), d.weighting)
+
+
+class PostprocessResult(NamedTuple):
+    """Maps (B, S, S) and scores (B,) of :func:`postprocess`."""
+    anomaly_map: Tensor              # the configured map (map_kind)
+    score: Tensor                    # the configured image score
+    map_restored_vs_input: Tensor
+    map_restored_vs_direct: Tensor
+    map_direct: Tensor               # seen vs direct reconstruction (no prior): the baseline
+    direct_score: Tensor             # the map score of map_direct
+    map_gated: Tensor                # restored vs input where codes were resampled (dilated mask)
+    fused_score: Tensor              # standardised map score + standardised NLL score (NaN without stats)
+    map_score: Tensor                # the map part of the score (max for nll and fused)
+
+
+def score_reduction(score: str) -> str:
+    """The map reduction behind an image score (``max`` for ``nll`` and ``fused``,
+    whose map part is the max of the map)."""
+    return score if score in MAP_SCORES else "max"
+
+
+def restoration_weights(closeness: Tensor, kind: str) -> Tensor:
+    """Weights (B, n) of n restorations per image: equal (``mean``), or (``closeness``)
+    softmax over the restorations of 3 / (mean distance to the input), so a restoration that
+    stayed closer to the input counts more (Marimont & Tarroni 2021). closeness (B, n)."""
+    if kind == "mean":
+        return torch.full_like(closeness, 1.0 / closeness.shape[1])
+    if kind == "closeness":                               # one restoration: softmax of one = 1
+        return torch.softmax(3.0 / closeness.clamp_min(1e-6), dim=1)
+    raise ValueError(f"weighting must be 'mean' or 'closeness', got {kind!r}")
+
+
+def fuse(map_score: Tensor, nll: Tensor, held_out: Tensor, eps: float = 1e-12) -> Tensor:
+    """Map score and NLL score (B,), each standardised by the held-out normal images'
+    statistics ``held_out`` = (score_mean, score_std, nll_mean, nll_std), summed; NaN
+    where a statistic is NaN (missing). Standard deviations are floored at eps."""
+    h = held_out.to(map_score.dtype)
+    return (map_score - h[0]) / h[1].clamp_min(eps) + (nll - h[2]) / h[3].clamp_min(eps)
+
+
+def postprocess(seen: Tensor, direct: Tensor, restored: Tensor, resampled: Tensor, nll: Tensor,
+                held_out: Tensor, s: MapSettings) -> PostprocessResult:
+    """Maps and image scores from what the pipeline saw and restored: the one definition
+    that :class:`lsr.detect.Detector`, every exported postprocess graph
+    (:class:`lsr.deploy.graphs.PostprocessGraph`) and so the C++ runtime compute.
+
+    Args:
+        seen: (B, F, H, W) what the VQ-VAE encodes: the image (pixels, H = S) or its
+            normalised backbone features (features, H = S / 8).
+        direct: (B, F, H, W) the decoding of the image's own codes.
+        restored: (B, N, F, H, W) the decodings of N restorations per image.
+        resampled: (B, N, h, w) redrawn code positions of each restoration (bool or 0/1).
+        nll: (B,) the NLL score (:func:`nll_score` of the first restoration's likelihoods).
+        held_out: (4,) score_mean, score_std, nll_mean, nll_std of held-out normal images
+            (NaN when missing: the fused score is then NaN).
+        s: the settings.
+
+    Maps compare images per pixel (pixels) or features per position, upsampled to S x S
+    (features); each restoration's map is smoothed, then the N are averaged (``weighting``).
+    """
+    B, N = restored.shape[0], restored.shape[1]
+    S = s.image_size
+    flat = restored.reshape((B * N,) + tuple(restored.shape[2:]))
+    resampled = resampled.reshape((B * N,) + tuple(resampled.shape[2:]))
+
+    def dist(a: Tensor, b: Tensor) -> Tensor:                     # -> (., S, S), unsmoothed
+        if s.space == "features":
+            return resize_maps(feature_distance(a, b, s.distance), (S, S))
+        return distance(a.float(), b.float(), s.distance)
+
+    def sm(m: Tensor) -> Tensor:
+        return smooth(m, s.smoothing, s.sigma)
+
+    # each image's seen and direct once per restoration (expand_as, not repeat_interleave, whose
+    # export ties the batch and restoration axes)
+    d_in = dist(flat, seen.unsqueeze(1).expand_as(restored).reshape(flat.shape))      # (B*N, S, S)
+    d_rd = dist(flat, direct.unsqueeze(1).expand_as(restored).reshape(flat.shape))
+    gate = code_mask_map(resampled, (S, S), s.gate_dilate)
+    weights = restoration_weights(d_in.reshape(B, N, -1).mean(-1), s.weighting)   # (B, N)
+
+    def combine(m: Tensor) -> Tensor:                             # (B*N, S, S) -> (B, S, S)
+        return (sm(m).reshape(B, N, S, S) * weights.reshape(B, N, 1, 1)).sum(dim=1)
+
+    map_in, map_rd, map_gated = combine(d_in), combine(d_rd), combine(d_in * gate)
+    map_base = sm(dist(seen, direct))
+    if s.map_kind == "restored_vs_input":
+        chosen = map_in
+    elif s.map_kind == "restored_vs_direct":
+        chosen = map_rd
+    elif s.map_kind == "gated":
+        chosen = map_gated
+    else:
+        raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {s.map_kind!r}")
+    kind = score_reduction(s.score)
+    map_score = image_score(chosen, kind, s.topk, pool=s.pool)
+    fused = fuse(map_score, nll, held_out)
+    score = nll if s.score == "nll" else fused if s.score == "fused" else map_score
+    return PostprocessResult(chosen, score, map_in, map_rd, map_base,
+                             image_score(map_base, kind, s.topk, pool=s.pool), map_gated, fused, map_score)
+
+
+def held_out_tensor(detect, device=None) -> Tensor:
+    """(4,) float32 of a DetectConfig's held-out statistics, NaN where missing."""
+    vals = [getattr(detect, k) for k in ("score_mean", "score_std", "nll_mean", "nll_std")]
+    return torch.tensor([float("nan") if v is None else float(v) for v in vals], dtype=torch.float32,
+                        device=device)

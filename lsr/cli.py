@@ -401,6 +401,9 @@ def build_export_parser() -> argparse.ArgumentParser:
     g.add_argument("--sigma", type=float)
     g.add_argument("--score", choices=SCORES)
     g.add_argument("--topk", type=int)
+    g.add_argument("--pool", type=int)
+    g.add_argument("--gate-dilate", type=int)
+    g.add_argument("--weighting", choices=WEIGHTINGS)
     return p
 
 

@@ -295,6 +295,13 @@ OPTION_RULES: dict[str, Rule] = {
 }
 
 
+#: Values only bundle.json holds (lsr.deploy.bundle and the C++ runtime check them), same format.
+BUNDLE_RULES: dict[str, Rule] = {
+    "model.seen_channels": Rule("int", 1, 65536),
+    "model.seen_size": Rule("int", 1, 65536),
+}
+
+
 def check_value(key: str, value: Any, where: str = "", rules: dict[str, Rule] | None = None) -> Any:
     """``value`` checked against the rule of ``key`` (e.g. ``"detect.tau"``); the error
     names ``where`` (a file or an option) and the key.

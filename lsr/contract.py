@@ -11,8 +11,9 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 #: a lazy prior call of the incremental loop costs this share of one image's full pass on
 #: top of the rows it evaluates (at least one row): the cost model that groups row requests
@@ -44,6 +45,32 @@ def recomputed_fraction(prior_passes: int, positions_evaluated: int, n_codes: in
     return (positions_evaluated - restorations * n_codes) / (later * n_codes)
 
 
+def finite_or_none(v: float) -> float | None:
+    """JSON has no NaN: a missing value (NaN, inf) is null."""
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def result_row(score: float, nll_score: float, direct_score: float, fused_score: float, n_resampled: float,
+               prior_passes: int, positions_evaluated: int, n_codes: int, restorations: int) -> dict[str, Any]:
+    """The detection fields of one ``results.jsonl`` row, the same for every Python path
+    (PyTorch run, bundle on onnxruntime or TorchScript); the C++ runtime writes the same
+    keys (tests compare them). A score that cannot be computed (the fused score without
+    held-out statistics) is null."""
+    passes, evaluated, n_codes = int(prior_passes), int(positions_evaluated), int(n_codes)
+    return {
+        "score": finite_or_none(score),
+        "nll_score": float(nll_score),
+        "direct_score": float(direct_score),
+        "fused_score": finite_or_none(fused_score),
+        "n_resampled": float(n_resampled),
+        "prior_passes": passes,
+        "positions_evaluated": evaluated,
+        "recomputed_fraction": recomputed_fraction(passes, evaluated, n_codes, restorations),
+        "n_codes": n_codes,
+    }
+
+
 def unique_stems(paths: Sequence[Path]) -> list[str]:
     """File stems, made unique with a numeric suffix where two images share a name (the
     names of panels, maps and masks)."""
@@ -57,4 +84,5 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-__all__ = ["CALL_OVERHEAD_FRACTION", "chain_seed", "call_overhead", "recomputed_fraction", "unique_stems"]
+__all__ = ["CALL_OVERHEAD_FRACTION", "chain_seed", "call_overhead", "recomputed_fraction", "unique_stems",
+           "result_row", "finite_or_none"]

@@ -26,6 +26,7 @@ from . import anomaly, ops
 from .checkpoint import load_into
 from .config import MAP_SCORES, RunConfig
 from .contract import chain_seed, recomputed_fraction, unique_stems  # noqa: F401 (re-exported)
+from .contract import result_row as contract_row
 from .data import DataError, image_size, list_images, load_image, load_images
 from .distributed import resolve_device
 from .io import atomic_write, dumps, locks_output, read_json, save_tiff, write_json
@@ -175,47 +176,28 @@ class Detector:
         rs = ops.resample(self.prior, chains, noise, float(d.tau), d.temperature, self.resampler)
         restored_seen = decode(rs.codes)                                     # (B*n, C|F, ., .)
 
-        def dist(a: Tensor, b: Tensor) -> Tensor:                            # -> (., S, S), unsmoothed
-            if features:
-                return anomaly.resize_maps(anomaly.feature_distance(a, b, d.distance), (S, S))
-            return anomaly.distance(a.float(), b.float(), d.distance)
-
-        def smooth(m: Tensor) -> Tensor:
-            return anomaly.smooth(m, d.smoothing, d.sigma)
-
-        d_in = dist(restored_seen, seen.repeat_interleave(n, dim=0))         # (B*n, S, S)
-        d_rd = dist(restored_seen, direct_seen.repeat_interleave(n, dim=0))
-        gate = anomaly.code_mask_map(rs.resampled, (S, S), d.gate_dilate)    # (B*n, S, S)
-        weights = restoration_weights(d_in.view(B, n, -1).mean(-1), d.weighting)  # (B, n)
-
-        def combine(m: Tensor) -> Tensor:                                    # (B*n, S, S) -> (B, S, S)
-            return (smooth(m).view(B, n, S, S) * weights.view(B, n, 1, 1)).sum(dim=1)
-
-        map_in, map_rd, map_gated = combine(d_in), combine(d_rd), combine(d_in * gate)
-        map_base = smooth(dist(seen, direct_seen))
-        chosen = {"restored_vs_input": map_in, "restored_vs_direct": map_rd, "gated": map_gated}[d.map_kind]
+        first = slice(None, None, n)
+        likelihood = rs.likelihood[first]
+        nll = anomaly.nll_score(likelihood, float(d.tau))
+        post = anomaly.postprocess(seen, direct_seen, restored_seen.view((B, n) + tuple(restored_seen.shape[1:])),
+                                   rs.resampled.view(B, n, h, w), nll, anomaly.held_out_tensor(d, self.device),
+                                   anomaly.MapSettings.of(self.config))
+        chosen, map_base = post.anomaly_map, post.map_direct
         bad = ~torch.isfinite(chosen.flatten(1)).all(dim=1) | ~torch.isfinite(map_base.flatten(1)).all(dim=1)
         if bool(bad.any()):
             raise NonFiniteError([ids[i] for i in bad.nonzero().flatten().tolist()])
-        first = slice(None, None, n)
-        likelihood = rs.likelihood[first]
-        kind = map_score_kind(d.score)
-        map_score = anomaly.image_score(chosen, kind, d.topk, pool=d.pool)
-        nll = anomaly.nll_score(likelihood, float(d.tau))
-        fused = fused_score(map_score, nll, d)
-        score = {"nll": nll, "fused": fused}.get(d.score, map_score)
         if features:
             direct, restored = self._decode_image(codes), self._decode_image(rs.codes[first])
         else:
             direct, restored = direct_seen, restored_seen[first]
         return DetectionResult(
             anomaly_map=chosen,
-            score=score,
+            score=post.score,
             nll_score=nll,
-            map_restored_vs_input=map_in,
-            map_restored_vs_direct=map_rd,
+            map_restored_vs_input=post.map_restored_vs_input,
+            map_restored_vs_direct=post.map_restored_vs_direct,
             map_direct=map_base,
-            direct_score=anomaly.image_score(map_base, kind, d.topk, pool=d.pool),
+            direct_score=post.direct_score,
             direct=direct,
             restored=restored,
             codes=codes,
@@ -225,8 +207,8 @@ class Detector:
             n_resampled=rs.resampled.view(B, n, -1).sum(-1).float().mean(dim=1),
             prior_passes=rs.prior_passes.view(B, n).sum(dim=1),
             positions_evaluated=rs.positions_evaluated.view(B, n).sum(dim=1),
-            map_gated=map_gated,
-            fused_score=fused,
+            map_gated=post.map_gated,
+            fused_score=post.fused_score,
         )
 
     def _decode_image(self, codes: Tensor) -> Tensor:
@@ -279,29 +261,15 @@ THRESHOLD_OPTIONS = ("false_alarm_rate", "pixel_fpr")
 HELD_OUT_FIELDS = ("score_mean", "score_std", "nll_mean", "nll_std", "image_threshold", "pixel_threshold")
 
 
-def restoration_weights(closeness: Tensor, kind: str) -> Tensor:
-    """Weights (B, n) of n restorations per image: equal (``mean``), or (``closeness``)
-    softmax over the restorations of 3 / (mean distance to the input), so a restoration that
-    stayed closer to the input counts more (Marimont & Tarroni 2021). closeness (B, n)."""
-    if kind == "mean" or closeness.shape[1] == 1:
-        return torch.full_like(closeness, 1.0 / closeness.shape[1])
-    if kind == "closeness":
-        return torch.softmax(3.0 / closeness.clamp_min(1e-6), dim=1)
-    raise ValueError(f"weighting must be 'mean' or 'closeness', got {kind!r}")
-
-
-def map_score_kind(score: str) -> str:
-    """The reduction of the map behind an image score (``max`` for ``nll`` and ``fused``,
-    whose map part is the max of the map)."""
-    return score if score in MAP_SCORES else "max"
+restoration_weights = anomaly.restoration_weights
+map_score_kind = anomaly.score_reduction
 
 
 def fused_score(score: Tensor, nll: Tensor, d: Any) -> Tensor:
     """Map score and NLL score, each standardised by the held-out normal images'
-    statistics, summed; NaN where the statistics are missing."""
-    if None in (d.score_mean, d.score_std, d.nll_mean, d.nll_std):
-        return torch.full_like(score, float("nan"))
-    return anomaly.standardise(score, d.score_mean, d.score_std) + anomaly.standardise(nll, d.nll_mean, d.nll_std)
+    statistics of DetectConfig ``d``, summed; NaN where the statistics are missing
+    (:func:`lsr.anomaly.fuse`)."""
+    return anomaly.fuse(score, nll, anomaly.held_out_tensor(d, score.device))
 
 
 @torch.no_grad()
@@ -401,24 +369,10 @@ def calibrate_thresholds(run: str | os.PathLike, false_alarm_rate: float | None 
 
 
 def result_row(res: DetectionResult, i: int, restorations: int = 1) -> dict[str, Any]:
-    """The JSON fields of image i of a batch result."""
-    passes, evaluated, n_codes = int(res.prior_passes[i]), int(res.positions_evaluated[i]), int(res.codes[i].numel())
-    return {
-        "score": _finite(float(res.score[i])),
-        "nll_score": float(res.nll_score[i]),
-        "direct_score": float(res.direct_score[i]),
-        "fused_score": _finite(float(res.fused_score[i])),
-        "n_resampled": float(res.n_resampled[i]),
-        "prior_passes": passes,
-        "positions_evaluated": evaluated,
-        "recomputed_fraction": recomputed_fraction(passes, evaluated, n_codes, restorations),
-        "n_codes": n_codes,
-    }
-
-
-def _finite(v: float) -> float | None:
-    """JSON has no NaN: a missing value is null."""
-    return v if np.isfinite(v) else None
+    """The JSON fields of image i of a batch result (:func:`lsr.contract.result_row`)."""
+    return contract_row(float(res.score[i]), float(res.nll_score[i]), float(res.direct_score[i]),
+                        float(res.fused_score[i]), float(res.n_resampled[i]), int(res.prior_passes[i]),
+                        int(res.positions_evaluated[i]), int(res.codes[i].numel()), restorations)
 
 
 @locks_output("out")

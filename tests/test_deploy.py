@@ -59,11 +59,15 @@ def test_missing_graph_file(bundle_copy):
         Inferencer(bundle_copy)
 
 
-def test_wrong_bundle_version(bundle_copy):
+@pytest.mark.parametrize("version", [99, 2, 1])
+def test_wrong_bundle_version(bundle_copy, version):
+    """Bundles of another layout (older ones: before the one graph contract of version 3)
+    are refused, saying to export again."""
     meta = json.loads((bundle_copy / "bundle.json").read_text())
-    meta["bundle_version"] = 99
+    meta["bundle_version"] = version
     (bundle_copy / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(BundleError, match=r"bundle.json: bundle version 99 is not supported"):
+    with pytest.raises(BundleError, match=rf"bundle.json: bundle version {version} is not supported .*reads versions 3"
+                                          rf".*re-export"):
         Inferencer(bundle_copy)
 
 
@@ -105,7 +109,7 @@ def test_native_resampler_needs_prior_rows(bundle_copy):
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     del meta["graphs"]["prior_rows"]
     (bundle_copy / "prior_rows.onnx").unlink()
-    meta["bundle_version"], meta["detect"]["resampler"] = 1, "fast"      # as lsr-export wrote them then
+    meta["detect"]["resampler"] = "fast"
     (bundle_copy / "bundle.json").write_text(json.dumps(meta))
     assert Inferencer(bundle_copy, providers=[CPU]).loop == "fast"
     meta["detect"]["resampler"] = "auto"

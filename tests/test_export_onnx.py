@@ -194,8 +194,9 @@ def test_numpy_resize_and_nll_equal_torch():
 def test_onnx_bundle_files_and_metadata(onnx_bundle, tiny_run):
     b = read_bundle(onnx_bundle)
     meta = b.meta
-    assert meta["format"] == "onnx" and meta["bundle_version"] == 2 and meta["versions"]["onnx_opset"] >= 17
-    assert meta["model"] == {**meta["model"], "image_size": 32, "channels": 1, "grid_size": 8, "codebook_size": 16}
+    assert meta["format"] == "onnx" and meta["bundle_version"] == 3 and meta["versions"]["onnx_opset"] >= 17
+    assert meta["model"] == {**meta["model"], "image_size": 32, "channels": 1, "grid_size": 8, "codebook_size": 16,
+                             "space": "pixels", "seen_channels": 1, "seen_size": 32}
     run_cfg = json.loads((tiny_run / "config.json").read_text())["detect"]
     assert meta["detect"]["tau"] == run_cfg["tau"] and meta["detect"]["sigma"] == run_cfg["sigma"]
     assert meta["parity"]["passed"] and meta["parity"]["codes_equal"]
@@ -230,8 +231,8 @@ def test_onnx_round_trip_same_codes_as_pytorch(onnx_bundle, tiny_run, tiny_datas
         assert np.array_equal(got.resampled_codes, want.resampled_codes.numpy())
         assert np.array_equal(got.resampled, want.resampled.numpy())
         assert np.array_equal(got.prior_passes, want.prior_passes.numpy())
-        for f in ("anomaly_map", "map_restored_vs_input", "map_restored_vs_direct", "map_direct", "score",
-                  "direct_score", "direct", "restored", "likelihood"):
+        for f in ("anomaly_map", "map_restored_vs_input", "map_restored_vs_direct", "map_direct", "map_gated",
+                  "score", "direct_score", "direct", "restored", "likelihood"):
             np.testing.assert_allclose(getattr(got, f), getattr(want, f).numpy(), atol=1e-4, err_msg=f)
         np.testing.assert_allclose(got.nll_score, want.nll_score.numpy(), rtol=1e-4)
 
@@ -383,10 +384,11 @@ import torch
 root = {str(ts_bundle)!r}
 enc, prior, dec, post = (torch.jit.load(root + "/" + n + ".pt") for n in ("encoder", "prior", "decoder", "postprocess"))
 x = torch.rand(3, 1, 32, 32)
-codes = enc(x)
+codes, seen = enc(x)
 logits = prior(codes)
-img = dec(codes)
-maps = post(x, img, img.unsqueeze(1).repeat(1, 2, 1, 1, 1))
+img, dseen = dec(codes)
+maps = post(seen, dseen, dseen.unsqueeze(1).repeat(1, 2, 1, 1, 1), torch.zeros(3, 2, 8, 8), torch.zeros(3),
+            torch.full((4,), float("nan")))
 assert codes.shape == (3, 8, 8) and logits.shape == (3, 16, 8, 8) and img.shape == (3, 1, 32, 32)
 assert maps[0].shape == (3, 32, 32) and maps[1].shape == (3,)
 assert "lsr" not in sys.modules

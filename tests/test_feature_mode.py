@@ -132,16 +132,19 @@ def test_changed_score_options_drop_then_recompute_held_out_stats(feature_run, t
     assert "fused" in m["methods"]                    # recomputed from split.json's held-out images
 
 
-def test_detect_cli_and_export_refusal(feature_run, tiny_dataset, tmp_path, capsys):
+def test_detect_cli_and_export(feature_run, tiny_dataset, tmp_path, capsys):
     imgs = sorted((tiny_dataset / "test" / "hole").glob("*.png"))
     assert main(["detect", str(feature_run), *map(str, imgs), "--out", str(tmp_path / "d"), "--no-progress",
                  "--map", "gated", "--score", "pooled_max", "--pool", "9"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "d" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len(imgs)
     assert isinstance(rows[0]["fused_score"], float)     # options changed: stats recomputed on held-out images
-    assert export_main([str(feature_run), "--format", "onnx", "--out", str(tmp_path / "b")]) == 2
-    assert "feature space" in capsys.readouterr().err
-    assert not (tmp_path / "b").exists()
+    # the same settings baked into a bundle (tests/test_export_features.py holds it to the run)
+    assert export_main([str(feature_run), "--format", "onnx", "--out", str(tmp_path / "b"), "--map", "gated",
+                        "--score", "pooled_max", "--pool", "9"]) == 0
+    assert "parity PASSED" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert (meta["model"]["space"], meta["detect"]["map_kind"], meta["detect"]["pool"]) == ("features", "gated", 9)
 
 
 def test_fused_is_the_feature_presets_score_and_standardises_both_parts(feature_run, tiny_dataset):

@@ -35,6 +35,7 @@
 #include <cctype>
 #include <charconv>
 #include <chrono>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -61,7 +62,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int kBundleVersionMin = 1, kBundleVersionMax = 2;  // lsr.deploy.bundle.READ_VERSIONS
+constexpr int kBundleVersionMin = 3, kBundleVersionMax = 3;  // lsr.deploy.bundle.READ_VERSIONS
 
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -111,9 +112,11 @@ struct NamedRule {
 };
 
 const IntRule kImageSize{8, 4096}, kChannels{1, 3}, kGridSize{1, 1024}, kCodebookSize{2, 65536};
+const IntRule kSeen{1, 65536};
 const IntRule kSeed{0, kMaxSeed}, kRestorations{1, 64}, kBatchSize{1, 4096}, kThreads{0, 4096};
 const FloatRule kTau{0.0, 1.0, true, true}, kTemperature{0.0, 1e3, true, false};
 const FloatRule kRate{0.0, 0.5, true, false}, kThreshold{-1e12, 1e12, false, false, true};
+const FloatRule kStatMean{-1e12, 1e12, false, false, true}, kStatStd{0.0, 1e12, true, false, true};
 
 const std::vector<NamedRule>& rules() {
   static const std::vector<NamedRule> table = {
@@ -121,6 +124,8 @@ const std::vector<NamedRule>& rules() {
       {"model.channels", "vqvae.in_channels", true, kChannels, {}},
       {"model.grid_size", "prior.grid_size", true, kGridSize, {}},
       {"model.codebook_size", "vqvae.codebook_size", true, kCodebookSize, {}},
+      {"model.seen_channels", "model.seen_channels", true, kSeen, {}},  // lsr.config.BUNDLE_RULES
+      {"model.seen_size", "model.seen_size", true, kSeen, {}},
       {"detect.tau", "detect.tau", false, {}, kTau},
       {"detect.temperature", "detect.temperature", false, {}, kTemperature},
       {"detect.seed", "detect.seed", true, kSeed, {}},
@@ -129,6 +134,10 @@ const std::vector<NamedRule>& rules() {
       {"detect.pixel_fpr", "detect.pixel_fpr", false, {}, kRate},
       {"detect.image_threshold", "detect.image_threshold", false, {}, kThreshold},
       {"detect.pixel_threshold", "detect.pixel_threshold", false, {}, kThreshold},
+      {"detect.score_mean", "detect.score_mean", false, {}, kStatMean},
+      {"detect.score_std", "detect.score_std", false, {}, kStatStd},
+      {"detect.nll_mean", "detect.nll_mean", false, {}, kStatMean},
+      {"detect.nll_std", "detect.nll_std", false, {}, kStatStd},
       {"--tau", "detect.tau", false, {}, kTau},
       {"--seed", "detect.seed", true, kSeed, {}},
       {"--restorations", "detect.restorations", true, kRestorations, {}},
@@ -328,6 +337,9 @@ struct Bundle {
   // the operating point (lsr.decision), set at export for the settings above
   std::optional<double> false_alarm_rate, pixel_fpr;  // null in a bundle older than the operating point
   std::optional<double> image_threshold, pixel_threshold;
+  // held-out normal images' score_mean, score_std, nll_mean, nll_std (the fused score; NaN: missing)
+  std::array<float, 4> held_out{NAN, NAN, NAN, NAN};
+  int seen_channels = 0, seen_size = 0;  // what the VQ-VAE sees: the image, or its features
   std::map<std::string, fs::path> graphs;
 };
 
@@ -370,6 +382,13 @@ Bundle read_bundle(const fs::path& dir) {
     b.pixel_fpr = json_float_or(meta, "detect.pixel_fpr", std::nullopt);
     b.image_threshold = json_float_or(meta, "detect.image_threshold", std::nullopt);
     b.pixel_threshold = json_float_or(meta, "detect.pixel_threshold", std::nullopt);
+    {
+      const char* stats[4] = {"detect.score_mean", "detect.score_std", "detect.nll_mean", "detect.nll_std"};
+      for (int k = 0; k < 4; ++k)
+        b.held_out[k] = static_cast<float>(json_float_or(meta, stats[k], std::nullopt).value_or(NAN));
+    }
+    b.seen_channels = static_cast<int>(json_int(meta, "model.seen_channels"));
+    b.seen_size = static_cast<int>(json_int(meta, "model.seen_size"));
     // the four graphs, then prior_native (the prior on the native attention kernels, written
     // when lsr-export had the extension): this runtime links the op library, so it prefers it
     const auto& graphs = get(meta, "graphs");
@@ -672,8 +691,10 @@ int main(int argc, char** argv) {
     Bundle b = read_bundle(pos[0]);
     // the exported thresholds hold for the exported settings only (as lsr.deploy.Inferencer)
     if ((tau_override && *tau_override != b.tau) || (seed_override && *seed_override != b.seed) ||
-        (restorations_override && *restorations_override != b.restorations))
+        (restorations_override && *restorations_override != b.restorations)) {
       b.image_threshold = b.pixel_threshold = std::nullopt;
+      b.held_out.fill(NAN);  // the fused score's statistics too (lsr.detect.Detector.with_options)
+    }
     if (tau_override) b.tau = *tau_override;
     if (seed_override) b.seed = *seed_override;
     if (restorations_override) b.restorations = *restorations_override;
@@ -735,26 +756,37 @@ int main(int argc, char** argv) {
         }
         const auto t0 = std::chrono::steady_clock::now();
         x = x.to(device);
-        at::Tensor codes = m.at("encoder").forward({x}).toTensor();
+        // the graph contract of lsr.deploy.bundle.graph_io: encoder -> (codes, seen),
+        // decoder -> (picture, seen), postprocess = lsr.anomaly.postprocess
+        auto enc = m.at("encoder").forward({x}).toTuple()->elements();
+        at::Tensor codes = enc.at(0).toTensor(), seen = enc.at(1).toTensor();
         if (codes.dim() != 3 || codes.size(1) != b.grid || codes.size(2) != b.grid)
           throw Error((fs::path(pos[0]) / "bundle.json").string() + ": model.grid_size " + std::to_string(b.grid) +
                       " does not match the encoder graph, whose codes are " + c10::str(codes.sizes()));
-        at::Tensor direct = m.at("decoder").forward({codes}).toTensor();
+        auto dec = m.at("decoder").forward({codes}).toTuple()->elements();
+        at::Tensor direct_seen = dec.at(1).toTensor();
         at::Tensor chains = codes.repeat_interleave(n, 0);
         std::vector<at::Tensor> noise;
         for (size_t i = 0; i < B; ++i)
           for (int r = 0; r < n; ++r) noise.push_back(gumbel(chain_seed(b.seed, static_cast<int64_t>(start + i), r), T, b.K));
         auto rs = lsr::resample_incremental(m.at("prior"), chains, at::stack(noise).to(device), b.tau, b.temperature);
-        at::Tensor restored = m.at("decoder").forward({rs.codes}).toTensor();
+        at::Tensor restored_seen = m.at("decoder").forward({rs.codes}).toTuple()->elements().at(1).toTensor();
+        using at::indexing::Slice;
+        at::Tensor lik = rs.likelihood.index({Slice(at::indexing::None, at::indexing::None, n)});
+        // lsr.anomaly.nll_score
+        at::Tensor nll = at::where(lik.lt(b.tau), -at::log(lik.clamp_min(1e-30)), at::zeros_like(lik)).flatten(1).sum(1);
+        const int64_t Bn = static_cast<int64_t>(B);
+        std::vector<int64_t> rshape{Bn, n};
+        for (int64_t d = 1; d < restored_seen.dim(); ++d) rshape.push_back(restored_seen.size(d));
         auto post = m.at("postprocess")
-                        .forward({x, direct, restored.view({static_cast<int64_t>(B), n, C, S, S})})
+                        .forward({seen, direct_seen, restored_seen.view(rshape),
+                                  rs.resampled.view({Bn, n, b.grid, b.grid}).to(at::kFloat), nll.to(at::kFloat),
+                                  at::tensor(std::vector<float>(b.held_out.begin(), b.held_out.end())).to(device)})
                         .toTuple()
                         ->elements();
         at::Tensor amap = post[0].toTensor().to(at::kCPU), score = post[1].toTensor().to(at::kCPU);
-        at::Tensor direct_score = post[5].toTensor().to(at::kCPU);
-        using at::indexing::Slice;
-        at::Tensor lik = rs.likelihood.index({Slice(at::indexing::None, at::indexing::None, n)}).to(at::kCPU);
-        at::Tensor nll = at::where(lik.lt(b.tau), -at::log(lik.clamp_min(1e-30)), at::zeros_like(lik)).flatten(1).sum(1);
+        at::Tensor direct_score = post[5].toTensor().to(at::kCPU), fused = post[7].toTensor().to(at::kCPU);
+        nll = nll.to(at::kCPU);
         at::Tensor n_res = rs.resampled.to(at::kCPU).view({static_cast<int64_t>(B), n, -1}).sum(-1).to(at::kFloat).mean(1);
         at::Tensor passes = rs.prior_passes.view({static_cast<int64_t>(B), n}).sum(1);
         at::Tensor evaluated = rs.positions_evaluated.view({static_cast<int64_t>(B), n}).sum(1);
@@ -796,6 +828,7 @@ int main(int argc, char** argv) {
               << ", \"score\": " << fmt(score[static_cast<int64_t>(i)].item<double>())
               << ", \"nll_score\": " << fmt(nll[static_cast<int64_t>(i)].item<double>())
               << ", \"direct_score\": " << fmt(direct_score[static_cast<int64_t>(i)].item<double>())
+              << ", \"fused_score\": " << fmt(fused[static_cast<int64_t>(i)].item<double>())
               << ", \"n_resampled\": " << fmt(n_res[static_cast<int64_t>(i)].item<double>()) << ", \"prior_passes\": " << p
               << ", \"positions_evaluated\": " << e << ", \"recomputed_fraction\": "
               << (later > 0 ? fmt(static_cast<double>(e - n * T) / static_cast<double>(later * T)) : "null")

@@ -3,10 +3,13 @@
 Layout of a bundle written by ``lsr-export``::
 
     bundle.json        everything needed to run it (see :func:`read_bundle`)
-    encoder.onnx       image (B, C, S, S) float32 in [0, 1] -> codes (B, h, w) int64
+    encoder.onnx       image (B, C, S, S) float32 in [0, 1] -> codes (B, h, w) int64,
+                       seen (B, F, H, H) float32 (the image, or its normalised features)
     prior.onnx         codes (B, h, w) int64 -> logits (B, K, h, w), likelihood (B, h, w)
-    decoder.onnx       codes (B, h, w) int64 -> image (B, C, S, S) float32, clamped to [0, 1]
-    postprocess.onnx   image, direct (B, C, S, S), restored (B, N, C, S, S) -> maps and scores
+    decoder.onnx       codes (B, h, w) int64 -> picture (B, C, S, S) float32 in [0, 1],
+                       seen (B, F, H, H) float32 (decoded)
+    postprocess.onnx   seen, direct (B, F, H, H), restored (B, N, F, H, H), resampled
+                       (B, N, h, w), nll_score (B,), held_out (4,) -> maps and scores
     prior_rows.onnx    (optional) rows r0..r1-1 of a prior pass from the state of the rows
                        above (lsr.deploy.graphs.PriorRowsGraph): the incremental loop
 
@@ -34,10 +37,13 @@ from typing import Any, Iterator, NamedTuple
 from ..io import plain_name, sha256_file  # noqa: F401 (sha256_file re-exported)
 
 #: Version of the bundle layout written. 2: ``detect.resampler`` may be ``auto`` and an
-#: ONNX bundle may hold ``prior_rows`` (version 1 readers would refuse both).
-BUNDLE_VERSION = 2
-#: Versions this lsr reads (a version 1 bundle runs the fast loop).
-READ_VERSIONS = (1, 2)
+#: ONNX bundle may hold ``prior_rows``. 3: one graph contract for both modes (pixels and
+#: features): encoder and decoder also return what is seen, the postprocess graph is
+#: :func:`lsr.anomaly.postprocess` (resampled mask, NLL score and held-out statistics in,
+#: gated map and fused score out).
+BUNDLE_VERSION = 3
+#: Versions this lsr reads (older bundles: export the run again).
+READ_VERSIONS = (3,)
 FORMATS = ("onnx", "torchscript")
 GRAPHS = ("encoder", "prior", "decoder", "postprocess")
 #: Graphs a bundle may hold besides :data:`GRAPHS` (checked like them when present):
@@ -48,7 +54,9 @@ EXTENSIONS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: Detection settings a bundle user may change at run time (the rest are baked into
 #: the postprocess graph).
 RUNTIME_OPTIONS = ("tau", "temperature", "seed", "restorations", "resampler")
-BAKED_OPTIONS = ("map_kind", "distance", "smoothing", "sigma", "score", "topk")
+BAKED_OPTIONS = ("map_kind", "distance", "smoothing", "sigma", "score", "topk", "pool", "gate_dilate", "weighting")
+#: held-out normal images' statistics of the fused score (null when missing)
+HELD_OUT_STATS = ("score_mean", "score_std", "nll_mean", "nll_std")
 #: The detection settings a bundle records from its run (all but the loop choice).
 EXPORTED_OPTIONS = tuple(k for k in RUNTIME_OPTIONS if k != "resampler") + BAKED_OPTIONS
 
@@ -173,12 +181,14 @@ def read_bundle(root: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
 _VALUE_RULES = {("model", "image_size"): "vqvae.image_size", ("model", "channels"): "vqvae.in_channels",
                 ("model", "downsample"): "vqvae.downsample", ("model", "grid_size"): "prior.grid_size",
                 ("model", "codebook_size"): "vqvae.codebook_size", ("model", "embed_dim"): "vqvae.embed_dim",
+                ("model", "space"): "vqvae.space",
                 **{("detect", k): f"detect.{k}" for k in ("tau", "temperature", "restorations", "seed", "resampler",
                                                           "map_kind", "distance", "smoothing", "sigma", "score",
-                                                          "topk", "false_alarm_rate", "pixel_fpr",
-                                                          "image_threshold", "pixel_threshold")}}
+                                                          "topk", "pool", "gate_dilate", "weighting",
+                                                          "false_alarm_rate", "pixel_fpr",
+                                                          "image_threshold", "pixel_threshold", *HELD_OUT_STATS)}}
 _REQUIRED_VALUES = {("model", "image_size"), ("model", "channels"), ("model", "grid_size"),
-                    ("model", "codebook_size"), ("detect", "tau"), ("detect", "temperature"),
+                    ("model", "codebook_size"), ("model", "space"), ("detect", "tau"), ("detect", "temperature"),
                     ("detect", "restorations"), ("detect", "seed")}
 
 
@@ -186,7 +196,7 @@ def _check_values(meta_path: Path, meta: dict[str, Any]) -> None:
     """model and detect values of bundle.json against the one rule list (lsr.config.RULES),
     as the C++ runtime checks them too; a bundle with tau NaN, a huge restorations count
     or a missing size is refused naming bundle.json and the key."""
-    from ..config import ConfigError, check_value
+    from ..config import BUNDLE_RULES, ConfigError, check_value
 
     for section in ("model", "detect"):
         if not isinstance(meta[section], dict):
@@ -203,6 +213,18 @@ def _check_values(meta_path: Path, meta: dict[str, Any]) -> None:
             check_value(rule, value)
         except ConfigError as e:
             raise BundleError(f"{meta_path}: {section}.{key}: {str(e).split(': ', 1)[1]}") from None
+    m = meta["model"]
+    for key, rule in BUNDLE_RULES.items():
+        name = key.split(".", 1)[1]
+        if name not in m:
+            raise BundleError(f"{meta_path}: {key} is missing")
+        try:
+            rule.check(m[name])
+        except ValueError as e:
+            raise BundleError(f"{meta_path}: {key}: {e}") from None
+    if m["space"] == "pixels" and (m["seen_channels"], m["seen_size"]) != (m["channels"], m["image_size"]):
+        raise BundleError(f"{meta_path}: model.seen_channels/seen_size must equal channels/image_size in pixel "
+                          f"mode, got {m['seen_channels']}/{m['seen_size']}")
 
 
 def _check_rows_meta(meta_path: Path, g: dict[str, Any]) -> None:
@@ -319,30 +341,34 @@ def prior_rows_io(state: list[dict[str, Any]], context_rows: int, h: int, K: int
     return ins, outs
 
 
-def graph_io(fmt: str, C: int, S: int, h: int, K: int) -> dict[str, tuple[list[dict], list[dict]]]:
-    """Input and output names, dtypes and shapes of every graph ("batch", "chains" and
-    "restorations" are the dynamic axes). The names are stable: code that runs a bundle
-    may rely on them."""
+def graph_io(fmt: str, C: int, S: int, h: int, K: int, F: int | None = None, H: int | None = None
+             ) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Input and output names, dtypes and shapes of every graph ("batch" and "restorations"
+    are the dynamic axes); F x H x H is what the VQ-VAE sees (default C x S x S: pixel
+    mode). The names are stable: code that runs a bundle may rely on them."""
+    F, H = (C if F is None else F), (S if H is None else H)
     img = ["batch", C, S, S]
+    seen = ["batch", F, H, H]
     codes = ["batch", h, h]
     grid = ["batch", S, S]
     prior_out = [tensor_spec("logits", "float32", ["batch", K, h, h])]
     if fmt == "onnx":
         prior_out.append(tensor_spec("likelihood", "float32", ["batch", h, h]))
+    f32 = (lambda name, shape: tensor_spec(name, "float32", shape))
     return {
-        "encoder": ([tensor_spec("image", "float32", img)], [tensor_spec("codes", "int64", codes)]),
+        "encoder": ([f32("image", img)], [tensor_spec("codes", "int64", codes), f32("seen", seen)]),
         "prior": ([tensor_spec("codes", "int64", codes)], prior_out),
-        "decoder": ([tensor_spec("codes", "int64", codes)], [tensor_spec("image", "float32", img)]),
+        "decoder": ([tensor_spec("codes", "int64", codes)], [f32("picture", img), f32("seen", seen)]),
         "postprocess": (
-            [tensor_spec("image", "float32", img), tensor_spec("direct", "float32", img),
-             tensor_spec("restored", "float32", ["batch", "restorations", C, S, S])],
-            [tensor_spec("anomaly_map", "float32", grid), tensor_spec("score", "float32", ["batch"]),
-             tensor_spec("map_restored_vs_input", "float32", grid),
-             tensor_spec("map_restored_vs_direct", "float32", grid),
-             tensor_spec("map_direct", "float32", grid), tensor_spec("direct_score", "float32", ["batch"])]),
+            [f32("seen", seen), f32("direct", seen), f32("restored", ["batch", "restorations", F, H, H]),
+             f32("resampled", ["batch", "restorations", h, h]), f32("nll_score", ["batch"]),
+             f32("held_out", [len(HELD_OUT_STATS)])],
+            [f32("anomaly_map", grid), f32("score", ["batch"]), f32("map_restored_vs_input", grid),
+             f32("map_restored_vs_direct", grid), f32("map_direct", grid), f32("direct_score", ["batch"]),
+             f32("map_gated", grid), f32("fused_score", ["batch"])]),
     }
 
 
 __all__ = ["BUNDLE_VERSION", "READ_VERSIONS", "FORMATS", "GRAPHS", "OPTIONAL_GRAPHS", "prior_rows_io", "Bundle", "BundleError", "GraphSpec", "read_bundle",
            "is_bundle", "sha256_file", "staged_folder", "write_bundle_json", "graph_entry", "graph_io",
-           "RUNTIME_OPTIONS", "BAKED_OPTIONS", "EXPORTED_OPTIONS"]
+           "RUNTIME_OPTIONS", "BAKED_OPTIONS", "EXPORTED_OPTIONS", "HELD_OUT_STATS"]

@@ -35,7 +35,7 @@ from .. import ops
 from ..config import RunConfig
 from ..detect import load_run
 from ..models import PixelSNAIL
-from .bundle import (BUNDLE_VERSION, EXTENSIONS, FORMATS, graph_entry, graph_io, prior_rows_io, staged_folder,
+from .bundle import (BUNDLE_VERSION, EXTENSIONS, FORMATS, HELD_OUT_STATS, graph_entry, graph_io, prior_rows_io, staged_folder,
                      write_bundle_json)
 from .graphs import PriorRowsGraph, build_graphs, fold_weight_norm
 
@@ -57,19 +57,22 @@ def torchscript_prior(prior: PixelSNAIL) -> torch.jit.ScriptModule:
     return script_prior(prior, native=False)
 
 
-def _trace(module: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+def _trace(module: nn.Module, example: tuple[torch.Tensor, ...], batched: tuple[bool, ...] | None = None
+           ) -> torch.jit.ScriptModule:
     """``torch.jit.trace`` on the reference ops, then a check that a different batch size
-    gives what the eager module gives (a trace that froze the batch would fail here)."""
+    gives what the eager module gives (a trace that froze the batch would fail here);
+    ``batched`` says which inputs have the batch axis (default: all)."""
+    batched = batched or (True,) * len(example)
     with ops.backend("reference"), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)      # TorchScript is what LibTorch loads
         traced = torch.jit.trace(module, example, check_trace=False)
-        other = tuple(torch.cat([t, t[:1]], 0) for t in example)          # batch + 1
+        other = tuple(torch.cat([t, t[:1]], 0) if b else t for t, b in zip(example, batched))   # batch + 1
         want, got = module(*other), traced(*other)
     want = want if isinstance(want, tuple) else (want,)
     got = got if isinstance(got, tuple) else (got,)
     for a, b in zip(want, got):
-        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5):
+        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5, equal_nan=True):
             raise RuntimeError(f"tracing {type(module).__name__} froze a shape: batch {other[0].shape[0]} "
                                f"gives {tuple(b.shape)} instead of {tuple(a.shape)}")
     return traced
@@ -91,13 +94,23 @@ def _quiet_export() -> Iterator[None]:
             logging.getLogger(n).setLevel(lv)
 
 
-def _examples(cfg: RunConfig) -> dict[str, tuple[torch.Tensor, ...]]:
+def seen_shape(cfg: RunConfig, vqvae: nn.Module) -> tuple[int, int]:
+    """(F, H): channels and side of what the VQ-VAE sees (the image, or the features)."""
+    if cfg.vqvae.space == "features":
+        return int(vqvae.feature_channels), cfg.vqvae.image_size // cfg.vqvae.feature_stride
+    return cfg.vqvae.in_channels, cfg.vqvae.image_size
+
+
+def _examples(cfg: RunConfig, F: int, H: int) -> dict[str, tuple[torch.Tensor, ...]]:
     g = torch.Generator().manual_seed(0)
     C, S, h, K = cfg.vqvae.in_channels, cfg.vqvae.image_size, cfg.grid_size, cfg.vqvae.codebook_size
     img = torch.rand(2, C, S, S, generator=g)
     codes = torch.randint(0, K, (2, h, h), generator=g)
-    return {"encoder": (img,), "prior": (codes,), "decoder": (codes,),
-            "postprocess": (img, torch.rand(2, C, S, S, generator=g), torch.rand(2, 2, C, S, S, generator=g))}
+    # batch 2, restorations 3: distinct sizes, so that the exporter cannot tie the two axes
+    post = (torch.rand(2, F, H, H, generator=g), torch.rand(2, F, H, H, generator=g),
+            torch.rand(2, 3, F, H, H, generator=g), (torch.rand(2, 3, h, h, generator=g) < 0.2).float(),
+            torch.rand(2, generator=g) * 10, torch.tensor([0.5, 0.1, 5.0, 2.0]))
+    return {"encoder": (img,), "prior": (codes,), "decoder": (codes,), "postprocess": post}
 
 
 def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, io_spec, opset: int,
@@ -105,13 +118,9 @@ def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Pat
     import onnx
 
     inputs, outputs = io_spec
-    batch = torch.export.Dim("batch", min=1)
-    dyn: Any = {}
-    for spec in inputs:
-        axes = {0: batch}
-        if "restorations" in spec["shape"]:
-            axes[1] = torch.export.Dim("restorations", min=1)
-        dyn[spec["name"]] = axes
+    named = {"batch": torch.export.Dim("batch", min=1), "restorations": torch.export.Dim("restorations", min=1)}
+    dyn: Any = {spec["name"]: {i: named[a] for i, a in enumerate(spec["shape"]) if a in named} or None
+                for spec in inputs}
     if dynamic is not None:
         dyn = dynamic
     with ops.backend("reference"), torch.no_grad(), _quiet_export():
@@ -159,8 +168,9 @@ def _prior_rows_example(graph: nn.Module, h: int, K: int) -> tuple[tuple[torch.T
 
 
 def _export_torchscript(name: str, module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
-                        prior: PixelSNAIL) -> None:
-    scripted = torchscript_prior(prior) if name == "prior" else _trace(module, example)
+                        prior: PixelSNAIL, inputs: list[dict[str, Any]]) -> None:
+    batched = tuple(s["shape"][:1] == ["batch"] for s in inputs)
+    scripted = torchscript_prior(prior) if name == "prior" else _trace(module, example, batched)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(scripted, str(path))
@@ -182,7 +192,8 @@ def _versions(fmt: str, opset: int) -> dict[str, Any]:
     return v
 
 
-def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str, Any]], opset: int) -> dict[str, Any]:
+def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str, Any]], opset: int,
+                seen: tuple[int, int] | None = None) -> dict[str, Any]:
     """The content of ``bundle.json`` for a run's config and written graphs."""
     from .. import __version__
 
@@ -196,18 +207,27 @@ def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str,
         "source_run": str(run.resolve()),
         "model": {"image_size": v.image_size, "channels": v.in_channels, "downsample": v.downsample,
                   "grid_size": cfg.grid_size, "codebook_size": v.codebook_size, "embed_dim": v.embed_dim,
-                  "preset": cfg.preset},
+                  "preset": cfg.preset, "space": v.space,
+                  # what the VQ-VAE sees: the image, or the normalised backbone features
+                  "seen_channels": (seen or (v.in_channels, v.image_size))[0],
+                  "seen_size": (seen or (v.in_channels, v.image_size))[1],
+                  **({"backbone": v.backbone, "feature_stride": v.feature_stride} if v.space == "features" else {})},
         "preprocessing": {
             "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0],
             "resize": "bilinear to image_size x image_size, antialiased when shrinking (Pillow), "
                       "values clipped to [0, 1]",
             "channels": "1: ITU-R 601-2 luma of colour images; 3: RGB, grey replicated; alpha dropped",
             "pixel_scale": "8-bit / 255, 16-bit / 65535",
-            "in_graph": "the encoder maps [0, 1] to [-1, 1] itself (x * 2 - 1)",
+            "in_graph": ("the encoder graph holds the backbone and its ImageNet normalisation (grey images "
+                         "replicated to 3 channels)" if v.space == "features"
+                         else "the encoder maps [0, 1] to [-1, 1] itself (x * 2 - 1)"),
         },
         "detect": {"tau": float(d.tau), "temperature": float(d.temperature), "restorations": int(d.restorations),
                    "seed": int(d.seed), "resampler": "auto", "map_kind": d.map_kind, "distance": d.distance,
                    "smoothing": d.smoothing, "sigma": float(d.sigma), "score": d.score, "topk": int(d.topk),
+                   "pool": int(d.pool), "gate_dilate": int(d.gate_dilate), "weighting": d.weighting,
+                   # held-out normal images' statistics (the fused score), for the settings above
+                   **{k: getattr(d, k) for k in HELD_OUT_STATS},
                    # the operating point (lsr.decision), valid for the settings above as exported
                    "false_alarm_rate": float(d.false_alarm_rate), "pixel_fpr": float(d.pixel_fpr),
                    "image_threshold": d.image_threshold, "pixel_threshold": d.pixel_threshold},
@@ -223,24 +243,14 @@ def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str,
     }
 
 
-#: detect settings the exported postprocess graph implements (others are refused)
-EXPORTABLE = {"map_kind": ("restored_vs_input", "restored_vs_direct"), "distance": ("l2", "ssim"),
-              "score": ("max", "topk_mean"), "weighting": ("mean",)}
-
-
 def check_exportable(cfg: RunConfig, run: Path) -> None:
-    """Refuse, with the reason, a run whose mode or settings the bundle graphs do not
-    implement yet (feature space; the gated map, MSGMS, pooled scores, weighted
-    restorations): an export must compute what ``lsr detect RUN`` computes, or nothing."""
-    if cfg.vqvae.space != "pixels":
-        raise ValueError(f"{run}: this run is in feature space (vqvae.space = {cfg.vqvae.space!r}); exporting "
-                         f"feature-space runs is not available yet: detect with `lsr detect RUN` (Python), or "
-                         f"train a pixel-space run (--set vqvae.space=pixels) to export")
-    for key, allowed in EXPORTABLE.items():
-        value = getattr(cfg.detect, key)
-        if value not in allowed:
-            raise ValueError(f"{run}: detect.{key} = {value!r} is not exportable yet (bundles implement "
-                             f"{', '.join(allowed)}); pass --{key.replace('_kind', '')} with one of those")
+    """Refuse, with the reason, a run whose settings the bundle graphs do not implement
+    (bilateral smoothing, which runs through scikit-image): an export must compute what
+    ``lsr detect RUN`` computes, or nothing. Both modes (pixels, features) export, with
+    every map, distance, score and weighting."""
+    if cfg.detect.smoothing == "bilateral":
+        raise ValueError(f"{run}: smoothing 'bilateral' runs through scikit-image and cannot be exported; "
+                         f"export with --smoothing gaussian or none")
 
 
 def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx", *, check: bool = True,
@@ -285,9 +295,11 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "on
             log("lsr-export: note: the held-out images of split.json are gone, so the bundle has no "
                 "thresholds for these settings (its results carry no verdict)")
     check_exportable(cfg, run)
-    graphs = build_graphs(vqvae, prior, cfg.detect)
-    examples = _examples(cfg)
-    io_specs = graph_io(fmt, cfg.vqvae.in_channels, cfg.vqvae.image_size, cfg.grid_size, cfg.vqvae.codebook_size)
+    graphs = build_graphs(vqvae, prior, cfg)
+    F, H = seen_shape(cfg, vqvae)
+    examples = _examples(cfg, F, H)
+    io_specs = graph_io(fmt, cfg.vqvae.in_channels, cfg.vqvae.image_size, cfg.grid_size, cfg.vqvae.codebook_size,
+                        F, H)
     ext = EXTENSIONS[fmt]
     with staged_folder(out, overwrite) as tmp:
         entries = {}
@@ -297,7 +309,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "on
             if fmt == "onnx":
                 _export_onnx(module, examples[name], path, io_specs[name], opset)
             else:
-                _export_torchscript(name, module, examples[name], path, prior)
+                _export_torchscript(name, module, examples[name], path, prior, io_specs[name][0])
             entries[name] = graph_entry(path, *io_specs[name])
         if fmt == "onnx" and cfg.grid_size >= 3:
             # the incremental loop's row-range prior (the bundle's default resampler)
@@ -321,7 +333,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "on
                 warnings.simplefilter("ignore", DeprecationWarning)
                 torch.jit.save(script_prior(prior, native=True), str(path))
             entries["prior_native"] = graph_entry(path, *io_specs["prior"])
-        meta = bundle_meta(cfg, fmt, run, entries, opset)
+        meta = bundle_meta(cfg, fmt, run, entries, opset, (F, H))
         write_bundle_json(tmp, meta)
         report = None
         if check:

@@ -2,12 +2,17 @@
 
 Every wrapper computes exactly what :meth:`lsr.detect.Detector.detect` computes for its
 stage, on the pure-PyTorch reference path (no native op, masks from index
-comparisons), with fixed input and output names (:func:`lsr.deploy.bundle.graph_io`):
+comparisons), with fixed input and output names (:func:`lsr.deploy.bundle.graph_io`).
+"Seen" is what the VQ-VAE encodes: the image itself in pixel mode (F = C, H = S), the
+normalised backbone features in feature mode (F = feature channels, H = S / 8):
 
-* :class:`EncodeGraph`       image (B, C, S, S) -> codes (B, h, w)
+* :class:`EncodeGraph`       image (B, C, S, S) -> codes (B, h, w), seen (B, F, H, H)
+                             (feature mode: the backbone is inside this graph)
 * :class:`PriorGraph`        codes -> logits (B, K, h, w), likelihood (B, h, w)
-* :class:`DecodeGraph`       codes -> image (B, C, S, S), clamped to [0, 1]
-* :class:`PostprocessGraph`  image, direct, restored (B, N, C, S, S) -> maps and scores
+* :class:`DecodeGraph`       codes -> picture (B, C, S, S) in [0, 1], seen (B, F, H, H)
+* :class:`PostprocessGraph`  seen, direct, restored (B, N, F, H, H), resampled (B, N, h, w),
+                             nll_score (B,), held_out (4,) -> maps and scores: the export of
+                             :func:`lsr.anomaly.postprocess`, the one definition
 
 and, for ONNX bundles, the prior's incremental form :class:`PriorRowsGraph` (rows r0..r1-1
 of a pass from explicit state: what the bundle's incremental resampling loop calls).
@@ -23,34 +28,43 @@ from typing import Any, List, Optional
 import torch.nn.functional as F
 
 from .. import anomaly
-from ..config import DetectConfig
-from ..models import VQVAE, PixelSNAIL
+from ..config import RunConfig
+from ..models import PixelSNAIL
 from ..models.incremental import IncrementalPrior, _Gated, reference_attention_rows
 from ..models.pixelsnail import background_grid
 from ..ops.resampling import _likelihood
 
 
+def _nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
+    """The quantiser as the formula of :func:`lsr.ops.reference.vq_nearest` (argmin of
+    ||e_k||^2 - 2 z.e_k in float32, ties to the lower index), written without that
+    function's chunking loop, whose slice bounds a trace would freeze at the example batch
+    size: z (B, D, h, w) -> codes (B, h, w)."""
+    B, D, h, w = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1, D).float()
+    e2 = (codebook * codebook).sum(dim=1)
+    dist = e2.unsqueeze(0) - 2.0 * (flat @ codebook.t())            # (B*h*w, K)
+    return dist.argmin(dim=1).reshape(B, h, w)
+
+
 class EncodeGraph(nn.Module):
-    """Encoder + nearest-codebook quantiser: image (B, C, S, S) in [0, 1] -> codes (B, h, w).
+    """image (B, C, S, S) in [0, 1] -> codes (B, h, w) and what was seen (B, F, H, H):
+    the image (pixel mode), or the backbone's normalised features (feature mode: the
+    frozen backbone, the feature normalisation and the encoder in one graph)."""
 
-    The quantiser is the formula of :func:`lsr.ops.reference.vq_nearest`
-    (argmin of ||e_k||^2 - 2 z.e_k in float32, ties to the lower index) written without
-    that function's chunking loop, whose slice bounds a trace would freeze at the
-    example batch size."""
-
-    def __init__(self, vqvae: VQVAE):
+    def __init__(self, vqvae: nn.Module):
         super().__init__()
+        self.features = getattr(vqvae.cfg, "space", "pixels") == "features"
+        if self.features:
+            self.backbone = vqvae.backbone
+            self.register_buffer("feature_mean", vqvae.feature_mean.detach().clone().float().view(1, -1, 1, 1))
+            self.register_buffer("feature_std", vqvae.feature_std.detach().clone().float().view(1, -1, 1, 1))
         self.encoder = vqvae.encoder
         self.register_buffer("codebook", vqvae.quantizer.codebook.detach().clone().float())
 
-    def forward(self, image: Tensor) -> Tensor:
-        z = self.encoder(image)                                      # (B, D, h, w)
-        B, D, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, D).float()
-        e = self.codebook
-        e2 = (e * e).sum(dim=1)
-        dist = e2.unsqueeze(0) - 2.0 * (flat @ e.t())                # (B*h*w, K)
-        return dist.argmin(dim=1).reshape(B, h, w)
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        seen = (self.backbone(image) - self.feature_mean) / self.feature_std if self.features else image
+        return _nearest_code(self.encoder(seen), self.codebook), seen
 
 
 class PriorGraph(nn.Module):
@@ -166,58 +180,54 @@ class PriorRowsGraph(nn.Module):
 
 
 class DecodeGraph(nn.Module):
-    """codes (B, h, w) -> image (B, C, S, S), clamped to [0, 1] as the Detector's x_d, x_r."""
+    """codes (B, h, w) -> picture (B, C, S, S) clamped to [0, 1] (the Detector's x_d, x_r)
+    and the decoded seen (B, F, H, H): the picture itself (pixel mode) or the decoded
+    normalised features (feature mode; the picture then comes from the pixel decoder)."""
 
-    def __init__(self, vqvae: VQVAE):
+    def __init__(self, vqvae: nn.Module):
         super().__init__()
+        self.features = getattr(vqvae.cfg, "space", "pixels") == "features"
         self.decoder = vqvae.decoder
+        if self.features:
+            self.pixel_decoder = vqvae.pixel_decoder
         self.register_buffer("codebook", vqvae.quantizer.codebook.detach().clone().float())
 
-    def forward(self, codes: Tensor) -> Tensor:
+    def forward(self, codes: Tensor) -> tuple[Tensor, Tensor]:
         q = torch.nn.functional.embedding(codes, self.codebook).permute(0, 3, 1, 2)
-        return self.decoder(q).clamp(0, 1)
+        if self.features:
+            return self.pixel_decoder(q).clamp(0, 1), self.decoder(q)
+        picture = self.decoder(q).clamp(0, 1)
+        return picture, picture.clone()
 
 
 class PostprocessGraph(nn.Module):
-    """Anomaly maps and image scores as the Detector makes them, with the run's
-    settings (map kind, distance, Gaussian sigma, score kind, top-k) baked in.
+    """:func:`lsr.anomaly.postprocess` with the run's map and score settings baked in.
 
-    Inputs: image x and direct reconstruction x_d (B, C, S, S); restored images x_r
-    (B, N, C, S, S), N restorations per image (maps averaged over them). Outputs:
-    ``anomaly_map`` (the configured map), ``score``, ``map_restored_vs_input``,
-    ``map_restored_vs_direct``, ``map_direct`` (B, S, S) and ``direct_score`` (B,).
+    Inputs: ``seen``, ``direct`` (B, F, H, H), ``restored`` (B, N, F, H, H) (N restorations
+    per image), ``resampled`` (B, N, h, w) float 0/1, ``nll_score`` (B,), ``held_out`` (4,)
+    (score_mean, score_std, nll_mean, nll_std; NaN gives a NaN fused score). Outputs: the
+    fields of :class:`lsr.anomaly.PostprocessResult` but ``map_score``, in order.
     """
 
-    def __init__(self, detect: DetectConfig):
+    def __init__(self, settings: anomaly.MapSettings):
         super().__init__()
-        if detect.smoothing == "bilateral":
+        if settings.smoothing == "bilateral":
             raise ValueError("smoothing 'bilateral' runs through scikit-image and cannot be exported; "
                              "export with --smoothing gaussian or none")
-        self.distance, self.smoothing, self.sigma = detect.distance, detect.smoothing, float(detect.sigma)
-        self.map_kind, self.score, self.topk = detect.map_kind, detect.score, int(detect.topk)
+        self.settings = settings
 
-    def _map(self, a: Tensor, b: Tensor) -> Tensor:
-        return anomaly.anomaly_map(a, b, self.distance, self.smoothing, self.sigma)
-
-    def forward(self, image: Tensor, direct: Tensor, restored: Tensor):
-        B, N, C, S, S2 = restored.shape
-        flat = restored.reshape(B * N, C, S, S2)
-        xi = image.unsqueeze(1).expand(B, N, C, S, S2).reshape(B * N, C, S, S2)
-        xd = direct.unsqueeze(1).expand(B, N, C, S, S2).reshape(B * N, C, S, S2)
-        map_in = self._map(flat, xi).reshape(B, N, S, S2).mean(dim=1)
-        map_rd = self._map(flat, xd).reshape(B, N, S, S2).mean(dim=1)
-        map_base = self._map(image, direct)
-        chosen = map_in if self.map_kind == "restored_vs_input" else map_rd
-        return (chosen, anomaly.image_score(chosen, self.score, self.topk), map_in, map_rd, map_base,
-                anomaly.image_score(map_base, self.score, self.topk))
+    def forward(self, seen: Tensor, direct: Tensor, restored: Tensor, resampled: Tensor, nll_score: Tensor,
+                held_out: Tensor):
+        return tuple(anomaly.postprocess(seen, direct, restored, resampled, nll_score, held_out,
+                                         self.settings))[:8]
 
 
-def build_graphs(vqvae: VQVAE, prior: PixelSNAIL, detect: DetectConfig) -> dict[str, nn.Module]:
-    """The four wrappers of a run, in eval mode, on the CPU."""
+def build_graphs(vqvae: nn.Module, prior: PixelSNAIL, config: RunConfig) -> dict[str, nn.Module]:
+    """The four wrappers of a run (either mode), in eval mode, on the CPU."""
     vqvae = vqvae.cpu().eval()
     prior = prior.cpu().eval()
     graphs = {"encoder": EncodeGraph(vqvae), "prior": PriorGraph(prior), "decoder": DecodeGraph(vqvae),
-              "postprocess": PostprocessGraph(detect)}
+              "postprocess": PostprocessGraph(anomaly.MapSettings.of(config))}
     for g in graphs.values():
         fold_weight_norm(g)
         g.eval()

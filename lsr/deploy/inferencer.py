@@ -20,9 +20,9 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from . import numpy_ops as nops
-from .bundle import BAKED_OPTIONS, RUNTIME_OPTIONS, Bundle, read_bundle
+from .bundle import BAKED_OPTIONS, HELD_OUT_STATS, RUNTIME_OPTIONS, Bundle, read_bundle
 from .runtime import make_runner
-from ..contract import recomputed_fraction, unique_stems
+from ..contract import result_row, unique_stems
 from ..io import locks_output
 
 
@@ -45,6 +45,8 @@ class BatchPrediction(NamedTuple):
     n_resampled: np.ndarray             # (B,) float, redrawn codes per restoration (mean)
     prior_passes: np.ndarray            # (B,) int64, prior passes over all restorations
     positions_evaluated: np.ndarray     # (B,) int64, grid positions those passes evaluated
+    map_gated: np.ndarray               # (B, S, S) restored vs input where codes were resampled
+    fused_score: np.ndarray             # (B,) standardised map score + NLL score (NaN without statistics)
 
 
 class Prediction(NamedTuple):
@@ -66,6 +68,8 @@ class Prediction(NamedTuple):
     n_resampled: float
     prior_passes: int
     positions_evaluated: int
+    map_gated: np.ndarray
+    fused_score: float
     input_size: tuple[int, int]         # (H, W) of the image given to predict
 
     def map_at_input_size(self) -> np.ndarray:
@@ -74,7 +78,7 @@ class Prediction(NamedTuple):
 
 
 _SCALAR_FIELDS = {"score": float, "nll_score": float, "direct_score": float, "n_resampled": float,
-                  "prior_passes": int, "positions_evaluated": int}
+                  "prior_passes": int, "positions_evaluated": int, "fused_score": float}
 
 
 def _is_torch_tensor(x: Any) -> bool:
@@ -219,9 +223,17 @@ class Inferencer:
             raise ValueError(f"{where}: tau is not set")
         if any(k in options and options[k] is not None and options[k] != self.bundle.detect.get(k)
                for k in ("tau", "temperature", "seed", "restorations")):
-            # the exported thresholds hold for the exported settings only
+            # the exported thresholds and held-out statistics hold for the exported settings
+            # only (as lsr.detect.Detector.with_options drops them)
             d["image_threshold"] = d["pixel_threshold"] = None
+            d.update({k: None for k in HELD_OUT_STATS})
         return d
+
+    @property
+    def held_out(self) -> np.ndarray:
+        """(4,) float32 held-out statistics of the fused score, NaN where missing."""
+        return np.array([np.nan if self.options.get(k) is None else float(self.options[k]) for k in HELD_OUT_STATS],
+                        np.float32)
 
     @property
     def image_size(self) -> int:
@@ -293,8 +305,10 @@ class Inferencer:
             raise ValueError(f"got {len(ids)} image ids for {B} images")
         n = int(d["restorations"])
         tau = float(d["tau"])
-        codes = self.runner.run("encoder", image=x)["codes"].astype(np.int64)
-        direct = self.runner.run("decoder", codes=codes)["image"]
+        enc = self.runner.run("encoder", image=x)
+        codes, seen = enc["codes"].astype(np.int64), enc["seen"]
+        dec = self.runner.run("decoder", codes=codes)
+        direct, direct_seen = dec["picture"], dec["seen"]
         h, w = codes.shape[1:]
         K = self.bundle.codebook_size
         seeds = [nops.chain_seed(int(d["seed"]), i, r) for i in ids for r in range(n)]
@@ -311,14 +325,18 @@ class Inferencer:
         else:
             loop = nops.resample_fast if self.loop == "fast" else nops.resample_naive
             rs = loop(self.prior, chains, noise, tau, temperature)
-        restored = self.runner.run("decoder", codes=rs.codes)["image"]
-        post = self.runner.run("postprocess", image=x, direct=direct,
-                               restored=np.ascontiguousarray(restored.reshape(B, n, C, S, S)))
+        dec = self.runner.run("decoder", codes=rs.codes)
+        restored, restored_seen = dec["picture"], dec["seen"]
         first = slice(None, None, n)
         likelihood = rs.likelihood[first]
+        nll = nops.nll_score(likelihood, tau)
+        post = self.runner.run("postprocess", seen=seen, direct=direct_seen,
+                               restored=np.ascontiguousarray(restored_seen.reshape((B, n) + restored_seen.shape[1:])),
+                               resampled=np.ascontiguousarray(rs.resampled.reshape(B, n, h, w), dtype=np.float32),
+                               nll_score=np.ascontiguousarray(nll, dtype=np.float32), held_out=self.held_out)
         return BatchPrediction(
             anomaly_map=post["anomaly_map"], score=post["score"],
-            nll_score=nops.nll_score(likelihood, tau),
+            nll_score=nll,
             map_restored_vs_input=post["map_restored_vs_input"],
             map_restored_vs_direct=post["map_restored_vs_direct"],
             map_direct=post["map_direct"], direct_score=post["direct_score"],
@@ -328,6 +346,7 @@ class Inferencer:
             prior_passes=rs.prior_passes.reshape(B, n).sum(axis=1),
             positions_evaluated=(rs.prior_passes * (h * w) if rs.positions_evaluated is None   # whole passes
                                  else rs.positions_evaluated).reshape(B, n).sum(axis=1),
+            map_gated=post["map_gated"], fused_score=post["fused_score"],
         )
 
 
@@ -370,19 +389,17 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
         ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)
         for i, (path, size) in enumerate(zip(chunk, sizes)):
             stem = stems[start + i]
-            passes, n_codes = int(res.prior_passes[i]), int(res.codes[i].size)
-            evaluated, n_rest = int(res.positions_evaluated[i]), int(d["restorations"])
-            row = {"image": str(path), "score": float(res.score[i]), "nll_score": float(res.nll_score[i]),
-                   "direct_score": float(res.direct_score[i]), "n_resampled": float(res.n_resampled[i]),
-                   "prior_passes": passes, "positions_evaluated": evaluated,
-                   "recomputed_fraction": recomputed_fraction(passes, evaluated, n_codes, n_rest),
-                   "n_codes": n_codes, "time_ms": ms, "resampler": inf.loop, "map": d["map_kind"],
+            row = {"image": str(path),
+                   **result_row(res.score[i], res.nll_score[i], res.direct_score[i], res.fused_score[i],
+                                res.n_resampled[i], res.prior_passes[i], res.positions_evaluated[i],
+                                res.codes[i].size, int(d["restorations"])),
+                   "time_ms": ms, "resampler": inf.loop, "map": d["map_kind"],
                    "bundle": str(inf.bundle.root), "providers": inf.providers}
             if save_panel is not None:
                 row["panel"] = str(out / f"{stem}.png")
                 save_panel(out / f"{stem}.png", x[i], res.direct[i], res.restored[i], res.anomaly_map[i],
                            res.resampled[i],
-                           title=f"{path.name}  score {row['score']:.4f}  nll {row['nll_score']:.1f}  "
+                           title=f"{path.name}  score {_fmt(row['score'])}  nll {row['nll_score']:.1f}  "
                                  f"resampled {row['n_resampled']:.0f}/{row['n_codes']}")
             full = nops.resize_maps(res.anomaly_map[i:i + 1], size)[0]
             row.update(decision.verdict(row["score"], full, d))
@@ -404,6 +421,10 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
             f.write(dumps(row) + "\n")
     write_index(out, rows, title=f"lsr detect: bundle {inf.bundle.root.name} ({len(rows)} images)")
     return rows
+
+
+def _fmt(score: float | None) -> str:
+    return "n/a" if score is None else f"{score:.4f}"
 
 
 __all__ = ["Inferencer", "Prediction", "BatchPrediction", "to_model_input", "detect_bundle"]

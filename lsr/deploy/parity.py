@@ -20,6 +20,7 @@ are compared again at a tau that flags some (else the report says they went unch
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import ops
-from .bundle import EXPORTED_OPTIONS, Bundle, BundleError, read_bundle
+from .bundle import EXPORTED_OPTIONS, HELD_OUT_STATS, Bundle, BundleError, read_bundle
 
 #: max abs differences allowed (the codes must be identical in any case, but for near-ties:
 #: ``code_tie`` is the largest distance gap, relative to ||z||^2 + ||e||^2, between the
@@ -155,6 +156,23 @@ def _compare(problems: list[str], name: str, want: Any, got: Any, want_from: str
         problems.extend(notes)
         return float("nan")
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
+
+
+def _compare_missing(problems: list[str], name: str, want: Any, got: Any, want_from: str, got_from: str) -> float:
+    """:func:`_compare` of scores (B,) where NaN means "missing" (the fused score without
+    held-out statistics): both sides must be missing at the same images, which are left
+    out; a NaN on one side only is a problem."""
+    a = want.detach().cpu().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
+    b = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+    if a.shape == b.shape and np.issubdtype(a.dtype, np.floating) and np.issubdtype(b.dtype, np.floating):
+        na, nb = np.isnan(a), np.isnan(b)
+        if na.any() or nb.any():
+            if not np.array_equal(na, nb):
+                problems.append(f"{name}: missing (NaN) at images {np.flatnonzero(na ^ nb).tolist()} on one side "
+                                f"only ({got_from} vs {want_from})")
+                return float("nan")
+            a, b = a[~na], b[~nb]
+    return _compare(problems, name, a, b, want_from, got_from)
 
 
 def synthetic_images(n: int, channels: int, size: int, seed: int = 0) -> np.ndarray:
@@ -295,7 +313,11 @@ def check_bundle(bundle: str | os.PathLike | Bundle, run: str | os.PathLike | No
             raise BundleError(f"{b.root / 'bundle.json'}: the run it was exported from ({run}) is not here; "
                               f"pass the run folder (lsr-export --check BUNDLE --run RUN)")
     tol = {**DEFAULT_TOLERANCE, **(tolerance or {})}
-    det = Detector.load(run, "cpu").with_options(**{k: b.detect[k] for k in EXPORTED_OPTIONS}, resampler="fast")
+    det = Detector.load(run, "cpu").with_options(**{k: b.detect[k] for k in EXPORTED_OPTIONS if k in b.detect},
+                                                 resampler="fast")
+    # the bundle's held-out statistics (set for its settings at export) on the PyTorch side too
+    det.config = dataclasses.replace(det.config, detect=dataclasses.replace(
+        det.config.detect, **{k: b.detect.get(k) for k in HELD_OUT_STATS}))
     if (det.image_size, det.channels) != (b.image_size, b.channels):
         raise BundleError(f"{b.root / 'bundle.json'}: bundle is for ({b.channels}, {b.image_size}) images, "
                           f"run {run} for ({det.channels}, {det.image_size})")
@@ -338,18 +360,26 @@ def check_bundle(bundle: str | os.PathLike | Bundle, run: str | os.PathLike | No
                        "the bundle's resampling loop (prior graph)", ("image", "position"))
         maps = _worst(*(_compare(problems, "maps", t[f], o[f], torch_side, _src(b, "postprocess", f),
                                  ("image", "pixel"))
-                        for f in ("anomaly_map", "map_restored_vs_input", "map_restored_vs_direct", "map_direct")))
+                        for f in ("anomaly_map", "map_restored_vs_input", "map_restored_vs_direct", "map_direct",
+                                  "map_gated")))
         nll_scale = max(1.0, float(np.abs(np.nan_to_num(t["nll_score"].numpy())).max(initial=0.0)))
-        score = _worst(_compare(problems, "scores", t["score"], o["score"], torch_side,
-                                _src(b, "postprocess", "score")),
+        # the fused score divides by the held-out standard deviations: its differences are
+        # compared in the units of the raw scores (the score tolerance carried through)
+        stds = [b.detect.get(k) for k in ("score_std", "nll_std")]
+        fused_scale = max([1.0] + [1.0 / v for v in stds if v])
+        score = _worst(_compare_missing(problems, "scores", t["score"], o["score"], torch_side,
+                                        _src(b, "postprocess", "score"))
+                       / (fused_scale if b.detect.get("score") == "fused" else 1.0),
+                       _compare_missing(problems, "scores", t["fused_score"], o["fused_score"], torch_side,
+                                        _src(b, "postprocess", "fused_score")) / fused_scale,
                        _compare(problems, "scores", t["direct_score"], o["direct_score"], torch_side,
                                 _src(b, "postprocess", "direct_score")),
                        _compare(problems, "scores", t["nll_score"], o["nll_score"], torch_side,
                                 "the bundle's nll_score (from the prior graph's likelihood)") / nll_scale)
         img = _worst(_compare(problems, "images", t["direct"], o["direct"], torch_side,
-                              _src(b, "decoder", "image") + " (direct)", ("image", "channel", "pixel")),
+                              _src(b, "decoder", "picture") + " (direct)", ("image", "channel", "pixel")),
                      _compare(problems, "images", t["restored"], o["restored"], torch_side,
-                              _src(b, "decoder", "image") + " (restored)", ("image", "channel", "pixel")))
+                              _src(b, "decoder", "picture") + " (restored)", ("image", "channel", "pixel")))
         return dict(res_equal=res_equal, passes_equal=passes_equal, loop_equal=loop_equal, lik=lik, maps=maps,
                     score=score, img=img, n_resampled=int(t["resampled"].sum()))
 
