@@ -473,7 +473,7 @@ def preset(name: str, in_channels: int = 3) -> RunConfig:
 
     Feature space (the default since the quality benchmark, ``benchmarks/quality``):
     ``cpu`` (the default without a GPU: 256 px through EfficientNet-Lite0, 16x16 codes,
-    K = 64; sized for ~200 images in <= 10 min on 2 cores), ``demo`` (the same model, fewer
+    K = 64; sized for ~200 images in <= 10 min on 2 cores: 6.5 min measured, benchmarks/RESULTS.md), ``demo`` (the same model, fewer
     epochs, for ``lsr demo``), ``gpu`` (the default on a GPU: 32x32 codes, K = 256, a larger
     prior). Pixel space, the paper's method: ``paper`` (256 px, 32x32 codes, K = 512),
     ``cpu-pixels`` and ``demo-pixels`` (the earlier CPU presets). ``tiny`` and
