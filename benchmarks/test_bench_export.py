@@ -1,12 +1,14 @@
-"""Exported bundles vs PyTorch eager, per stage and end to end, batch 1 and 16.
+"""Exported bundles vs PyTorch eager, per stage and end to end, batch 1 and 16, both modes.
 
 Run: ``pytest benchmarks/test_bench_export.py --benchmark-group-by=group
 --benchmark-columns=median,mean,stddev,rounds``.
 
-Models: the ``demo`` preset (128 px grey, 16x16 codes, K = 32, prior 48 channels) with
-random weights (speed does not depend on training), exported once per session to ONNX
-and TorchScript. tau is set so that the rule flags about 2% of the codes of the
-benchmark images, so end to end runs a few resampling passes per image.
+Models, random weights (speed does not depend on training), exported once per session to
+ONNX and TorchScript: ``pixels`` is the ``demo-pixels`` preset (128 px grey, 16x16 codes,
+K = 32, prior 48 channels); ``features`` the ``demo`` preset (256 px grey through the
+pretrained EfficientNet-Lite0 taps, inside the encoder graph; 16x16 codes, K = 64). tau
+is set so that the rule flags about 2% of the codes of the benchmark images, so end to end
+runs a few resampling passes per image.
 
 * ``eager``: what ``lsr detect RUN`` runs (:class:`lsr.detect.Detector`, native ops when built);
 * ``onnxruntime``: the ONNX bundle on onnxruntime's CPU provider (:class:`lsr.deploy.Inferencer`,
@@ -15,7 +17,11 @@ benchmark images, so end to end runs a few resampling passes per image.
   passes), to show what the incremental loop gains;
 * ``torchscript``: the TorchScript bundle through ``torch.jit.load`` (its default loop:
   lsr's C++ loop when the extension is built).
+
+The stages are the bundle's graphs (docs/method.md, "The stages a bundle holds"); eager's
+postprocess is :func:`lsr.anomaly.postprocess`, the function the graph is the export of.
 """
+import hashlib
 import time
 
 import numpy as np
@@ -27,13 +33,14 @@ from lsr import anomaly
 from lsr.checkpoint import save_weights
 from lsr.config import preset
 from lsr.io import write_json
-from lsr.models import VQVAE, PixelSNAIL
+from lsr.models import PixelSNAIL, build_vqvae
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 BACKENDS = ("eager", "onnxruntime", "onnxruntime_fast", "torchscript")
 STAGES = ("encode", "prior", "decode", "postprocess", "end_to_end")
+PRESETS = {"pixels": "demo-pixels", "features": "demo"}
 
 
 def _tau_for(prior, codes, share: float = 0.02) -> float:
@@ -46,15 +53,20 @@ def _tau_for(prior, codes, share: float = 0.02) -> float:
     return 1.0
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+_SETUPS: dict = {}
+
+
+def _setup(mode, tmp_path_factory):
+    """(detector, {backend: Inferencer}, 16 images, their codes) of one mode, once per session."""
+    if mode in _SETUPS:
+        return _SETUPS[mode]
     from lsr.deploy import Inferencer, export_bundle
     from lsr.detect import Detector
 
-    root = tmp_path_factory.mktemp("bench-export")
-    cfg = preset("demo", 1)
+    root = tmp_path_factory.mktemp(f"bench-export-{mode}")
+    cfg = preset(PRESETS[mode], 1)
     torch.manual_seed(0)
-    vqvae, prior = VQVAE(cfg.vqvae).eval(), PixelSNAIL(cfg.prior).eval()
+    vqvae, prior = build_vqvae(cfg.vqvae).eval(), PixelSNAIL(cfg.prior).eval()
     S = cfg.vqvae.image_size
     x16 = torch.rand(16, 1, S, S, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -70,38 +82,50 @@ def setup(tmp_path_factory):
     runs = {"onnxruntime": Inferencer(root / "onnx", providers=["CPUExecutionProvider"]),
             "onnxruntime_fast": Inferencer(root / "onnx", providers=["CPUExecutionProvider"], resampler="fast"),
             "torchscript": Inferencer(root / "ts")}
-    return det, runs, x16, codes16
+    _SETUPS[mode] = (det, runs, x16, codes16)
+    return _SETUPS[mode]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The pixel-mode setup (the CLI benchmarks below use it)."""
+    return _setup("pixels", tmp_path_factory)
 
 
 def _stage_fn(stage, backend, det, runs, x, codes):
-    """A no-argument callable running one stage on one backend, and its inputs prepared."""
-    d = det.config.detect
+    """A no-argument callable running one stage on one backend (inputs prepared outside it)."""
     B = x.shape[0]
     if backend == "eager":
-        def post(xx, dd, rr):
-            mi = anomaly.anomaly_map(rr, xx, d.distance, d.smoothing, d.sigma)
-            mr = anomaly.anomaly_map(rr, dd, d.distance, d.smoothing, d.sigma)
-            mb = anomaly.anomaly_map(xx, dd, d.distance, d.smoothing, d.sigma)
-            return anomaly.image_score(mi, d.score, d.topk), anomaly.image_score(mb, d.score, d.topk), mr
+        features = det.space == "features"
+        if stage == "end_to_end":
+            return lambda: det.detect(x)
         with torch.no_grad():
-            img = det.vqvae.decode_indices(codes).clamp(0, 1)
+            seen = det.vqvae.features(x) if features else x
+            dseen = det.vqvae.decode_features(codes) if features else det._decode_image(codes)
+        settings = anomaly.MapSettings.of(det.config)
+        held = anomaly.held_out_tensor(det.config.detect)
         fns = {
-            "encode": lambda: det.vqvae.quantizer(det.vqvae.encoder(x)).indices,
+            "encode": lambda: det.vqvae.encode(x),
             "prior": lambda: det.prior(codes),
-            "decode": lambda: det.vqvae.decode_indices(codes).clamp(0, 1),
-            "postprocess": lambda: post(x, img, img),
-            "end_to_end": lambda: det.detect(x),
+            "decode": ((lambda: (det._decode_image(codes), det.vqvae.decode_features(codes))) if features
+                       else (lambda: det._decode_image(codes))),
+            "postprocess": lambda: anomaly.postprocess(seen, dseen, dseen.unsqueeze(1), codes.unsqueeze(1) < 0,
+                                                       torch.zeros(B), held, settings),
         }
         return fns[stage]
     inf = runs[backend]
     xn, cn = x.numpy(), codes.numpy()
-    img = inf.runner.run("decoder", codes=cn)["image"]
+    if stage == "end_to_end":
+        return lambda: inf.predict_batch(xn)
+    seen = inf.runner.run("encoder", image=xn)["seen"]
+    dseen = inf.runner.run("decoder", codes=cn)["seen"]
     fns = {
         "encode": lambda: inf.runner.run("encoder", image=xn),
         "prior": lambda: inf.prior(cn),
         "decode": lambda: inf.runner.run("decoder", codes=cn),
-        "postprocess": lambda: inf.runner.run("postprocess", image=xn, direct=img, restored=img.reshape(B, 1, *img.shape[1:])),
-        "end_to_end": lambda: inf.predict_batch(xn),
+        "postprocess": lambda: inf.runner.run("postprocess", seen=seen, direct=dseen, restored=dseen[:, None],
+                                              resampled=np.zeros((B, 1) + cn.shape[1:], np.float32),
+                                              nll_score=np.zeros(B, np.float32), held_out=inf.held_out),
     }
     return fns[stage]
 
@@ -109,10 +133,11 @@ def _stage_fn(stage, backend, det, runs, x, codes):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B", [1, 16])
 @pytest.mark.parametrize("stage", STAGES)
-def test_export_stage(benchmark, setup, stage, B, backend):
+@pytest.mark.parametrize("mode", ["pixels", "features"])
+def test_export_stage(benchmark, tmp_path_factory, mode, stage, B, backend):
     if backend == "onnxruntime_fast" and stage != "end_to_end":
         pytest.skip("the loop only changes end to end")
-    det, runs, x16, codes16 = setup
+    det, runs, x16, codes16 = _setup(mode, tmp_path_factory)
     x, codes = x16[:B].contiguous(), codes16[:B].contiguous()
     fn = _stage_fn(stage, backend, det, runs, x, codes)
     with torch.no_grad():
@@ -121,7 +146,7 @@ def test_export_stage(benchmark, setup, stage, B, backend):
         fn()
         est = time.perf_counter() - t0
     rounds = int(max(3, min(50, 1.5 / max(est, 1e-6))))
-    benchmark.group = f"{stage} batch {B}"
+    benchmark.group = f"{mode}: {stage} batch {B}"
     benchmark.pedantic(fn, rounds=rounds, iterations=1)
     if stage == "end_to_end":
         with torch.no_grad():
@@ -129,6 +154,9 @@ def test_export_stage(benchmark, setup, stage, B, backend):
         benchmark.extra_info["prior_passes"] = int(np.asarray(res.prior_passes).sum())
         benchmark.extra_info["resampled"] = int(np.asarray(res.resampled).sum())
         benchmark.extra_info["positions_evaluated"] = int(np.asarray(res.positions_evaluated).sum())
+        # the same codes on every backend and version (compare across the rows of one run)
+        benchmark.extra_info["codes_sha256"] = hashlib.sha256(
+            np.ascontiguousarray(np.asarray(res.resampled_codes), dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- C++ runtime vs Python
