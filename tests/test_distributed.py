@@ -118,6 +118,33 @@ def test_sharded_eval_equals_one_process(two_runs, tiny_dataset, tmp_path):
         assert np.array_equal(tifffile.imread(f), tifffile.imread(g)), f
 
 
+def test_feature_mode_trains_and_evaluates_under_torchrun(tiny_dataset, tmp_path):
+    """Feature space (the default presets) under torchrun: the frozen backbone, the feature
+    statistics and the trained weights equal one process's (the tolerances of the pixel
+    test above), and the sharded eval writes the one-process metrics and rows."""
+    cfg = lsr.preset("tiny-features", in_channels=1).with_overrides(TWO_RUNS_CFG)
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    single = tmp_path / "single"
+    one_process("train", tiny_dataset, "--out", single, "--config", cfg_file)
+    p = torchrun("train", tiny_dataset, "--out", tmp_path / "ddp", "--config", cfg_file)
+    assert p.returncode == 0, p.stdout + p.stderr
+    a, b = load_weights(single / "vqvae.safetensors"), load_weights(tmp_path / "ddp" / "vqvae.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)
+    for k in a:
+        exact = k.startswith("backbone.") or k in ("feature_mean", "feature_std")
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0 if exact else 1e-5, msg=k)
+    a, b = load_weights(single / "prior.safetensors"), load_weights(tmp_path / "ddp" / "prior.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=6e-3, msg=k)
+    one_process("eval", single, tiny_dataset, "--out", tmp_path / "one", "--batch-size", "2")
+    p = torchrun("eval", single, tiny_dataset, "--out", tmp_path / "two", "--batch-size", "2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["methods"] == one["methods"] and "fused" in one["methods"]
+
+
 def test_sharded_detect_equals_one_process(two_runs, tiny_dataset, tmp_path):
     single, _, _ = two_runs
     images = sorted((tiny_dataset / "test").rglob("*.png"))[:5]

@@ -140,3 +140,13 @@ def test_a_change_to_the_map_reaches_every_backend(tiny_feature_run, tmp_path, m
         assert res.parity.passed, res.parity.summary()
         got = Inferencer(tmp_path / fmt, providers=["CPUExecutionProvider"], resampler="fast").predict_batch(x)
         np.testing.assert_allclose(got.map_direct, changed, rtol=1e-4, atol=1e-3)
+
+
+def test_bundle_and_pytorch_results_have_the_same_fields():
+    """The Inferencer and the Detector are one pipeline over two backends: the same result
+    fields in the same order (numpy arrays on one side, tensors on the other)."""
+    from lsr.deploy.inferencer import BatchPrediction, Prediction
+    from lsr.detect import DetectionResult
+
+    assert BatchPrediction._fields == DetectionResult._fields
+    assert Prediction._fields == DetectionResult._fields + ("input_size",)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _C  # noqa: F401  (registers torch.ops.lsr.*; raises ImportError when not built)
+
 
 @torch.library.register_fake("lsr::vq_nearest")
 def _vq_nearest_fake(z: Tensor, codebook: Tensor) -> Tensor:
