@@ -22,7 +22,8 @@ Where things are:
 * :mod:`lsr.anomaly`  – anomaly maps and image scores
 * :mod:`lsr.evaluation` – MVTec AD evaluation                         (``lsr eval``)
 * :mod:`lsr.metrics`  – AUROC, AUPRO, F1-max
-* :mod:`lsr.data`     – image and MVTec AD folder loading, clear errors
+* :mod:`lsr.images`   – image decoding (strict, bounded), clear errors
+* :mod:`lsr.data`     – MVTec AD folders, listings, the train/validation split
 * :mod:`lsr.report`   – panels, report pictures, tables
 * :mod:`lsr.demo`, :mod:`lsr.demo_data` – ``lsr demo``
 * :mod:`lsr.deploy`   – ``lsr-export`` (ONNX / TorchScript bundles, parity check) and

@@ -122,7 +122,7 @@ def test_thresholds_come_from_train_good_only(tmp_path, tiny_dataset, monkeypatc
     """Training (tau, score statistics, thresholds) and `lsr calibrate` never open a test
     image: every image opened is recorded."""
     import lsr
-    import lsr.data as D
+    import lsr.images as D
     from lsr.detect import calibrate_thresholds
 
     opened = []

@@ -107,7 +107,7 @@ std::pair<int, int> read_header(Reader& r, const std::string& path) {
   if (w * h > kMaxImagePixels)
     throw std::runtime_error(path + ": image too large (" + std::to_string(w) + " x " + std::to_string(h) + " = " +
                              std::to_string(w * h) + " pixels; the limit is " + std::to_string(kMaxImagePixels) +
-                             ", Pillow's MAX_IMAGE_PIXELS, as lsr.data): refused before decoding");
+                             ", Pillow's MAX_IMAGE_PIXELS, as lsr.images): refused before decoding");
   return {static_cast<int>(h), static_cast<int>(w)};
 }
 
@@ -160,7 +160,7 @@ Float read_png(const std::string& path) {
   out.data.assign(static_cast<size_t>(out.channels) * h * w, 0.f);
   png_bytepp rows = row_ptrs.data();
   const int bytes = depth == 16 ? 2 : 1;
-  // as Pillow (so as lsr.data): a 16-bit grey PNG is read at 16 bits (I;16, / 65535), a
+  // as Pillow (so as lsr.images): a 16-bit grey PNG is read at 16 bits (I;16, / 65535), a
   // 16-bit colour or grey+alpha PNG is opened as 8-bit RGB(A) (its high bytes, / 255)
   const bool full16 = depth == 16 && color == PNG_COLOR_TYPE_GRAY;
   for (int y = 0; y < h; ++y)
@@ -181,7 +181,7 @@ Float to_channels(const Float& img, int channels) {
   out.width = img.width;
   const size_t n = static_cast<size_t>(img.height) * img.width;
   out.data.resize(channels * n);
-  if (channels == 1) {  // colour -> luma, as lsr.data (float32 0.299, 0.587, 0.114), clipped
+  if (channels == 1) {  // colour -> luma, as lsr.images (float32 0.299, 0.587, 0.114), clipped
     for (size_t i = 0; i < n; ++i) {
       const float v = img.data[i] * 0.299f + img.data[n + i] * 0.587f + img.data[2 * n + i] * 0.114f;
       out.data[i] = std::clamp(v, 0.0f, 1.0f);

@@ -1,4 +1,4 @@
-// PNG reading/writing (libpng) and the preprocessing of lsr.data.load_image, for the C++
+// PNG reading/writing (libpng) and the preprocessing of lsr.images.load_image, for the C++
 // runtime: float32 (C, H, W) in [0, 1]; 1 channel = ITU-R 601 luma of colour images,
 // 3 channels = RGB with grey replicated; alpha dropped; 8-bit / 255, 16-bit / 65535;
 // resize = Pillow's BILINEAR on float images (antialiased when shrinking), clipped.
@@ -17,7 +17,7 @@ struct Float {
 };
 
 // The largest image read, in pixels (width x height): Pillow's default Image.MAX_IMAGE_PIXELS
-// (1024 * 1024 * 1024 // 4 // 3), the limit of lsr's Python path (lsr.data). Checked from the
+// (1024 * 1024 * 1024 // 4 // 3), the limit of lsr's Python path (lsr.images). Checked from the
 // header, before anything is allocated or decoded: a small PNG of 20000 x 20000 pixels is
 // refused, not decoded into gigabytes.
 constexpr uint64_t kMaxImagePixels = 89478485;
@@ -35,7 +35,7 @@ std::pair<int, int> png_size(const std::string& path);
 // before anything is written.
 std::pair<int, int> verify_png(const std::string& path);
 
-// To the model's channels (1 or 3), as lsr.data.load_image does.
+// To the model's channels (1 or 3), as lsr.images.load_image does.
 Float to_channels(const Float& img, int channels);
 
 // Pillow's Image.resize(BILINEAR) on float ("F") planes, then clipped to [0, 1].

@@ -10,7 +10,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -119,13 +118,13 @@ def to_model_input(image: Any, channels: int, size: int) -> tuple[np.ndarray, tu
     ITU-R 601 luma; alpha dropped)."""
     from PIL import Image
 
-    from ..data import _decode, _resize_float, _to_channels, _to_float, image_size, load_image
+    from ..images import decode_fully, image_size, load_image, resize_float, to_channels, to_float
 
     if isinstance(image, (str, os.PathLike)):
         return load_image(image, channels, size), image_size(image)
     if isinstance(image, Image.Image):
-        _decode(image, Path("<PIL image>"))
-        hwc = _to_float(image, Path("<PIL image>"))
+        decode_fully(image, Path("<PIL image>"))
+        hwc = to_float(image, Path("<PIL image>"))
     elif _is_torch_tensor(image):
         t = image.detach().cpu()
         a = t.numpy()
@@ -140,7 +139,7 @@ def to_model_input(image: Any, channels: int, size: int) -> tuple[np.ndarray, tu
         raise TypeError(f"cannot read an image from {type(image).__name__}: pass a path, PIL image, "
                         f"numpy array or torch tensor")
     H, W = hwc.shape[:2]
-    return _resize_float(_to_channels(hwc, channels), size, size), (int(H), int(W))
+    return resize_float(to_channels(hwc, channels), size, size), (int(H), int(W))
 
 
 class Inferencer:
