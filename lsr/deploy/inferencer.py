@@ -154,7 +154,7 @@ class Inferencer:
             incremental loop when the bundle can run it, else ``fast``), ``native`` (the
             incremental loop: an ONNX bundle's ``prior_rows`` graph with the numpy loop of
             :func:`lsr.deploy.numpy_ops.resample_incremental`, or, for a TorchScript
-            bundle with lsr's extension loaded, its C++ loop), ``fast`` or ``naive``. The map,
+            bundle with lsr's extension loaded, its C++ loop), or ``fast``. The map,
             distance, smoothing, sigma, score and top-k are baked into the postprocess
             graph: passing a different value is an error (re-export instead).
 
@@ -172,8 +172,8 @@ class Inferencer:
     def _choose_loop(self, resampler: str) -> tuple[str, str]:
         """(the loop, how it runs): ``native`` (the lazy incremental loop: ``numpy`` over
         the ONNX prior_rows graph, or ``lsr._C``, lsr's C++ loop on a TorchScript prior),
-        ``fast`` or ``naive`` (``numpy``, full passes)."""
-        if resampler in ("fast", "naive"):
+        or ``fast`` (``numpy``, full passes; ``naive`` is the PyTorch oracle only)."""
+        if resampler == "fast":
             return resampler, "numpy"
         if "prior_rows" in self.bundle.graphs and hasattr(self.runner, "sessions"):
             return "native", "numpy"
@@ -212,9 +212,13 @@ class Inferencer:
                 except ValueError as e:
                     raise ValueError(f"{k}: {e}") from None
             d[k] = v
-        if d["resampler"] not in ("auto", "native", "fast", "naive"):
+        if d["resampler"] == "naive":
+            raise ValueError("resampler naive (a prior pass per position) is the PyTorch oracle the loops are "
+                             "tested against, not a bundle loop: `lsr detect RUN --resampler naive` runs it; a "
+                             "bundle runs auto, native or fast (the same codes)")
+        if d["resampler"] not in ("auto", "native", "fast"):
             raise ValueError(f"resampler {d['resampler']!r} is not available for a bundle: use auto, native "
-                             f"(incremental passes), fast (exact, 1 + changes prior passes) or naive")
+                             f"(incremental passes) or fast (exact, 1 + changes prior passes)")
         if float(d["temperature"]) <= 0 or int(d["restorations"]) < 1:
             raise ValueError(f"temperature must be > 0 and restorations >= 1, got {d['temperature']}, "
                              f"{d['restorations']}")
@@ -322,8 +326,7 @@ class Inferencer:
             rs = self.runner.resample_native(chains, nops.gumbel_noise(len(seeds), h * w, K, seeds), tau,
                                              temperature)
         else:
-            loop = nops.resample_fast if self.loop == "fast" else nops.resample_naive
-            rs = loop(self.prior, chains, noise, tau, temperature)
+            rs = nops.resample_fast(self.prior, chains, noise, tau, temperature)
         dec = self.runner.run("decoder", codes=rs.codes)
         restored, restored_seen = dec["picture"], dec["seen"]
         first = slice(None, None, n)

@@ -7,7 +7,6 @@ Each function mirrors a torch one and is tested against it:
   torch's CPU Mersenne Twister stream, the transform is done in float64 by both)
 * :func:`flag_positions`  == :func:`lsr.ops.flag_positions`
 * :func:`resample_fast`   == :func:`lsr.ops.resample_fast` (same codes from the same noise)
-* :func:`resample_naive`  == :func:`lsr.ops.resample_naive`
 * :func:`resample_incremental` == :func:`lsr.ops.resample_native` (the lazy loop of
   csrc/resample over a row-range prior graph: the codes of the fast loop)
 * :func:`nll_score`       == :func:`lsr.anomaly.nll_score`
@@ -180,32 +179,6 @@ def resample_fast(prior: PriorFn, codes: np.ndarray, noise: "np.ndarray | LazyNo
         passes[active] += 1
         logits, p = prior(c[active])
     return ResampleResult(c, resampled.reshape(B, H, W), first, passes)
-
-
-def resample_naive(prior: PriorFn, codes: np.ndarray, noise: "np.ndarray | LazyNoise", tau: float,
-                   temperature: float = 1.0) -> ResampleResult:
-    """Reference loop: the prior re-run before every position (H*W passes), as
-    :func:`lsr.ops.resample_naive`."""
-    c = np.array(codes, dtype=np.int64, copy=True)
-    B, H, W = c.shape
-    T = H * W
-    flat = c.reshape(B, T)
-    resampled = np.zeros((B, T), dtype=bool)
-    first = None
-    rows_all = np.arange(B)
-    for t in range(T):
-        logits, p = prior(c)
-        if first is None:
-            first = p
-        flag = flag_positions(p, tau).reshape(B, T)[:, t]
-        if flag.any():
-            rows = rows_all[flag]
-            ts = np.full(rows.shape, t)
-            lt = logits.reshape(B, logits.shape[1], T)[rows, :, t]
-            flat[rows, t] = draw(lt, _noise_at(noise, rows, ts), temperature)
-            resampled[rows, t] = True
-    assert first is not None
-    return ResampleResult(c, resampled.reshape(B, H, W), first, np.full(B, T, dtype=np.int64))
 
 
 def split_groups(r0: Sequence[int], r1: Sequence[int], H: int, overhead: float | None = None) -> list[list[int]]:
@@ -388,5 +361,5 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 __all__ = ["chain_seed", "uniform", "gumbel_from_uniform", "gumbel_noise", "LazyNoise", "ResampleResult",
            "resample_incremental", "split_groups", "state_above", "store_rows", "new_state",
-           "flag_positions", "draw", "likelihood", "resample_fast", "resample_naive", "nll_score",
+           "flag_positions", "draw", "likelihood", "resample_fast", "nll_score",
            "resize_maps"]
