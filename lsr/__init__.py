@@ -53,7 +53,7 @@ __version__ = "0.1.0"
 # Names that need torch are imported on first use (PEP 562), so that ``import lsr`` and
 # :mod:`lsr.deploy` work where only numpy, pillow and onnxruntime are installed.
 _LAZY = {
-    "Detector": "detect", "DetectionResult": "detect", "detect_images": "detect",
+    "Detector": "detect", "DetectionResult": "detect", "detect_images": "commands",
     "evaluate": "evaluation", "train": "training", "TrainResult": "training",
 }
 _SUBMODULES = ("anomaly", "checkpoint", "cli", "config", "contract", "data", "decision", "demo", "demo_data",

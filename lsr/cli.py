@@ -1,5 +1,5 @@
 """Command line: a thin layer over the Python API (``lsr.train``, ``lsr.evaluate``,
-``lsr.detect_images``, ``lsr.demo``)."""
+``lsr.commands.detect_images``, ``lsr.demo``)."""
 from __future__ import annotations
 
 import argparse
@@ -232,7 +232,7 @@ def _main(args: argparse.Namespace) -> int:
             print(f"written: {Path(args.run) / 'config.json'}, {Path(args.run) / 'calibration.json'}")
         elif args.command == "eval":
             from .evaluation import evaluate
-            from .report import format_table
+            from .tables import format_table
 
             top = _check_explain_reference(args)
             r = evaluate(args.run, args.data, args.out, batch_size=args.batch_size, device=args.device,
@@ -254,7 +254,7 @@ def _main(args: argparse.Namespace) -> int:
             if args.providers:
                 raise ValueError("--providers applies to exported bundles (lsr-export); "
                                  f"{args.run} is a run folder (use --device)")
-            from .detect import detect_images
+            from .commands import detect_images
 
             opts = _detect_options(args)
             top = _check_explain_reference(args)
@@ -350,7 +350,7 @@ def _detect_bundle(args: argparse.Namespace, progress: bool) -> int:
     for given, name in ((args.explain, "--explain"), (args.reference, "--reference"), (args.max_shift, "--max-shift")):
         if given is not None:
             raise ValueError(f"{name}: needs a run folder (lsr train); {args.run} is an exported bundle")
-    from .deploy import detect_bundle
+    from .commands import detect_bundle
     from .deploy.runtime import CPU, CUDA, parse_providers
 
     providers = parse_providers(args.providers)

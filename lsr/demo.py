@@ -57,7 +57,7 @@ def run_demo(out: str | os.PathLike = "lsr-demo", categories: Sequence[str] | No
     (also written to ``OUT/summary.json``)."""
     from .demo_data import build_demo_dataset
     from .evaluation import evaluate
-    from .report import format_table
+    from .tables import format_table
     from .training import train
 
     out = Path(out)

@@ -1,7 +1,7 @@
 """Detection: a trained run (VQ-VAE + prior + calibrated tau) applied to images.
 
-:class:`Detector` is the Python API; :func:`detect_images` is what ``lsr detect``
-runs. One call returns one fixed :class:`DetectionResult`, whatever the options.
+:class:`Detector` is the Python API; :func:`lsr.commands.detect_images` is what ``lsr detect``
+runs with it. One call returns one fixed :class:`DetectionResult`, whatever the options.
 
 Example:
     >>> det = Detector.load("runs/bottle")                       # doctest: +SKIP
@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -24,13 +23,13 @@ from torch import Tensor
 
 from . import anomaly, ops
 from .checkpoint import load_into
-from .config import MAP_SCORES, RunConfig
+from .config import RunConfig
 from .contract import chain_seed, recomputed_fraction, unique_stems  # noqa: F401 (re-exported)
 from .contract import result_row as contract_row
-from .data import DataError, image_size, list_images, load_image, load_images
+from .data import DataError, image_size, load_image, load_images
 from .distributed import resolve_device
-from .io import atomic_write, dumps, locks_output, read_json, save_tiff, write_json
-from .models import VQVAE, FeatureVQVAE, PixelSNAIL, build_vqvae
+from .io import locks_output, read_json, write_json
+from .models import VQVAE, PixelSNAIL, build_vqvae
 
 
 class DetectionResult(NamedTuple):
@@ -375,77 +374,5 @@ def result_row(res: DetectionResult, i: int, restorations: int = 1) -> dict[str,
                         int(res.positions_evaluated[i]), int(res.codes[i].numel()), restorations)
 
 
-@locks_output("out")
-def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                  batch_size: int = 8, device: str | None = None, save_tiff_maps: bool = False,
-                  panels: bool = True, progress: bool = True, masks: bool = False,
-                  **options: Any) -> list[dict[str, Any]]:
-    """``lsr detect``: write a panel PNG per image, ``results.jsonl`` and (optionally)
-    raw float32 TIFF maps and binary defect masks (``masks/``) at each image's own size.
-    Returns the result rows; each has the verdict at the run's operating point
-    (:func:`lsr.decision.verdict`: ``anomalous``, ``threshold``, ``normalised_score``,
-    ``false_alarm_rate``, the pixel threshold and the defect ``regions``).
-
-    Under ``torchrun`` the batches are shared out over the ranks; each rank writes the
-    pictures of its images, rank 0 writes ``results.jsonl`` in input order."""
-    from . import decision
-    from . import distributed as dist
-    from .config import OPTION_RULES, check_value
-    from .io import save_png
-    from .report import save_panel
-    from .report_html import save_thumbnail, write_index
-
-    check_value("batch_size", batch_size, "--batch-size", OPTION_RULES)
-    ctx = dist.context(device)
-    det = with_held_out_stats(Detector.load(run, ctx.device).with_options(**options), run)
-    d = dataclasses.asdict(det.config.detect)
-    paths = list_images(list(inputs))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stems = unique_stems(paths)
-    mine: list[tuple[int, dict[str, Any]]] = []
-    for start, chunk, sizes, x, res, ms in det.detect_paths(paths, batch_size, progress=progress and ctx.main,
-                                                            shard=(ctx.rank, ctx.world)):
-        for i, (path, size) in enumerate(zip(chunk, sizes)):
-            stem = stems[start + i]
-            row = {"image": str(path), **result_row(res, i, det.config.detect.restorations), "time_ms": ms,
-                   "resampler": det.resampler, "map": det.config.detect.map_kind}
-            full = anomaly.resize_maps(res.anomaly_map[i:i + 1].cpu(), size)[0].numpy()
-            row.update(decision.verdict(row["score"], full, d))
-            if masks and d["pixel_threshold"] is not None:
-                save_png(out / "masks" / f"{stem}.png", decision.mask(full, d["pixel_threshold"]))
-                row["mask"] = str(out / "masks" / f"{stem}.png")
-            thumb = out / "thumbs" / f"{stem}.png"
-            save_thumbnail(thumb, x[i].numpy(), res.anomaly_map[i].cpu().numpy(), **thumbnail_scale(d))
-            row["thumbnail"] = str(thumb)
-            if panels:
-                row["panel"] = str(out / f"{stem}.png")
-                save_panel(out / f"{stem}.png", x[i].numpy(), res.direct[i].cpu().numpy(),
-                           res.restored[i].cpu().numpy(), res.anomaly_map[i].cpu().numpy(),
-                           res.resampled[i].cpu().numpy(),
-                           title=f"{path.name}  score {row['score'] if row['score'] is None else round(row['score'], 4)}  nll {row['nll_score']:.1f}  "
-                                 f"resampled {row['n_resampled']:.0f}/{row['n_codes']}")
-            if save_tiff_maps:
-                save_tiff(out / "maps" / f"{stem}.tiff", full)
-                row["map_tiff"] = str(out / "maps" / f"{stem}.tiff")
-            mine.append((start + i, row))
-    gathered = dist.gather_objects(mine)
-    rows: list[dict[str, Any]] = []
-    if ctx.main:
-        rows = [row for _, row in sorted(item for part in gathered for item in part)]
-        with atomic_write(out / "results.jsonl", "w") as f:
-            for row in rows:
-                f.write(dumps(row) + "\n")
-        write_index(out, rows, title=f"lsr detect: {Path(run).name} ({len(rows)} images)")
-    return dist.broadcast_object(rows)
-
-
-def thumbnail_scale(d: dict[str, Any]) -> dict[str, float]:
-    """One colour scale for every thumbnail of a command (0 to twice the pixel threshold,
-    so colours compare across images), or each map's own range without a threshold."""
-    t = d.get("pixel_threshold")
-    return {"vmin": 0.0, "vmax": 2.0 * t} if t is not None and t > 0 else {}
-
-
-__all__ = ["Detector", "DetectionResult", "detect_images", "resolve_device", "chain_seed", "score_stats",
+__all__ = ["Detector", "DetectionResult", "resolve_device", "chain_seed", "score_stats",
            "fused_score", "restoration_weights", "DataError"]

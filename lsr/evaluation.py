@@ -25,8 +25,8 @@ import numpy as np
 
 from . import anomaly, decision
 from .data import check_mask_sizes, load_mask, scan_mvtec
-from .detect import Detector, thumbnail_scale, map_score_kind, result_row, with_held_out_stats
-from .report_html import save_thumbnail, write_index
+from .detect import Detector, map_score_kind, result_row, with_held_out_stats
+from .report_html import save_thumbnail, thumbnail_scale, write_index
 from .io import atomic_write, dumps, locks_output, save_tiff, write_json
 from .metrics import all_metrics, image_metrics, roc_curve
 

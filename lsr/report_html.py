@@ -451,3 +451,10 @@ _PAGE = """<!DOCTYPE html>
 </body>
 </html>
 """
+
+
+def thumbnail_scale(d: dict[str, Any]) -> dict[str, float]:
+    """One colour scale for every thumbnail of a command (0 to twice the pixel threshold,
+    so colours compare across images), or each map's own range without a threshold."""
+    t = d.get("pixel_threshold")
+    return {"vmin": 0.0, "vmax": 2.0 * t} if t is not None and t > 0 else {}

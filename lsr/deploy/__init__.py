@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from .bundle import BUNDLE_VERSION, Bundle, BundleError, is_bundle, read_bundle
-from .inferencer import BatchPrediction, Inferencer, Prediction, detect_bundle
+from .inferencer import BatchPrediction, Inferencer, Prediction
 
 _TORCH_NAMES = {
     "export_bundle": "export", "ExportResult": "export", "torchscript_prior": "export",
@@ -42,5 +42,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["Inferencer", "Prediction", "BatchPrediction", "detect_bundle", "Bundle", "BundleError",
+__all__ = ["Inferencer", "Prediction", "BatchPrediction", "Bundle", "BundleError",
            "read_bundle", "is_bundle", "BUNDLE_VERSION", *_TORCH_NAMES]

@@ -1,5 +1,5 @@
-"""Running an exported bundle: :class:`Inferencer` (Python API) and :func:`detect_bundle`
-(what ``lsr detect BUNDLE ...`` runs). Needs numpy, pillow and onnxruntime only (torch
+"""Running an exported bundle: :class:`Inferencer` (Python API; ``lsr detect BUNDLE ...``
+runs it through :func:`lsr.commands.detect_bundle`). Needs numpy, pillow and onnxruntime only (torch
 for TorchScript bundles): no torch, scipy or scikit-image import anywhere on this path.
 
 Example:
@@ -11,8 +11,6 @@ Example:
 from __future__ import annotations
 
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -21,8 +19,6 @@ import numpy as np
 from . import numpy_ops as nops
 from .bundle import BAKED_OPTIONS, HELD_OUT_STATS, RUNTIME_OPTIONS, Bundle, read_bundle
 from .runtime import make_runner
-from ..contract import result_row, unique_stems
-from ..io import locks_output
 
 
 class BatchPrediction(NamedTuple):
@@ -352,81 +348,4 @@ class Inferencer:
         )
 
 
-@locks_output("out")
-def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                  batch_size: int = 8, providers: Sequence[str] | None = None, save_tiff_maps: bool = False,
-                  panels: bool = True, progress: bool = True, log=None, masks: bool = False,
-                  **options: Any) -> list[dict[str, Any]]:
-    """``lsr detect BUNDLE ...``: the outputs of :func:`lsr.detect.detect_images` (a line
-    per image in ``results.jsonl``, a panel PNG per image when matplotlib is installed,
-    ``--tiff`` raw float32 maps at each image's size in ``maps/``) from an exported
-    bundle run by onnxruntime. Returns the result rows."""
-    from ..data import list_images
-    from .. import decision
-    from ..config import OPTION_RULES, check_value
-    from ..report_html import save_thumbnail, write_index
-    from ..io import atomic_write, dumps, save_png, save_tiff
-
-    check_value("batch_size", batch_size, "--batch-size", OPTION_RULES)
-
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    inf = Inferencer(bundle, providers=providers, **options)
-    paths = list_images(list(inputs))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stems = unique_stems(paths)
-    save_panel = None
-    if panels:
-        try:
-            from ..report import save_panel
-        except ImportError:
-            log("lsr: matplotlib is not installed: panels skipped (results.jsonl and --tiff maps are written)")
-    rows: list[dict[str, Any]] = []
-    d = inf.options
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        x, sizes = inf.load(chunk)
-        t0 = time.perf_counter()
-        res = inf.predict_batch(x, range(start, start + len(chunk)))
-        ms = (time.perf_counter() - t0) * 1000.0 / len(chunk)
-        for i, (path, size) in enumerate(zip(chunk, sizes)):
-            stem = stems[start + i]
-            row = {"image": str(path),
-                   **result_row(res.score[i], res.nll_score[i], res.direct_score[i], res.fused_score[i],
-                                res.n_resampled[i], res.prior_passes[i], res.positions_evaluated[i],
-                                res.codes[i].size, int(d["restorations"])),
-                   "time_ms": ms, "resampler": inf.loop, "map": d["map_kind"],
-                   "bundle": str(inf.bundle.root), "providers": inf.providers}
-            if save_panel is not None:
-                row["panel"] = str(out / f"{stem}.png")
-                save_panel(out / f"{stem}.png", x[i], res.direct[i], res.restored[i], res.anomaly_map[i],
-                           res.resampled[i],
-                           title=f"{path.name}  score {_fmt(row['score'])}  nll {row['nll_score']:.1f}  "
-                                 f"resampled {row['n_resampled']:.0f}/{row['n_codes']}")
-            full = nops.resize_maps(res.anomaly_map[i:i + 1], size)[0]
-            row.update(decision.verdict(row["score"], full, d))
-            t = d.get("pixel_threshold")
-            thumb = out / "thumbs" / f"{stem}.png"
-            save_thumbnail(thumb, x[i], res.anomaly_map[i], **({"vmin": 0.0, "vmax": 2.0 * t} if t else {}))
-            row["thumbnail"] = str(thumb)
-            if masks and d.get("pixel_threshold") is not None:
-                save_png(out / "masks" / f"{stem}.png", decision.mask(full, d["pixel_threshold"]))
-                row["mask"] = str(out / "masks" / f"{stem}.png")
-            if save_tiff_maps:
-                save_tiff(out / "maps" / f"{stem}.tiff", full)
-                row["map_tiff"] = str(out / "maps" / f"{stem}.tiff")
-            rows.append(row)
-        if progress:
-            log(f"detect: {min(start + batch_size, len(paths))}/{len(paths)} images, {ms:.0f} ms/img")
-    with atomic_write(out / "results.jsonl", "w") as f:
-        for row in rows:
-            f.write(dumps(row) + "\n")
-    write_index(out, rows, title=f"lsr detect: bundle {inf.bundle.root.name} ({len(rows)} images)")
-    return rows
-
-
-def _fmt(score: float | None) -> str:
-    return "n/a" if score is None else f"{score:.4f}"
-
-
-__all__ = ["Inferencer", "Prediction", "BatchPrediction", "to_model_input", "detect_bundle"]
+__all__ = ["Inferencer", "Prediction", "BatchPrediction", "to_model_input"]
