@@ -201,22 +201,25 @@ def _main(args: argparse.Namespace) -> int:
             from .config import preset as make_preset
             from .io import read_json
 
+            from .data import detect_channels
+            from .training import train_images
+
+            paths = train_images(args.data)                  # the folder is listed once
             if args.config:
                 cfg = RunConfig.from_dict(read_json(args.config, "--config file"), args.config)
                 cfg.detect.tau = None
             elif args.preset:
-                from .data import detect_channels
-                from .training import train_images
-                cfg = make_preset(args.preset, in_channels=detect_channels(train_images(args.data)))
+                cfg = make_preset(args.preset, in_channels=detect_channels(paths))
             else:
-                cfg = default_config(args.data, None, args.device)
+                cfg = default_config(args.data, None, args.device, paths)
             if args.set:
                 cfg = cfg.with_overrides(_parse_set(args.set))
             rates = {f"detect.{k}": getattr(args, k) for k in ("false_alarm_rate", "pixel_fpr")
                      if getattr(args, k) is not None}
             if rates:
                 cfg = cfg.with_overrides(rates, "--false-alarm-rate/--pixel-fpr")
-            res = train(args.data, args.out, cfg, device=args.device, progress=progress, overwrite=args.overwrite)
+            res = train(args.data, args.out, cfg, device=args.device, progress=progress, overwrite=args.overwrite,
+                        images=paths)
             print(f"trained: {res.run} (tau {res.tau:.3g}, held-out prior NLL {res.val_nll:.3f} nats/code)")
         elif args.command == "calibrate":
             from .detect import calibrate_thresholds

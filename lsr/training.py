@@ -12,9 +12,8 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,12 +45,13 @@ def train_images(data: str | os.PathLike) -> list[Path]:
 
 
 def default_config(data: str | os.PathLike, preset_name: str | None = None,
-                   device: str | torch.device | None = None) -> RunConfig:
+                   device: str | torch.device | None = None, paths: Sequence[Path] | None = None) -> RunConfig:
     """The preset for this device (``gpu`` on a GPU, ``cpu`` otherwise; both feature space)
-    with the input channels read from the training images."""
+    with the input channels read from the training images (``paths``, when the caller
+    has listed them already: the folder is scanned once)."""
     dev = resolve_device(device)
     name = preset_name or ("gpu" if dev.type == "cuda" else "cpu")
-    return preset(name, in_channels=detect_channels(train_images(data)))
+    return preset(name, in_channels=detect_channels(train_images(data) if paths is None else paths))
 
 
 def _cosine_lr(base: float, epoch: int, epochs: int) -> float:
@@ -442,7 +442,7 @@ def calibrate(prior: PixelSNAIL, val_codes: Tensor, cfg: RunConfig, device: torc
 def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | None = None, *,
           preset_name: str | None = None, device: str | torch.device | None = None,
           progress: bool = True, overwrite: bool = False,
-          log: Callable[[str], None] = print) -> TrainResult:
+          log: Callable[[str], None] = print, images: Sequence[Path] | None = None) -> TrainResult:
     """Train a run folder from normal images.
 
     Args:
@@ -454,14 +454,16 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
         preset_name: preset for the default configuration.
         device: ``cpu``, ``cuda``, ... (default: a GPU if there is one).
         overwrite: start afresh even if ``out`` holds another run.
+        images: the training images of ``data`` when the caller has listed them already
+            (:func:`train_images`), so that the folder is scanned once.
     """
     ctx = dist.context(device)                     # one process, or this rank of a torchrun job
     dev = ctx.device
     run = Path(out)
     if not ctx.main:
         log = _silent
-    paths = train_images(data)
-    cfg = config or default_config(data, preset_name, dev)
+    paths = train_images(data) if images is None else [Path(p) for p in images]
+    cfg = config or default_config(data, preset_name, dev, paths)
     cfg.validate()
     t = cfg.train
     if t.num_threads:

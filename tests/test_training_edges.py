@@ -203,3 +203,17 @@ def test_resume_after_early_stopping_keeps_the_best_prior(tiny_dataset, tmp_path
     assert epochs(run, "prior") == [0, 1, 2, 3, 4]
     saved = load_weights(run / "prior.safetensors")
     assert all(torch.equal(saved[k], states[2][k]) for k in saved)
+
+
+@pytest.mark.parametrize("how", [["--preset", "tiny"], []])
+def test_lsr_train_lists_the_training_folder_once(tiny_dataset, tmp_path, monkeypatch, how):
+    """`lsr train` reads train/good's listing once (the preset's channels and the training
+    use the same list), with a preset or with the device's default."""
+    calls = []
+    real = T.scan_mvtec
+    monkeypatch.setattr(T, "scan_mvtec", lambda *a, **k: calls.append(a) or real(*a, **k))
+    tiny = ["--set", "train.vqvae_epochs=1", "--set", "train.prior_epochs=1"]
+    if not how:                                      # the default preset, made tiny through --set
+        monkeypatch.setattr(T, "preset", lambda name, in_channels=3: lsr.preset("tiny", in_channels))
+    assert main(["train", str(tiny_dataset), "--out", str(tmp_path / "run"), "--no-progress", *how, *tiny]) == 0
+    assert len(calls) == 1
