@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import MAP_KINDS, MAP_SCORES
+from .config import HELD_OUT_STATS, MAP_KINDS, MAP_SCORES
 
 
 def gaussian_kernel1d(sigma: float, radius: int | None = None, dtype=torch.float32) -> Tensor:
@@ -321,8 +321,8 @@ def postprocess(seen: Tensor, direct: Tensor, restored: Tensor, resampled: Tenso
                              image_score(map_base, kind, s.topk, pool=s.pool), map_gated, fused, map_score)
 
 
-def held_out_tensor(detect, device=None) -> Tensor:
-    """(4,) float32 of a DetectConfig's held-out statistics, NaN where missing."""
-    vals = [getattr(detect, k) for k in ("score_mean", "score_std", "nll_mean", "nll_std")]
-    return torch.tensor([float("nan") if v is None else float(v) for v in vals], dtype=torch.float32,
-                        device=device)
+def held_out_tensor(detect, device=None, dtype=torch.float32) -> Tensor:
+    """(4,) tensor of a DetectConfig's held-out statistics (:data:`lsr.config.HELD_OUT_STATS`),
+    NaN where missing."""
+    vals = [getattr(detect, k) for k in HELD_OUT_STATS]
+    return torch.tensor([float("nan") if v is None else float(v) for v in vals], dtype=dtype, device=device)

@@ -26,6 +26,9 @@ PIXEL_DISTANCES = ("l2", "ssim", "msgms")      # images
 FEATURE_DISTANCES = ("l2", "cosine")           # feature maps
 SMOOTHINGS = ("gaussian", "bilateral", "none")
 MAP_SCORES = ("max", "topk_mean", "pooled_max")   # reductions of the map
+#: the held-out normal images' statistics of the fused score, in the order of
+#: lsr.anomaly.fuse's ``held_out`` (DetectConfig fields, bundle.json detect keys)
+HELD_OUT_STATS = ("score_mean", "score_std", "nll_mean", "nll_std")
 SCORES = MAP_SCORES + ("nll", "fused")           # "fused": max-of-map and NLL scores, standardised
 WEIGHTINGS = ("mean", "closeness")
 RESAMPLERS = ("auto", "naive", "fast", "native")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import anomaly, ops
 from .checkpoint import load_into
-from .config import RunConfig
+from .config import HELD_OUT_STATS, RunConfig
 from .contract import chain_seed, recomputed_fraction, unique_stems  # noqa: F401 (re-exported)
 from .contract import result_row as contract_row
 from .data import DataError, image_size, load_image, load_images
@@ -257,7 +257,7 @@ SCORE_OPTIONS = ("tau", "temperature", "map_kind", "distance", "smoothing", "sig
 #: options that change the operating point only (the thresholds are set again for them)
 THRESHOLD_OPTIONS = ("false_alarm_rate", "pixel_fpr")
 #: what calibration on held-out normal images sets (dropped when the options it depends on change)
-HELD_OUT_FIELDS = ("score_mean", "score_std", "nll_mean", "nll_std", "image_threshold", "pixel_threshold")
+HELD_OUT_FIELDS = HELD_OUT_STATS + ("image_threshold", "pixel_threshold")
 
 
 restoration_weights = anomaly.restoration_weights
@@ -293,8 +293,8 @@ def score_stats(det: "Detector", x: Tensor, batch_size: int = 8, first_id: int =
     std = (lambda t: float(t.std()) if t.numel() > 1 else 0.0)
     out: dict[str, Any] = {"score_mean": float(sc.mean()), "score_std": std(sc), "nll_mean": float(nl.mean()),
                            "nll_std": std(nl), "n_images": int(sc.numel())}
-    final = {"nll": nl, "fused": anomaly.standardise(sc, out["score_mean"], out["score_std"])
-             + anomaly.standardise(nl, out["nll_mean"], out["nll_std"])}.get(d.score, sc)
+    held = torch.tensor([out[k] for k in HELD_OUT_STATS], dtype=torch.float64)
+    final = {"nll": nl, "fused": anomaly.fuse(sc, nl, held)}.get(d.score, sc)
     if sc.numel() >= 2:
         img = decision.image_threshold(final.numpy(), d.false_alarm_rate)
         pix = decision.pixel_threshold(np.concatenate([m.ravel() for m in maps]), d.pixel_fpr)

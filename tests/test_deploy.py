@@ -71,6 +71,17 @@ def test_wrong_bundle_version(bundle_copy, version):
         Inferencer(bundle_copy)
 
 
+def test_seen_shape_must_match_the_encoder_graph(bundle_copy):
+    """model.seen_channels/seen_size are checked against the encoder's declared output
+    (which the runner holds to the graph file), not merely stored."""
+    meta = json.loads((bundle_copy / "bundle.json").read_text())
+    meta["model"]["seen_channels"] = 3
+    (bundle_copy / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"bundle.json: model.seen_channels/seen_size \(3, 32\) do not match the "
+                                          r"encoder graph's output seen \['batch', 1, 32, 32\]"):
+        Inferencer(bundle_copy)
+
+
 def test_edited_graph_is_detected(bundle_copy):
     with open(bundle_copy / "decoder.onnx", "ab") as f:
         f.write(b"\0")

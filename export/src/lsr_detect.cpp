@@ -763,6 +763,10 @@ int main(int argc, char** argv) {
         if (codes.dim() != 3 || codes.size(1) != b.grid || codes.size(2) != b.grid)
           throw Error((fs::path(pos[0]) / "bundle.json").string() + ": model.grid_size " + std::to_string(b.grid) +
                       " does not match the encoder graph, whose codes are " + c10::str(codes.sizes()));
+        if (seen.dim() != 4 || seen.size(1) != b.seen_channels || seen.size(2) != b.seen_size || seen.size(3) != b.seen_size)
+          throw Error((fs::path(pos[0]) / "bundle.json").string() + ": model.seen_channels/seen_size (" +
+                      std::to_string(b.seen_channels) + ", " + std::to_string(b.seen_size) +
+                      ") do not match the encoder graph, whose output seen is " + c10::str(seen.sizes()));
         auto dec = m.at("decoder").forward({codes}).toTuple()->elements();
         at::Tensor direct_seen = dec.at(1).toTensor();
         at::Tensor chains = codes.repeat_interleave(n, 0);

@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
+from ..config import HELD_OUT_STATS  # noqa: F401 (re-exported: the fused score's statistics in bundle.json)
 from ..io import plain_name, sha256_file  # noqa: F401 (sha256_file re-exported)
 
 #: Version of the bundle layout written. 2: ``detect.resampler`` may be ``auto`` and an
@@ -55,8 +56,6 @@ EXTENSIONS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: the postprocess graph).
 RUNTIME_OPTIONS = ("tau", "temperature", "seed", "restorations", "resampler")
 BAKED_OPTIONS = ("map_kind", "distance", "smoothing", "sigma", "score", "topk", "pool", "gate_dilate", "weighting")
-#: held-out normal images' statistics of the fused score (null when missing)
-HELD_OUT_STATS = ("score_mean", "score_std", "nll_mean", "nll_std")
 #: The detection settings a bundle records from its run (all but the loop choice).
 EXPORTED_OPTIONS = tuple(k for k in RUNTIME_OPTIONS if k != "resampler") + BAKED_OPTIONS
 
@@ -174,6 +173,12 @@ def read_bundle(root: str | os.PathLike, verify_hashes: bool = True) -> Bundle:
         graphs[name] = GraphSpec(name, path, g["sha256"], list(g["inputs"]), list(g["outputs"]))
     if "prior_rows" in graphs:
         _check_rows_meta(meta_path, meta["graphs"]["prior_rows"])
+    m = meta["model"]
+    want = ["batch", m["seen_channels"], m["seen_size"], m["seen_size"]]
+    declared = [o.get("shape") for o in graphs["encoder"].outputs if isinstance(o, dict) and o.get("name") == "seen"]
+    if declared != [want]:
+        raise BundleError(f"{meta_path}: model.seen_channels/seen_size ({m['seen_channels']}, {m['seen_size']}) do "
+                          f"not match the encoder graph's output seen {declared[0] if declared else '(missing)'}")
     return Bundle(root, meta, graphs)
 
 
@@ -182,13 +187,16 @@ _VALUE_RULES = {("model", "image_size"): "vqvae.image_size", ("model", "channels
                 ("model", "downsample"): "vqvae.downsample", ("model", "grid_size"): "prior.grid_size",
                 ("model", "codebook_size"): "vqvae.codebook_size", ("model", "embed_dim"): "vqvae.embed_dim",
                 ("model", "space"): "vqvae.space",
+                # what the VQ-VAE sees (lsr.config.BUNDLE_RULES; checked against the encoder graph too)
+                ("model", "seen_channels"): "model.seen_channels", ("model", "seen_size"): "model.seen_size",
                 **{("detect", k): f"detect.{k}" for k in ("tau", "temperature", "restorations", "seed", "resampler",
                                                           "map_kind", "distance", "smoothing", "sigma", "score",
                                                           "topk", "pool", "gate_dilate", "weighting",
                                                           "false_alarm_rate", "pixel_fpr",
                                                           "image_threshold", "pixel_threshold", *HELD_OUT_STATS)}}
 _REQUIRED_VALUES = {("model", "image_size"), ("model", "channels"), ("model", "grid_size"),
-                    ("model", "codebook_size"), ("model", "space"), ("detect", "tau"), ("detect", "temperature"),
+                    ("model", "codebook_size"), ("model", "space"), ("model", "seen_channels"),
+                    ("model", "seen_size"), ("detect", "tau"), ("detect", "temperature"),
                     ("detect", "restorations"), ("detect", "seed")}
 
 
@@ -196,7 +204,9 @@ def _check_values(meta_path: Path, meta: dict[str, Any]) -> None:
     """model and detect values of bundle.json against the one rule list (lsr.config.RULES),
     as the C++ runtime checks them too; a bundle with tau NaN, a huge restorations count
     or a missing size is refused naming bundle.json and the key."""
-    from ..config import BUNDLE_RULES, ConfigError, check_value
+    from ..config import BUNDLE_RULES, RULES, ConfigError, check_value
+
+    rules = {**RULES, **BUNDLE_RULES}
 
     for section in ("model", "detect"):
         if not isinstance(meta[section], dict):
@@ -210,21 +220,9 @@ def _check_values(meta_path: Path, meta: dict[str, Any]) -> None:
         if rule == "detect.tau" and value is None:
             raise BundleError(f"{meta_path}: detect.tau is null (the run was not calibrated)")
         try:
-            check_value(rule, value)
+            check_value(rule, value, rules=rules)
         except ConfigError as e:
             raise BundleError(f"{meta_path}: {section}.{key}: {str(e).split(': ', 1)[1]}") from None
-    m = meta["model"]
-    for key, rule in BUNDLE_RULES.items():
-        name = key.split(".", 1)[1]
-        if name not in m:
-            raise BundleError(f"{meta_path}: {key} is missing")
-        try:
-            rule.check(m[name])
-        except ValueError as e:
-            raise BundleError(f"{meta_path}: {key}: {e}") from None
-    if m["space"] == "pixels" and (m["seen_channels"], m["seen_size"]) != (m["channels"], m["image_size"]):
-        raise BundleError(f"{meta_path}: model.seen_channels/seen_size must equal channels/image_size in pixel "
-                          f"mode, got {m['seen_channels']}/{m['seen_size']}")
 
 
 def _check_rows_meta(meta_path: Path, g: dict[str, Any]) -> None:
