@@ -33,6 +33,8 @@ SCORES = MAP_SCORES + ("nll", "fused")           # "fused": max-of-map and NLL s
 WEIGHTINGS = ("mean", "closeness")
 RESAMPLERS = ("auto", "naive", "fast", "native")
 BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+#: which backbone outputs make the feature map: the last block at stride 8, and at stride 16
+BACKBONE_TAPS = ("8+16", "8")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class VQVAEConfig:
     backbone: str = "efficientnet_lite0"   # features: one of lsr.models.backbone.BACKBONES
     backbone_weights: str = ""     # features: state dict path ("" = the file a package ships)
     backbone_pool: int = 3         # features: local averaging of each backbone tap
+    backbone_taps: str = "8+16"    # features: the taps concatenated (BACKBONE_TAPS)
     channels: int = 64             # conv channels at the lowest resolution
     res_channels: int = 32         # hidden channels inside residual blocks
     n_res_blocks: int = 2
@@ -232,6 +235,7 @@ RULES: dict[str, Rule] = {
     "vqvae.backbone": Rule("str", choices=BACKBONES),
     "vqvae.backbone_weights": Rule("str"),
     "vqvae.backbone_pool": Rule("int", 1, 15, odd=True),
+    "vqvae.backbone_taps": Rule("str", choices=BACKBONE_TAPS),
     "vqvae.channels": _SIZE,
     "vqvae.res_channels": _SIZE,
     "vqvae.n_res_blocks": Rule("int", 0, 64),
@@ -384,6 +388,8 @@ class RunConfig:
                                  f"(features mode needs downsample >= {v.feature_stride})")
             if v.backbone not in BACKBONES:
                 raise ValueError(f"vqvae.backbone must be one of {BACKBONES}, got {v.backbone!r}")
+            if v.backbone_taps not in BACKBONE_TAPS:
+                raise ValueError(f"vqvae.backbone_taps must be one of {BACKBONE_TAPS}, got {v.backbone_taps!r}")
             if v.backbone_pool < 1 or v.backbone_pool % 2 == 0:
                 raise ValueError(f"vqvae.backbone_pool must be odd and >= 1, got {v.backbone_pool}")
             if d.distance not in FEATURE_DISTANCES:

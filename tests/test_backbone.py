@@ -128,3 +128,21 @@ def test_traces_to_the_same_output(backbone):
     traced = torch.jit.trace(backbone, x)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), backbone(x))
+
+
+def test_stride8_taps_are_the_first_channels_of_both(backbone):
+    """``taps="8"`` is the stride-8 part of the default feature map, with the trunk stopped
+    after the stride-8 block; the feature VQ-VAE takes its channel count from it."""
+    from lsr.config import VQVAEConfig
+    from lsr.models.feature_vqvae import FeatureVQVAE
+
+    x = torch.rand(2, 3, 64, 64)
+    only8 = build_backbone(taps="8")
+    assert only8.out_channels == 40 and backbone.out_channels == 152
+    with torch.no_grad():
+        torch.testing.assert_close(only8(x), backbone(x)[:, :40], rtol=0, atol=0)
+    cfg = VQVAEConfig(in_channels=1, image_size=64, downsample=8, space="features", channels=8, res_channels=4,
+                      n_res_blocks=1, embed_dim=4, codebook_size=8, backbone_taps="8")
+    assert FeatureVQVAE(cfg).feature_channels == 40
+    with pytest.raises(BackboneError, match="taps"):
+        build_backbone(taps="16")

@@ -49,8 +49,13 @@ def test_smoke_run_writes_every_row(tmp_path):
     for split in ("val", "test"):
         rows = q[split]["mean"]
         for name in ("lsr-features gated", "lsr-pixels restored_vs_input", "direct (features)", "direct (pixels)",
-                     "patchcore", "lsr-features (chosen on val)"):
+                     "patchcore", "lsr-features (chosen on val)",
+                     # the other backbone taps, side by side (the feature presets use 8+16)
+                     "lsr-features-taps8 restored_vs_input", "direct (features-taps8)", "patchcore-taps8",
+                     "lsr-features-taps8 (chosen on val)"):
             assert 0.0 <= rows[name]["pixel_auroc"] <= 1.0, (split, name)
+    raw = q["raw"]["weave"]
+    assert raw["features"]["preset"] == raw["features-taps8"]["preset"] == "tiny-features"
     # val and test are different images; train/good is shared
     val = sorted(p.name for p in (tmp_path / "data" / "val" / "weave" / "train" / "good").iterdir())
     test = sorted(p.name for p in (tmp_path / "data" / "test" / "weave" / "train" / "good").iterdir())

@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import lsr  # noqa: E402
 from lsr.data import load_images, load_mask, scan_mvtec  # noqa: E402
+from lsr.config import BACKBONE_TAPS  # noqa: E402
 from lsr.demo_data import BENCHMARK_CATEGORIES, DEFECT_KINDS, HARD_DEFECT_KINDS, build_demo_dataset  # noqa: E402
 from lsr.io import write_json  # noqa: E402
 from lsr.metrics import all_metrics, image_metrics  # noqa: E402
@@ -91,14 +92,14 @@ def detection_ms(run: Path, paths: list[Path], n: int = 6) -> float:
     return float(np.median(times))
 
 
-def run_patchcore(train_dir: Path, splits: dict[str, Path], image_size: int) -> dict[str, Any]:
+def run_patchcore(train_dir: Path, splits: dict[str, Path], image_size: int, taps: str = "8+16") -> dict[str, Any]:
     from patchcore import PatchCore
 
     from lsr.models.backbone import build_backbone
 
     train = scan_mvtec(train_dir, require_test=False).train
     x_train = torch.from_numpy(load_images(train, 3, image_size))
-    pc = PatchCore(build_backbone("efficientnet_lite0"))
+    pc = PatchCore(build_backbone("efficientnet_lite0", taps=taps))
     t0 = time.perf_counter()
     pc.fit(x_train)
     fit_s = time.perf_counter() - t0
@@ -128,15 +129,32 @@ def _size(path: Path) -> tuple[int, int]:
         return im.size[1], im.size[0]
 
 
+def alternative_taps(preset: str) -> str:
+    """The backbone taps a feature preset does not use (the benchmark's second feature row)."""
+    base = lsr.preset(preset).vqvae.backbone_taps
+    return next(t for t in BACKBONE_TAPS if t != base)
+
+
+def modes(presets: dict[str, str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Each lsr row's preset and overrides: the feature preset as it is, the same with the
+    other backbone taps (chosen between on the validation split), the pixel preset."""
+    alt = alternative_taps(presets["features"])
+    return {"features": (presets["features"], {}),
+            f"features-taps{alt}": (presets["features"], {"vqvae.backbone_taps": alt}),
+            "pixels": (presets["pixels"], PIXEL_OVERRIDES if presets is PRESETS else {})}
+
+
+def lsr_modes(result: dict[str, Any]) -> list[str]:
+    return [m for m in result if not m.startswith("patchcore")]
+
+
 def run_category(cat: str, folders: dict[str, Path], out: Path, log, presets: dict[str, str] = PRESETS
                  ) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for mode, preset in presets.items():
+    for mode, (preset, overrides) in modes(presets).items():
         run = out / "runs" / mode / cat
-        cfg = lsr.preset(preset, in_channels=1)
-        if mode == "pixels" and presets is PRESETS:
-            cfg = cfg.with_overrides(PIXEL_OVERRIDES)
-        log(f"[{cat}] training lsr ({mode}, preset {preset})")
+        cfg = lsr.preset(preset, in_channels=1).with_overrides(overrides)
+        log(f"[{cat}] training lsr ({mode}, preset {preset}, {overrides or 'no overrides'})")
         t0 = time.perf_counter()
         lsr.train(folders["test"], run, cfg, device="cpu", progress=False, log=lambda *_: None)
         train_s = time.perf_counter() - t0
@@ -149,8 +167,11 @@ def run_category(cat: str, folders: dict[str, Path], out: Path, log, presets: di
         calib = json.loads((run / "calibration.json").read_text())
         entry["val_nll"], entry["uniform_nll"] = calib["val_nll"], calib["uniform_nll"]
         result[mode] = entry
-    log(f"[{cat}] patchcore")
-    result["patchcore"] = run_patchcore(folders["test"], folders, lsr.preset(presets["features"]).vqvae.image_size)
+    fcfg = lsr.preset(presets["features"]).vqvae
+    alt = alternative_taps(presets["features"])
+    for name, taps in (("patchcore", fcfg.backbone_taps), (f"patchcore-taps{alt}", alt)):
+        log(f"[{cat}] {name} (backbone taps {taps})")
+        result[name] = run_patchcore(folders["test"], folders, fcfg.image_size, taps)
     return result
 
 
@@ -185,7 +206,7 @@ def tables(results: dict[str, Any], split: str, chosen: dict[str, dict[str, str]
     """Mean rows over categories on ``split``: every method, plus the val-chosen settings."""
     per: dict[str, dict[str, dict[str, float]]] = {}
     for c, r in results.items():
-        for mode in ("features", "pixels"):
+        for mode in lsr_modes(r):
             met = r[mode][split]
             for m in (*MAPS, "direct"):
                 per.setdefault(f"lsr-{mode} {m}" if m != "direct" else f"direct ({mode})", {})[c] = row(met, m)
@@ -202,7 +223,8 @@ def tables(results: dict[str, Any], split: str, chosen: dict[str, dict[str, str]
             else:
                 best.update(image_metrics_of(met, ch["score_map"]))
             per.setdefault(f"lsr-{mode} (chosen on val)", {})[c] = best
-        per.setdefault("patchcore", {})[c] = r["patchcore"][split]
+        for name in (m for m in r if m.startswith("patchcore")):
+            per.setdefault(name, {})[c] = r[name][split]
     return {"mean": {k: mean_rows(v) for k, v in per.items()}, "per_category": per}
 
 
@@ -216,6 +238,18 @@ def format_rows(mean: dict[str, dict[str, float]]) -> str:
     for name, r in mean.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "n/a" for k in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def timing(r: dict[str, Any]) -> dict[str, float]:
+    """Training / fit seconds, detection ms per image and (lsr) held-out NLL of each row."""
+    out: dict[str, float] = {}
+    for m, e in r.items():
+        key = m.replace("-", "_")
+        out[f"{key}_{'fit' if m.startswith('patchcore') else 'train'}_s"] = e["train_s"]
+        out[f"{key}_ms_per_image"] = e["ms_per_image"]
+        if "val_nll" in e:
+            out[f"{key}_val_nll"] = e["val_nll"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,17 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     for cat in a.categories:
         results[cat] = run_category(cat, folders[cat], out, log, presets)
         write_json(out / "partial.json", results)
-    chosen = {mode: choose_on_val(results, mode) for mode in ("features", "pixels")}
+    chosen = {mode: choose_on_val(results, mode) for mode in lsr_modes(next(iter(results.values())))}
     summary = {"categories": a.categories, "sizes": sizes, "presets": presets, "smoke": a.smoke,
                "chosen_on_val": chosen,
                "val": tables(results, "val", chosen), "test": tables(results, "test", chosen),
-               "timing": {c: {"features_train_s": r["features"]["train_s"], "pixels_train_s": r["pixels"]["train_s"],
-                              "patchcore_fit_s": r["patchcore"]["train_s"],
-                              "features_ms_per_image": r["features"]["ms_per_image"],
-                              "pixels_ms_per_image": r["pixels"]["ms_per_image"],
-                              "patchcore_ms_per_image": r["patchcore"]["ms_per_image"],
-                              "features_val_nll": r["features"]["val_nll"],
-                              "pixels_val_nll": r["pixels"]["val_nll"]} for c, r in results.items()},
+               "timing": {c: timing(r) for c, r in results.items()},
                "raw": results, "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()}
     write_json(out / "quality.json", summary)
     print(f"\nchosen on the validation split: {json.dumps(chosen)}")

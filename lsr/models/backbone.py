@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import BACKBONES
+from ..config import BACKBONE_TAPS, BACKBONES
 
 from ..io import sha256_file  # noqa: F401 (re-exported)
 
@@ -126,13 +126,16 @@ class EfficientNetLite0Trunk(nn.Module):
         """[0, 1] RGB -> the (x * 255 - 127) / 128 scaling of the EfficientNet-Lite builder."""
         return (x * 255.0 - 127.0) / 128.0
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor, n_taps: int = 2) -> list[Tensor]:
+        """The first ``n_taps`` taps (stride 8, then 16); blocks past the last one are not run."""
         y = F.relu6(self._bn0(self._conv_stem(same_pad(self.preprocess(x), 3, 2))))
         out = []
         for i, block in enumerate(self._blocks):
             y = block(y)
             if i in self.taps:
                 out.append(y)
+                if len(out) == n_taps:
+                    break
         return out
 
 
@@ -153,12 +156,12 @@ class _TorchvisionTrunk(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor, n_taps: int = 2) -> list[Tensor]:
         n = self.net
         y = (x - self.mean) / self.std
         y = n.maxpool(n.relu(n.bn1(n.conv1(y))))
         y2 = n.layer2(n.layer1(y))
-        return [y2, n.layer3(y2)]
+        return [y2] if n_taps == 1 else [y2, n.layer3(y2)]
 
 
 class FeatureExtractor(nn.Module):
@@ -166,15 +169,20 @@ class FeatureExtractor(nn.Module):
 
     Each tap is averaged over ``pool`` x ``pool`` (stride 1, edges averaged over the
     pixels that exist), the stride-16 tap bilinearly upsampled to the stride-8 grid, and
-    the taps concatenated. Always in eval mode; parameters do not require gradients.
+    the taps concatenated. ``taps`` (:data:`lsr.config.BACKBONE_TAPS`): ``"8+16"`` both
+    taps, ``"8"`` the stride-8 tap only (the trunk then stops there). Always in eval
+    mode; parameters do not require gradients.
     """
 
     stride = 8
 
-    def __init__(self, trunk: nn.Module, name: str, pool: int = 3):
+    def __init__(self, trunk: nn.Module, name: str, pool: int = 3, taps: str = "8+16"):
         super().__init__()
-        self.trunk, self.name, self.pool = trunk, name, int(pool)
-        self.out_channels = int(sum(trunk.tap_channels))
+        if taps not in BACKBONE_TAPS:
+            raise BackboneError(f"unknown backbone taps {taps!r}; choose from {BACKBONE_TAPS}")
+        self.trunk, self.name, self.pool, self.taps = trunk, name, int(pool), taps
+        self.n_taps = len(taps.split("+"))
+        self.out_channels = int(sum(trunk.tap_channels[:self.n_taps]))
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -185,7 +193,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        taps = self.trunk(x)
+        taps = self.trunk(x, self.n_taps)
         h, w = taps[0].shape[-2:]
         out = []
         for t in taps:
@@ -245,7 +253,7 @@ def _load_subset(module: nn.Module, sd: dict[str, Tensor], path: Path, strip: Ca
 
 
 def build_backbone(name: str = "efficientnet_lite0", weights: str | os.PathLike | None = None,
-                   sha256: str | None = None, pool: int = 3) -> FeatureExtractor:
+                   sha256: str | None = None, pool: int = 3, taps: str = "8+16") -> FeatureExtractor:
     """The frozen feature extractor ``name`` with its pretrained weights.
 
     Args:
@@ -256,6 +264,7 @@ def build_backbone(name: str = "efficientnet_lite0", weights: str | os.PathLike 
             the shipped file's known hash for Lite0 from its package, none for a file the
             user names (record :func:`sha256_file` of it in the run instead).
         pool: side of the local averaging of each tap.
+        taps: which taps make the feature map (:class:`FeatureExtractor`).
     """
     if name not in BACKBONES:
         raise BackboneError(f"unknown backbone {name!r}; choose from {BACKBONES}")
@@ -279,7 +288,7 @@ def build_backbone(name: str = "efficientnet_lite0", weights: str | os.PathLike 
     else:
         trunk = _TorchvisionTrunk(name)
         _load_subset(trunk.net, sd, path, strip=lambda k: k.removeprefix("module."))
-    return FeatureExtractor(trunk, name, pool)
+    return FeatureExtractor(trunk, name, pool, taps)
 
 
 __all__ = ["BACKBONES", "BackboneError", "FeatureExtractor", "build_backbone", "default_weights_path",

@@ -98,9 +98,10 @@ class FeatureVQVAE(nn.Module):
             raise ValueError(f"FeatureVQVAE needs vqvae.space = 'features', got {cfg.space!r}")
         self.cfg = cfg
         if pretrained:
-            self.backbone = build_backbone(cfg.backbone, cfg.backbone_weights or None, pool=cfg.backbone_pool)
+            self.backbone = build_backbone(cfg.backbone, cfg.backbone_weights or None, pool=cfg.backbone_pool,
+                                           taps=cfg.backbone_taps)
         else:
-            self.backbone = FeatureExtractor(_trunk(cfg), cfg.backbone, cfg.backbone_pool)
+            self.backbone = FeatureExtractor(_trunk(cfg), cfg.backbone, cfg.backbone_pool, cfg.backbone_taps)
         F_ = self.backbone.out_channels
         self.register_buffer("feature_mean", torch.zeros(F_))
         self.register_buffer("feature_std", torch.ones(F_))
