@@ -23,15 +23,12 @@ import torch
 from torch import Tensor, nn
 
 import copy
-from typing import Any, List, Optional
-
-import torch.nn.functional as F
+from typing import Any
 
 from .. import anomaly
 from ..config import RunConfig
 from ..models import PixelSNAIL
-from ..models.incremental import IncrementalPrior, _Gated, reference_attention_rows
-from ..models.pixelsnail import background_grid
+from ..models.pixelsnail import STATE, background_grid
 from ..ops.resampling import _likelihood
 
 
@@ -81,8 +78,8 @@ class PriorGraph(nn.Module):
 
 
 class PriorRowsGraph(nn.Module):
-    """Rows [r0, r1) of a prior pass, given the state the rows above left: the prior of
-    :mod:`lsr.models.incremental` as a pure function, so that it exports to ONNX.
+    """Rows [r0, r1) of a prior pass, given the state the rows above left: PixelSNAIL's
+    own ``rows`` core in its STATE mode (a pure function), so that it exports to ONNX.
 
     Inputs (ctx = :attr:`context_rows`, n = r1 - r0):
 
@@ -105,77 +102,34 @@ class PriorRowsGraph(nn.Module):
 
     def __init__(self, prior: PixelSNAIL):
         super().__init__()
-        prior = copy.deepcopy(prior).cpu().eval()        # the caller's prior keeps its device and mode
-        inc = IncrementalPrior(prior, native=False)
-        self.inc = inc
+        self.prior = copy.deepcopy(prior).cpu().eval()   # the caller's prior keeps its device and mode
         H = W = prior.cfg.grid_size
-        self.context_rows = inc.v_pad[2] + 1            # x rows above r0 the vertical input conv reads
-        self.register_buffer("bg", background_grid(1, H, W, inc.embed.weight.detach())[0].clone())  # (2, H, W)
+        self.context_rows = self.prior.context_rows      # x rows above r0 the vertical input conv reads
+        self.register_buffer("bg", background_grid(1, H, W, self.prior.embed.weight.detach())[0].clone())  # (2, H, W)
 
     def state_geometry(self) -> list[dict[str, Any]]:
         """One record per state input: ``{"kind": "conv", "channels", "rows", "left",
         "right"}`` or ``{"kind": "attention", "heads", "head_dim"}`` (keys, then values)."""
-        inc = self.inc
-        d = inc.channels // inc.n_heads
+        cfg = self.prior.cfg
         out = []
-        for g in inc.cache_geometry[:inc.n_cache]:
+        for g in self.prior.state_layout:
             if g[0] < 0:
-                out.append({"kind": "attention", "heads": inc.n_heads, "head_dim": d})
+                out.append({"kind": "attention", "heads": cfg.n_heads, "head_dim": cfg.channels // cfg.n_heads})
             else:
-                out.append({"kind": "conv", "channels": inc.channels, "rows": g[0], "left": g[1], "right": g[2]})
+                out.append({"kind": "conv", "channels": cfg.channels, "rows": g[0], "left": g[1], "right": g[2]})
         return out
 
-    @staticmethod
-    def _conv_input(g: _Gated, x: Tensor, state: List[Tensor], outs: List[Tensor]) -> Tensor:
-        """What a causal conv of ``g`` reads for rows [r0, r1): ``x`` (those rows, also
-        returned as state output) padded left and right, under the state rows above."""
-        padded = F.pad(x, (g.left, g.right, 0, 0))
-        if g.ctx == 0:
-            return padded
-        outs.append(x)
-        return torch.cat([state.pop(0), padded], 2)
-
-    @classmethod
-    def _gated(cls, g: _Gated, x: Tensor, aux: Optional[Tensor], state: List[Tensor], outs: List[Tensor]) -> Tensor:
-        t = F.conv2d(cls._conv_input(g, F.elu(x), state, outs), g.w1, g.b1)
-        if g.has_aux and aux is not None:
-            t = t + g.aux(F.elu(aux))
-        a, gate = F.conv2d(cls._conv_input(g, F.elu(t), state, outs), g.w2, g.b2).chunk(2, dim=1)
-        return x + a * torch.sigmoid(gate)
-
     def forward(self, codes: Tensor, row_ids: Tensor, *state_in: Tensor):
-        inc, ctx = self.inc, self.context_rows
+        p, ctx = self.prior, self.context_rows
         state, outs = list(state_in), []
-        A, R, W = codes.shape
-        n = R - ctx
-        emb_all = inc.embed(codes).permute(0, 3, 1, 2)                     # (A, C, ctx + n, W)
+        emb_all = p.embed(codes).permute(0, 3, 1, 2)                       # (A, C, ctx + n, W)
+        A = codes.shape[0]
         bg_all = self.bg.index_select(1, row_ids.clamp(min=0)).unsqueeze(0).expand(A, -1, -1, -1)
-        # rows above the grid are the zero padding of the full pass
+        # rows above the grid are the zero padding of the full pass; v of grid row 0 is zero
         x = torch.cat([emb_all, bg_all], 1) * (row_ids >= 0).to(emb_all.dtype).view(1, 1, -1, 1)
-        # v rows [r0, r1) = v_in(x) rows [r0 - 1, r1 - 1) (down shift; row 0 is zeros)
-        vin = F.conv2d(F.pad(x[:, :, :-1], (inc.v_pad[0], inc.v_pad[1], 0, 0)), inc.v_w, inc.v_b)
-        v = vin * (row_ids[ctx:] > 0).to(vin.dtype).view(1, 1, -1, 1)
-        hin = F.conv2d(F.pad(x[:, :, ctx:], (inc.h_left, 0, 0, 0)), inc.h_w, inc.h_b)
-        h = F.pad(hin, (1, 0, 0, 0))[:, :, :, :-1] + v
-        emb, bg = emb_all[:, :, ctx:], bg_all[:, :, ctx:]
-        for blk in inc.blocks:
-            for pair in blk.res:
-                v = self._gated(pair.v, v, None, state, outs)
-                h = self._gated(pair.h, h, v, state, outs)
-            if blk.has_attn:
-                attn, nh = blk.attn, blk.attn.n_heads
-
-                def heads(t: Tensor) -> Tensor:                              # (A, C, n, W) -> (A, nh, n*W, d)
-                    return t.reshape(A, nh, -1, n * W).transpose(2, 3)
-
-                q = heads(attn.q(torch.cat([h, bg], 1)))
-                k, val = (heads(t) for t in attn.kv(torch.cat([h, emb, bg], 1)).chunk(2, dim=1))
-                k_past, v_past = state.pop(0), state.pop(0)
-                outs += [k, val]
-                o = reference_attention_rows(q, torch.cat([k_past, k], 2), torch.cat([v_past, val], 2),
-                                             k_past.shape[2])
-                h = self._gated(blk.out, h, o.transpose(2, 3).reshape(A, -1, n, W), state, outs)
-        logits = inc.head(F.elu(h))
+        v, h = p.stacks_in(x, False, (row_ids[ctx:] > 0).to(emb_all.dtype).view(1, 1, -1, 1))
+        no_rows = torch.zeros(0, dtype=torch.long)
+        logits = p.rows(v, h, emb_all[:, :, ctx:], bg_all[:, :, ctx:], no_rows, 0, False, STATE, state, outs)
         return (logits, _likelihood(logits, codes[:, ctx:]), *outs)
 
 
