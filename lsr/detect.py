@@ -75,12 +75,16 @@ def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: run folder not found")
+    from .runfolder import MANIFEST, read_manifest, verify_weights
+
+    manifest = read_manifest(run)
+    if manifest is not None and not manifest.get("finished"):   # the run's own record, not a config value
+        raise ValueError(f"{run / MANIFEST}: training did not finish; re-run `lsr train` with the same "
+                         f"--out to resume")
     config = RunConfig.from_dict(read_json(run / "config.json", "run config"), str(run / "config.json"))
     if config.detect.tau is None:
-        raise ValueError(f"{run / 'config.json'}: tau is not calibrated (training did not finish); "
-                         f"re-run `lsr train` with the same --out to resume")
-    from .runfolder import verify_weights
-
+        raise ValueError(f"{run / 'config.json'}: detect.tau is null: the run is not calibrated; re-run "
+                         f"`lsr train` with the same --out, or set a tau")
     verify_weights(run)
     vqvae, prior = build_vqvae(config.vqvae, pretrained=False), PixelSNAIL(config.prior)
     load_into(vqvae, run / "vqvae.safetensors")

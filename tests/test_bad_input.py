@@ -244,6 +244,8 @@ CASES = [
      lambda w: DETECT + [w.run, w.image, "--out", w.results], ["config.json", "detect.tau"]),
     ("run-config-tau-null", lambda w: set_key(w.cfg, "detect.tau", None),
      lambda w: DETECT + [w.run, w.image, "--out", w.results], ["config.json", "tau"]),
+    ("run-unfinished", lambda w: set_key(w.run / "lsr_run.json", "finished", False),
+     lambda w: DETECT + [w.run, w.image, "--out", w.results], ["lsr_run.json", "did not finish"]),
     ("run-config-tau-negative", lambda w: set_key(w.cfg, "detect.tau", -0.1),
      lambda w: DETECT + [w.run, w.image, "--out", w.results], ["config.json", "detect.tau"]),
     ("run-config-image-size-string", lambda w: set_key(w.cfg, "vqvae.image_size", "32"),
