@@ -15,13 +15,13 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import anomaly, ops
+from . import anomaly, ops, pipeline
 from .checkpoint import load_into
 from .config import HELD_OUT_STATS, RunConfig
 from .contract import chain_seed, recomputed_fraction, unique_stems  # noqa: F401 (re-exported)
@@ -32,31 +32,51 @@ from .io import locks_output, read_json, write_json
 from .models import VQVAE, PixelSNAIL, build_vqvae
 
 
-class DetectionResult(NamedTuple):
-    """Per-batch detection output; every field has a leading batch dimension B.
+#: the result of every backend's pipeline (:mod:`lsr.pipeline`); here its fields are tensors
+DetectionResult = pipeline.DetectionResult
 
-    In features mode the maps compare features (the backbone's of the input, and those
-    decoded from the direct and the restored codes), upsampled to the image; ``direct``
-    and ``restored`` are then the pixel decoder's pictures of those codes."""
-    anomaly_map: Tensor          # (B, S, S) the configured map (map_kind)
-    score: Tensor                # (B,) image score of anomaly_map
-    nll_score: Tensor            # (B,) sum of -log p_t over codes with p_t < tau
-    map_restored_vs_input: Tensor   # (B, S, S)
-    map_restored_vs_direct: Tensor  # (B, S, S)
-    map_direct: Tensor           # (B, S, S) baseline |x - x_d| (no prior)
-    direct_score: Tensor         # (B,) image score of the baseline map
-    direct: Tensor               # (B, C, S, S) direct reconstruction x_d
-    restored: Tensor             # (B, C, S, S) restored image x_r (first restoration)
-    codes: Tensor                # (B, h, w) original codes
-    resampled_codes: Tensor      # (B, h, w) codes after resampling (first restoration)
-    resampled: Tensor            # (B, h, w) bool, redrawn positions (first restoration)
-    likelihood: Tensor           # (B, h, w) p_t of the original codes
-    n_resampled: Tensor          # (B,) float, redrawn codes per restoration (mean)
-    prior_passes: Tensor         # (B,) int64, prior passes over all restorations
-    positions_evaluated: Tensor  # (B,) int64, grid positions those passes evaluated
-    map_gated: Tensor            # (B, S, S) restored vs input where codes were resampled (dilated mask)
-    fused_score: Tensor          # (B,) standardised score + standardised nll_score (held-out normal
-                                 # images' statistics); NaN when the run has none for these options
+
+class _TorchStages:
+    """The stages of :mod:`lsr.pipeline` on a detector's torch modules."""
+
+    def __init__(self, det: "Detector"):
+        self.det = det
+        self.features = det.space == "features"
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        v = self.det.vqvae
+        seen = v.features(x) if self.features else x                   # the image, or its features
+        return v.quantizer(v.encoder(seen)).indices, seen
+
+    def decode(self, codes: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.features:                                              # pictures: the pixel decoder
+            return self.det.vqvae.decode_features(codes), None
+        picture = self.picture(codes)
+        return picture, picture
+
+    def picture(self, codes: Tensor) -> Tensor:
+        return self.det._decode_image(codes)
+
+    def repeat(self, codes: Tensor, n: int) -> Tensor:
+        return codes.repeat_interleave(n, dim=0)
+
+    def resample(self, chains: Tensor, seeds: Sequence[int], tau: float, temperature: float) -> ops.ResampleResult:
+        K = self.det.config.prior.codebook_size
+        noise = ops.gumbel_noise(chains.shape[0], chains.shape[1] * chains.shape[2], K, seeds)
+        return ops.resample(self.det.prior, chains, noise, tau, temperature, self.det.resampler)
+
+    def nll_score(self, likelihood: Tensor, tau: float) -> Tensor:
+        return anomaly.nll_score(likelihood, tau)
+
+    def postprocess(self, seen: Tensor, direct: Tensor, restored: Tensor, resampled: Tensor, nll: Tensor
+                    ) -> dict[str, Tensor]:
+        d = self.det.config.detect
+        post = anomaly.postprocess(seen, direct, restored, resampled, nll, anomaly.held_out_tensor(d, nll.device),
+                                   anomaly.MapSettings.of(self.det.config))
+        return post._asdict()
+
+    def as_float(self, a: Tensor) -> Tensor:
+        return a.float()
 
 
 class NonFiniteError(ValueError):
@@ -163,56 +183,11 @@ class Detector:
         if len(ids) != B:
             raise ValueError(f"got {len(ids)} image ids for {B} images")
         x = x.to(self.device, torch.float32)
-        n = d.restorations
-        features = self.space == "features"
-
-        # what is seen: the image, or its normalised backbone features
-        seen = self.vqvae.features(x) if features else x                     # (B, C|F, ., .)
-        codes = self.vqvae.quantizer(self.vqvae.encoder(seen)).indices       # (B, h, w)
-        decode = self.vqvae.decode_features if features else self._decode_image
-        direct_seen = decode(codes)                                          # (B, C|F, ., .)
-        h, w = codes.shape[1:]
-        K = self.config.prior.codebook_size
-        seeds = [chain_seed(d.seed, i, r) for i in ids for r in range(n)]
-        noise = ops.gumbel_noise(B * n, h * w, K, seeds)
-        chains = codes.repeat_interleave(n, dim=0)                           # (B*n, h, w)
-        rs = ops.resample(self.prior, chains, noise, float(d.tau), d.temperature, self.resampler)
-        restored_seen = decode(rs.codes)                                     # (B*n, C|F, ., .)
-
-        first = slice(None, None, n)
-        likelihood = rs.likelihood[first]
-        nll = anomaly.nll_score(likelihood, float(d.tau))
-        post = anomaly.postprocess(seen, direct_seen, restored_seen.view((B, n) + tuple(restored_seen.shape[1:])),
-                                   rs.resampled.view(B, n, h, w), nll, anomaly.held_out_tensor(d, self.device),
-                                   anomaly.MapSettings.of(self.config))
-        chosen, map_base = post.anomaly_map, post.map_direct
-        bad = ~torch.isfinite(chosen.flatten(1)).all(dim=1) | ~torch.isfinite(map_base.flatten(1)).all(dim=1)
+        res = pipeline.detect(_TorchStages(self), x, ids, d.seed, d.restorations, float(d.tau), d.temperature)
+        bad = ~torch.isfinite(res.anomaly_map.flatten(1)).all(dim=1) | ~torch.isfinite(res.map_direct.flatten(1)).all(dim=1)
         if bool(bad.any()):
             raise NonFiniteError([ids[i] for i in bad.nonzero().flatten().tolist()])
-        if features:
-            direct, restored = self._decode_image(codes), self._decode_image(rs.codes[first])
-        else:
-            direct, restored = direct_seen, restored_seen[first]
-        return DetectionResult(
-            anomaly_map=chosen,
-            score=post.score,
-            nll_score=nll,
-            map_restored_vs_input=post.map_restored_vs_input,
-            map_restored_vs_direct=post.map_restored_vs_direct,
-            map_direct=map_base,
-            direct_score=post.direct_score,
-            direct=direct,
-            restored=restored,
-            codes=codes,
-            resampled_codes=rs.codes[first],
-            resampled=rs.resampled[first],
-            likelihood=likelihood,
-            n_resampled=rs.resampled.view(B, n, -1).sum(-1).float().mean(dim=1),
-            prior_passes=rs.prior_passes.view(B, n).sum(dim=1),
-            positions_evaluated=rs.positions_evaluated.view(B, n).sum(dim=1),
-            map_gated=post.map_gated,
-            fused_score=post.fused_score,
-        )
+        return res
 
     def _decode_image(self, codes: Tensor) -> Tensor:
         """Codes -> image in [0, 1] (the VQ-VAE's decoder, or the pixel decoder in features mode)."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lsr.ops as ops
-from lsr.models.incremental import reference_attention_rows
+from lsr.ops.reference import causal_attention_rows as reference_attention_rows
 from lsr.ops import reference as R
 
 pytestmark = pytest.mark.usefixtures("one_thread")

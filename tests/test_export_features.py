@@ -143,10 +143,40 @@ def test_a_change_to_the_map_reaches_every_backend(tiny_feature_run, tmp_path, m
 
 
 def test_bundle_and_pytorch_results_have_the_same_fields():
-    """The Inferencer and the Detector are one pipeline over two backends: the same result
-    fields in the same order (numpy arrays on one side, tensors on the other)."""
+    """The Inferencer and the Detector are one pipeline over two backends: one result type
+    (numpy arrays on one side, tensors on the other)."""
+    from lsr import pipeline
     from lsr.deploy.inferencer import BatchPrediction, Prediction
     from lsr.detect import DetectionResult
 
-    assert BatchPrediction._fields == DetectionResult._fields
+    assert BatchPrediction is DetectionResult is pipeline.DetectionResult
     assert Prediction._fields == DetectionResult._fields + ("input_size",)
+
+
+def test_a_change_to_the_pipeline_reaches_both_backends(tiny_feature_run, tmp_path, monkeypatch):
+    """The step sequence is lsr.pipeline.detect, for the torch modules and for a bundle's
+    graphs: a change there (here: the direct baseline map doubled) reaches both, with the
+    same codes."""
+    from lsr import pipeline
+
+    det = Detector.load(tiny_feature_run, "cpu").with_options(resampler="fast")
+    export_bundle(tiny_feature_run, tmp_path / "b", "onnx", check=False, log=lambda *_: None)
+    inf = Inferencer(tmp_path / "b", providers=["CPUExecutionProvider"], resampler="fast")
+    x = synthetic_images(2, det.channels, det.image_size)
+    with torch.no_grad():
+        before = det.detect(torch.from_numpy(x)).map_direct.numpy()
+    original, backends = pipeline.detect, []
+
+    def changed(st, *args, **kwargs):
+        backends.append(type(st).__name__)
+        res = original(st, *args, **kwargs)
+        return res._replace(map_direct=res.map_direct * 2)
+    monkeypatch.setattr(pipeline, "detect", changed)
+    with torch.no_grad():
+        ours = det.detect(torch.from_numpy(x))
+    theirs = inf.predict_batch(x)
+    assert backends == ["_TorchStages", "_BundleStages"]
+    np.testing.assert_allclose(ours.map_direct.numpy(), 2 * before, rtol=1e-6)
+    np.testing.assert_allclose(theirs.map_direct, 2 * before, rtol=1e-4, atol=1e-3)
+    assert np.array_equal(theirs.codes, ours.codes.numpy())
+    assert np.array_equal(theirs.resampled_codes, ours.resampled_codes.numpy())

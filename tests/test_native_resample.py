@@ -15,7 +15,8 @@ import torch
 import lsr.ops as ops
 from lsr.config import PriorConfig, preset
 from lsr.models import PixelSNAIL
-from lsr.models.incremental import IncrementalPrior, reference_attention_rows, script_prior
+from lsr.models.incremental import IncrementalPrior, script_prior
+from lsr.ops.reference import causal_attention_rows as reference_attention_rows
 from lsr.ops import gumbel_noise, resample_fast, resample_naive, resample_native
 from lsr.ops import reference as R
 

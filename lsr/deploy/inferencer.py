@@ -16,32 +16,16 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from .. import pipeline
+from ..pipeline import DetectionResult
 from . import numpy_ops as nops
 from .bundle import BAKED_OPTIONS, HELD_OUT_STATS, RUNTIME_OPTIONS, Bundle, read_bundle
 from .runtime import make_runner
 
 
-class BatchPrediction(NamedTuple):
-    """Detection output of a batch, numpy arrays with a leading batch dimension B; the
-    fields of :class:`lsr.detect.DetectionResult`."""
-    anomaly_map: np.ndarray             # (B, S, S) the configured map (map_kind)
-    score: np.ndarray                   # (B,) image score of anomaly_map
-    nll_score: np.ndarray               # (B,) sum of -log p_t over codes with p_t < tau
-    map_restored_vs_input: np.ndarray   # (B, S, S)
-    map_restored_vs_direct: np.ndarray  # (B, S, S)
-    map_direct: np.ndarray              # (B, S, S) baseline |x - x_d| (no prior)
-    direct_score: np.ndarray            # (B,)
-    direct: np.ndarray                  # (B, C, S, S) direct reconstruction x_d
-    restored: np.ndarray                # (B, C, S, S) restored image x_r (first restoration)
-    codes: np.ndarray                   # (B, h, w) int64 original codes
-    resampled_codes: np.ndarray         # (B, h, w) int64 after resampling (first restoration)
-    resampled: np.ndarray               # (B, h, w) bool, redrawn positions (first restoration)
-    likelihood: np.ndarray              # (B, h, w) p_t of the original codes
-    n_resampled: np.ndarray             # (B,) float, redrawn codes per restoration (mean)
-    prior_passes: np.ndarray            # (B,) int64, prior passes over all restorations
-    positions_evaluated: np.ndarray     # (B,) int64, grid positions those passes evaluated
-    map_gated: np.ndarray               # (B, S, S) restored vs input where codes were resampled
-    fused_score: np.ndarray             # (B,) standardised map score + NLL score (NaN without statistics)
+#: detection output of a batch: the pipeline's one result type (:mod:`lsr.pipeline`), here
+#: with numpy arrays
+BatchPrediction = DetectionResult
 
 
 class Prediction(NamedTuple):
@@ -302,50 +286,53 @@ class Inferencer:
         ids = list(range(B)) if image_ids is None else [int(i) for i in image_ids]
         if len(ids) != B:
             raise ValueError(f"got {len(ids)} image ids for {B} images")
-        n = int(d["restorations"])
-        tau = float(d["tau"])
-        enc = self.runner.run("encoder", image=x)
-        codes, seen = enc["codes"].astype(np.int64), enc["seen"]
-        dec = self.runner.run("decoder", codes=codes)
-        direct, direct_seen = dec["picture"], dec["seen"]
-        h, w = codes.shape[1:]
-        K = self.bundle.codebook_size
-        seeds = [nops.chain_seed(int(d["seed"]), i, r) for i in ids for r in range(n)]
-        noise = nops.LazyNoise(seeds, h * w, K)
-        chains = np.repeat(codes, n, axis=0)
-        temperature = float(d["temperature"])
-        if self.loop == "native" and self.loop_impl == "numpy":
-            meta = self.bundle.meta["graphs"]["prior_rows"]
-            rs = nops.resample_incremental(self.prior, self.prior_rows, meta["state"], int(meta["context_rows"]),
-                                           chains, noise, tau, temperature)
-        elif self.loop == "native":                      # lsr._C on the TorchScript prior
-            rs = self.runner.resample_native(chains, nops.gumbel_noise(len(seeds), h * w, K, seeds), tau,
-                                             temperature)
-        else:
-            rs = nops.resample_fast(self.prior, chains, noise, tau, temperature)
-        dec = self.runner.run("decoder", codes=rs.codes)
-        restored, restored_seen = dec["picture"], dec["seen"]
-        first = slice(None, None, n)
-        likelihood = rs.likelihood[first]
-        nll = nops.nll_score(likelihood, tau)
-        post = self.runner.run("postprocess", seen=seen, direct=direct_seen,
-                               restored=np.ascontiguousarray(restored_seen.reshape((B, n) + restored_seen.shape[1:])),
-                               resampled=np.ascontiguousarray(rs.resampled.reshape(B, n, h, w), dtype=np.float32),
-                               nll_score=np.ascontiguousarray(nll, dtype=np.float32), held_out=self.held_out)
-        return BatchPrediction(
-            anomaly_map=post["anomaly_map"], score=post["score"],
-            nll_score=nll,
-            map_restored_vs_input=post["map_restored_vs_input"],
-            map_restored_vs_direct=post["map_restored_vs_direct"],
-            map_direct=post["map_direct"], direct_score=post["direct_score"],
-            direct=direct, restored=restored[first], codes=codes,
-            resampled_codes=rs.codes[first], resampled=rs.resampled[first], likelihood=likelihood,
-            n_resampled=rs.resampled.reshape(B, n, -1).sum(-1).astype(np.float32).mean(axis=1),
-            prior_passes=rs.prior_passes.reshape(B, n).sum(axis=1),
-            positions_evaluated=(rs.prior_passes * (h * w) if rs.positions_evaluated is None   # whole passes
-                                 else rs.positions_evaluated).reshape(B, n).sum(axis=1),
-            map_gated=post["map_gated"], fused_score=post["fused_score"],
-        )
+        return pipeline.detect(_BundleStages(self), x, ids, int(d["seed"]), int(d["restorations"]), float(d["tau"]),
+                               float(d["temperature"]))
+
+
+class _BundleStages:
+    """The stages of :mod:`lsr.pipeline` on a bundle's graphs (numpy arrays)."""
+
+    def __init__(self, inf: Inferencer):
+        self.inf = inf
+        self.run = inf.runner.run
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        enc = self.run("encoder", image=x)
+        return enc["codes"].astype(np.int64), enc["seen"]
+
+    def decode(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dec = self.run("decoder", codes=np.ascontiguousarray(codes, dtype=np.int64))
+        return dec["seen"], dec["picture"]
+
+    def picture(self, codes: np.ndarray) -> np.ndarray:
+        return self.decode(codes)[1]
+
+    def repeat(self, codes: np.ndarray, n: int) -> np.ndarray:
+        return np.repeat(codes, n, axis=0)
+
+    def resample(self, chains: np.ndarray, seeds, tau: float, temperature: float) -> nops.ResampleResult:
+        inf = self.inf
+        h, w, K = chains.shape[1], chains.shape[2], inf.bundle.codebook_size
+        if inf.loop == "native" and inf.loop_impl == "numpy":
+            meta = inf.bundle.meta["graphs"]["prior_rows"]
+            return nops.resample_incremental(inf.prior, inf.prior_rows, meta["state"], int(meta["context_rows"]),
+                                             chains, nops.LazyNoise(seeds, h * w, K), tau, temperature)
+        if inf.loop == "native":                          # lsr._C on the TorchScript prior
+            return inf.runner.resample_native(chains, nops.gumbel_noise(len(seeds), h * w, K, seeds), tau,
+                                              temperature)
+        return nops.resample_fast(inf.prior, chains, nops.LazyNoise(seeds, h * w, K), tau, temperature)
+
+    def nll_score(self, likelihood: np.ndarray, tau: float) -> np.ndarray:
+        return nops.nll_score(likelihood, tau)
+
+    def postprocess(self, seen, direct, restored, resampled, nll) -> dict[str, np.ndarray]:
+        return self.run("postprocess", seen=seen, direct=direct, restored=np.ascontiguousarray(restored),
+                        resampled=np.ascontiguousarray(resampled, dtype=np.float32),
+                        nll_score=np.ascontiguousarray(nll, dtype=np.float32), held_out=self.inf.held_out)
+
+    def as_float(self, a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32)
 
 
 __all__ = ["Inferencer", "Prediction", "BatchPrediction", "to_model_input"]

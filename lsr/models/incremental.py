@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.reference import causal_attention_rows as reference_attention_rows  # noqa: F401 (re-export)
 from .pixelsnail import CausalAttention, PixelSNAIL, ReferenceRows, background_grid
 
 
