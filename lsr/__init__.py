@@ -20,7 +20,9 @@ Where things are:
 * :mod:`lsr.training`    – training, resume, tau calibration          (``lsr train``)
 * :mod:`lsr.detect`   – :class:`Detector`, :class:`DetectionResult` (``lsr detect``)
 * :mod:`lsr.anomaly`  – anomaly maps and image scores
-* :mod:`lsr.evaluation` – MVTec AD evaluation                         (``lsr eval``)
+* :mod:`lsr.pipeline` – the detection steps every backend runs, the result type
+* :mod:`lsr.evaluation` – the metrics of an evaluation                 (``lsr eval``)
+* :mod:`lsr.commands` – the bodies of ``lsr detect`` and ``lsr eval`` that write files
 * :mod:`lsr.metrics`  – AUROC, AUPRO, F1-max
 * :mod:`lsr.images`   – image decoding (strict, bounded), clear errors
 * :mod:`lsr.data`     – MVTec AD folders, listings, the train/validation split
@@ -54,7 +56,7 @@ __version__ = "0.1.0"
 # :mod:`lsr.deploy` work where only numpy, pillow and onnxruntime are installed.
 _LAZY = {
     "Detector": "detect", "DetectionResult": "detect", "detect_images": "commands",
-    "evaluate": "evaluation", "train": "training", "TrainResult": "training",
+    "evaluate": "commands", "train": "training", "TrainResult": "training",
 }
 _SUBMODULES = ("anomaly", "checkpoint", "cli", "config", "contract", "data", "decision", "demo", "demo_data",
                "deploy", "detect", "differential", "distributed", "evaluation", "explain", "io", "metrics",

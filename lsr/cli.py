@@ -234,7 +234,7 @@ def _main(args: argparse.Namespace) -> int:
                   f"({p['n_pixels']} held-out pixels)")
             print(f"written: {Path(args.run) / 'config.json'}, {Path(args.run) / 'calibration.json'}")
         elif args.command == "eval":
-            from .evaluation import evaluate
+            from .commands import evaluate
             from .tables import format_table
 
             top = _check_explain_reference(args)

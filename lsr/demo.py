@@ -56,7 +56,7 @@ def run_demo(out: str | os.PathLike = "lsr-demo", categories: Sequence[str] | No
     """Build the demo dataset, train and evaluate each category; returns the summary
     (also written to ``OUT/summary.json``)."""
     from .demo_data import build_demo_dataset
-    from .evaluation import evaluate
+    from .commands import evaluate
     from .tables import format_table
     from .training import train
 

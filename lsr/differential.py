@@ -416,7 +416,7 @@ def evaluate_differential(det: Any, cat: Any, samples: Sequence[Any], masks: Seq
     with atomic_write(out / "differential" / "pairs.jsonl", "w") as f:
         for p in pairs:
             f.write(dumps(p) + "\n")
-    _method_metrics = method_metrics                      # lsr.evaluation's (passed in: no import cycle)
+    _method_metrics = method_metrics                      # lsr.evaluation's
     rows = {"differential": _method_metrics(np.array(scores), labels, maps, list(masks), defects),
             "differential_direct": _method_metrics(np.array(scores_direct), labels, maps_direct, list(masks),
                                                    defects)}
