@@ -59,7 +59,7 @@ def _tau_for_quantile(run: Path, q: float) -> float:
 
 
 def _position_tau(run: Path, q: float | None = None):
-    """Per-position likelihood normalisation (METHOD.md's "likelihoods normalised per
+    """Per-position likelihood normalisation (the issue's "likelihoods normalised per
     position by the training images' mean likelihood map"): with m_t the mean likelihood
     of the held-out normal codes at grid position t, the rule compares p_t / m_t with a
     tau' calibrated as the same quantile of p / m; equivalently p_t < tau' * m_t, a

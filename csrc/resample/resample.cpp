@@ -1,4 +1,4 @@
-// See resample.h. Semantics: lsr/ops/resampling.py (resample_fast) and METHOD.md.
+// See resample.h. Semantics: lsr/ops/resampling.py (resample_fast) and docs/method.md (section 3).
 //
 // Invariant of the loop: for each active image, rows [0, valid) of `logits` and `p` hold
 // the exact values of its current grid. A position is *decidable* when its row and the

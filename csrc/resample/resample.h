@@ -1,4 +1,4 @@
-// The exact fast resampling loop of METHOD.md in C++, driving an incremental prior
+// The exact fast resampling loop of docs/method.md (section 3) in C++, driving an incremental prior
 // (lsr/models/incremental.py, scripted) with no Python per step. Used by the Python
 // package (`--resampler native`, bound in csrc/lsr_C.cpp) and by the C++ runtime of an
 // exported bundle (export/).

@@ -101,7 +101,7 @@ class ResampleResult(NamedTuple):
 
 
 def flag_positions(p: np.ndarray, tau: float) -> np.ndarray:
-    """The resampling rule (METHOD.md section 3) on likelihoods p (B, H, W) -> bool (B, H, W):
+    """The resampling rule (docs/method.md, section 3) on likelihoods p (B, H, W) -> bool (B, H, W):
     p_t < tau and at least one existing bottom-half neighbour, (i, j+1), (i+1, j-1),
     (i+1, j), (i+1, j+1), below tau too; the last position is judged on its own."""
     low = p < np.float32(tau)

@@ -11,7 +11,7 @@ identical codes from the same noise:
 
 * :func:`resample_naive` re-runs the prior before every position (H*W passes);
 * :func:`resample_fast` re-runs it only after a change (1 + changes passes), which is
-  exact because p_t depends on codes before t only (METHOD.md).
+  exact because p_t depends on codes before t only (docs/method.md, section 3).
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def resample_naive(prior: PriorFn, codes: Tensor, noise: Tensor, tau: float,
 
 def resample_fast(prior: PriorFn, codes: Tensor, noise: Tensor, tau: float,
                   temperature: float = 1.0) -> ResampleResult:
-    """Exact fast loop (METHOD.md): 1 + (number of changed codes) prior passes per image.
+    """Exact fast loop (docs/method.md, section 3): 1 + (number of changed codes) prior passes per image.
 
     One pass gives exact likelihoods for every position after the last change, so each
     image keeps a pointer; each pass finds, per active image, the first flagged position
