@@ -118,7 +118,7 @@ def _paper_detector(batch: int):
         x = torch.rand(batch, 3, 256, 256, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             codes = det.vqvae.quantizer(det.vqvae.encoder(x.cuda())).indices
-            p = ops.resampling._likelihood(det.prior(codes), codes)
+            p = ops.resampling.code_likelihood(det.prior(codes), codes)
         tau = float(torch.quantile(p.flatten().float().cpu(), 0.02))
         cfg.detect.tau = tau
         _DETECTORS[batch] = (det, x)

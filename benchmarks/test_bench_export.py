@@ -101,14 +101,14 @@ def _stage_fn(stage, backend, det, runs, x, codes):
             return lambda: det.detect(x)
         with torch.no_grad():
             seen = det.vqvae.features(x) if features else x
-            dseen = det.vqvae.decode_features(codes) if features else det._decode_image(codes)
+            dseen = det.vqvae.decode_features(codes) if features else det.decode_image(codes)
         settings = anomaly.MapSettings.of(det.config)
         held = anomaly.held_out_tensor(det.config.detect)
         fns = {
             "encode": lambda: det.vqvae.encode(x),
             "prior": lambda: det.prior(codes),
-            "decode": ((lambda: (det._decode_image(codes), det.vqvae.decode_features(codes))) if features
-                       else (lambda: det._decode_image(codes))),
+            "decode": ((lambda: (det.decode_image(codes), det.vqvae.decode_features(codes))) if features
+                       else (lambda: det.decode_image(codes))),
             "postprocess": lambda: anomaly.postprocess(seen, dseen, dseen.unsqueeze(1), codes.unsqueeze(1) < 0,
                                                        torch.zeros(B), held, settings),
         }

@@ -45,7 +45,7 @@ def setup_case(grid: int, batch: int, flagged: float, seed: int = 0):
     prior = PixelSNAIL(cfg).eval()
     codes = torch.randint(0, cfg.codebook_size, (batch, grid, grid))
     with torch.no_grad():
-        p = ops.resampling._likelihood(prior(codes), codes)
+        p = ops.resampling.code_likelihood(prior(codes), codes)
     tau = 0.0
     if flagged > 0:
         for q in torch.linspace(0.0, 1.0, 801):

@@ -331,9 +331,9 @@ def _check_explain_reference(args: argparse.Namespace) -> int | None:
     cfg = RunConfig.from_dict(read_json(Path(args.run) / "config.json", "run config"),
                               str(Path(args.run) / "config.json"))
     if args.explain is not None:
-        from .explain import _check_top
+        from .explain import check_top
 
-        _check_top(top)
+        check_top(top)
         if not cfg.prior.attention:
             raise ValueError(f"--explain: the prior of {args.run} has no attention layers (prior.attention is false)")
     if reference is not None:

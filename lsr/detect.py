@@ -55,7 +55,7 @@ class _TorchStages:
         return picture, picture
 
     def picture(self, codes: Tensor) -> Tensor:
-        return self.det._decode_image(codes)
+        return self.det.decode_image(codes)
 
     def repeat(self, codes: Tensor, n: int) -> Tensor:
         return codes.repeat_interleave(n, dim=0)
@@ -189,7 +189,7 @@ class Detector:
             raise NonFiniteError([ids[i] for i in bad.nonzero().flatten().tolist()])
         return res
 
-    def _decode_image(self, codes: Tensor) -> Tensor:
+    def decode_image(self, codes: Tensor) -> Tensor:
         """Codes -> image in [0, 1] (the VQ-VAE's decoder, or the pixel decoder in features mode)."""
         return self.vqvae.decode_indices(codes).clamp(0, 1)
 

@@ -196,7 +196,7 @@ def detect_pair(det: Any, x: Tensor, ref: Tensor, image_ids: Sequence[int] | Non
     noise = ops.gumbel_noise(B * n, h * w, K, [chain_seed(d.seed, i, k) for i in ids for k in range(n)])
     rs = ops.resample(det.prior, codes.repeat_interleave(n, dim=0), torch.cat([noise, noise]),
                       float(d.tau), d.temperature, det.resampler)
-    decode = det.vqvae.decode_features if features else det._decode_image
+    decode = det.vqvae.decode_features if features else det.decode_image
 
     def dist(a: Tensor, b: Tensor) -> Tensor:                                 # -> (., S, S), smoothed
         if features:
@@ -216,7 +216,7 @@ def detect_pair(det: Any, x: Tensor, ref: Tensor, image_ids: Sequence[int] | Non
     score = anomaly.image_score(dmap, kind, d.topk, pool=d.pool)
     score_direct = anomaly.image_score(dmap_direct, kind, d.topk, pool=d.pool)
     first = rs.codes[::n]                                                     # (2B, h, w)
-    pictures = det._decode_image(first) if features else restored[::n]
+    pictures = det.decode_image(first) if features else restored[::n]
     return DifferentialResult(
         anomaly_map=dmap, score=score, map_direct=dmap_direct, direct_score=score_direct, shift=shift,
         registration_cost=cost, reference=ref_reg,

@@ -167,11 +167,11 @@ def select_queries(likelihood: Tensor, resampled: Tensor, top: int | None = None
     if top is None:
         keep = order[resampled.flatten().cpu()[order]]
         return keep if limit is None else keep[:int(limit)]
-    _check_top(top)
+    check_top(top)
     return order[:int(top)]
 
 
-def _check_top(top: Any) -> None:
+def check_top(top: Any) -> None:
     if top is not None and (isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1):
         raise ValueError(f"--explain: must be an integer >= 1 (or nothing: the resampled codes), got {top!r}")
 
@@ -189,7 +189,7 @@ def explain(det: Any, x: Tensor, top: int | None = None, image_ids: Sequence[int
         image_ids: noise ids as :meth:`Detector.detect` (they decide what is resampled).
         result: a :class:`DetectionResult` of ``det.detect(x, image_ids)`` already computed.
     """
-    _check_top(top)
+    check_top(top)
     res = result if result is not None else det.detect(x, image_ids)
     layers = [name for name, _ in attention_layers(det.prior)]
     queries = [select_queries(res.likelihood[b], res.resampled[b], top, limit) for b in range(res.codes.shape[0])]
@@ -297,7 +297,7 @@ def explain_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     from .io import atomic_write, dumps, locks_output
 
     check_value("batch_size", batch_size, "--batch-size", OPTION_RULES)
-    _check_top(top)
+    check_top(top)
 
     @locks_output("out")
     def _run(out: Path) -> list[dict[str, Any]]:
@@ -332,7 +332,7 @@ def explain_examples(run: str | os.PathLike, data: str | os.PathLike, out: str |
     from .detect import Detector
     from .io import atomic_write, dumps, locks_output
 
-    _check_top(top)
+    check_top(top)
     cat = scan_mvtec(data, require_test=True, require_train=False)
 
     @locks_output("out")

@@ -441,8 +441,8 @@ def test_non_finite_map_is_an_error(w, capsys, monkeypatch):
     error naming the image, never a NaN score with exit 0."""
     import lsr.detect as D
 
-    real = D.Detector._decode_image
-    monkeypatch.setattr(D.Detector, "_decode_image", lambda self, c: real(self, c) * float("nan"))
+    real = D.Detector.decode_image
+    monkeypatch.setattr(D.Detector, "decode_image", lambda self, c: real(self, c) * float("nan"))
     rc = main(["--no-progress", "detect", str(w.run), str(w.image), "--out", str(w.results)])
     err = capsys.readouterr().err
     assert rc == 2 and w.image.name in err and "not finite" in err

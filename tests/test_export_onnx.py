@@ -285,7 +285,7 @@ def test_export_edge_models(tmp_path, kind):
     x = synthetic_images(6, 1, S, seed=3)
     with torch.no_grad():
         codes = vqvae.encode(torch.from_numpy(x))
-        p = ops.resampling._likelihood(prior(codes), codes)
+        p = ops.resampling.code_likelihood(prior(codes), codes)
     cfg.detect.tau = float(p.flatten().quantile(0.25))
     run = tmp_path / "run"
     write_json(run / "config.json", cfg.to_dict())

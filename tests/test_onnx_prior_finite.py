@@ -93,7 +93,7 @@ def _with_weights(model_bytes: bytes, prior: PixelSNAIL) -> bytes:
 
 @pytest.mark.parametrize("name,seed,trained", CASES, ids=[f"{n}-{s}-{'trained' if t else 'init'}" for n, s, t in CASES])
 def test_onnx_prior_logits_finite_and_equal_to_pytorch(one_thread, tmp_path_factory, name, seed, trained):
-    from lsr.ops.resampling import _likelihood
+    from lsr.ops.resampling import code_likelihood
 
     cfg = lsr.preset(name, 1).prior
     K, G = cfg.codebook_size, cfg.grid_size
@@ -106,7 +106,7 @@ def test_onnx_prior_logits_finite_and_equal_to_pytorch(one_thread, tmp_path_fact
     codes = _codes(K, G, seed)
     with ops.backend("reference"), torch.no_grad():
         want = prior(codes)
-        want_p = _likelihood(want, codes)
+        want_p = code_likelihood(want, codes)
     assert torch.isfinite(want).all()
     if trained:
         assert float(want.abs().max()) > 2.0, "the training should sharpen the logits"

@@ -88,7 +88,7 @@ def test_counts_reach_into_the_native_loop():
     noise = ops.gumbel_noise(1, 144, 16, [3])
     with torch.no_grad():
         _, full = P.count_cost(prior, codes)
-        p = ops.resampling._likelihood(prior(codes), codes)
+        p = ops.resampling.code_likelihood(prior(codes), codes)
         tau = float(p.flatten().quantile(0.1))
         res, c = P.count_cost(ops.resample_native, prior, codes, noise, tau)
     calls, evaluated = int(res.prior_passes[0]), int(res.positions_evaluated[0])

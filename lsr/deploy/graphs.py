@@ -29,7 +29,7 @@ from .. import anomaly
 from ..config import RunConfig
 from ..models import PixelSNAIL
 from ..models.pixelsnail import STATE, background_grid
-from ..ops.resampling import _likelihood
+from ..ops.resampling import code_likelihood
 
 
 def _nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
@@ -66,7 +66,7 @@ class EncodeGraph(nn.Module):
 
 class PriorGraph(nn.Module):
     """One full teacher-forced prior pass: codes -> (logits, likelihood of each code),
-    the likelihood as :func:`lsr.ops.resampling._likelihood` (softmax, then gather)."""
+    the likelihood as :func:`lsr.ops.resampling.code_likelihood` (softmax, then gather)."""
 
     def __init__(self, prior: nn.Module):
         super().__init__()
@@ -74,7 +74,7 @@ class PriorGraph(nn.Module):
 
     def forward(self, codes: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.prior(codes)
-        return logits, _likelihood(logits, codes)
+        return logits, code_likelihood(logits, codes)
 
 
 class PriorRowsGraph(nn.Module):
@@ -130,7 +130,7 @@ class PriorRowsGraph(nn.Module):
         v, h = p.stacks_in(x, False, (row_ids[ctx:] > 0).to(emb_all.dtype).view(1, 1, -1, 1))
         no_rows = torch.zeros(0, dtype=torch.long)
         logits = p.rows(v, h, emb_all[:, :, ctx:], bg_all[:, :, ctx:], no_rows, 0, False, STATE, state, outs)
-        return (logits, _likelihood(logits, codes[:, ctx:]), *outs)
+        return (logits, code_likelihood(logits, codes[:, ctx:]), *outs)
 
 
 class DecodeGraph(nn.Module):

@@ -303,7 +303,7 @@ def check_bundle(bundle: str | os.PathLike | Bundle, run: str | os.PathLike | No
     path that was exported; ``auto`` compares with the native kernels, where float
     differences are larger)."""
     from ..detect import Detector
-    from ..ops.resampling import _likelihood
+    from ..ops.resampling import code_likelihood
     from .inferencer import Inferencer
 
     b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
@@ -334,7 +334,7 @@ def check_bundle(bundle: str | os.PathLike | Bundle, run: str | os.PathLike | No
         rt = det.detect(torch.from_numpy(x))
         codes_t = rt.codes
         logits_t = det.prior(codes_t)
-        lik_t = _likelihood(logits_t, codes_t)
+        lik_t = code_likelihood(logits_t, codes_t)
     ro = inf.predict_batch(x)
     # the encoder: identical codes, but for near-ties (whose images skip the later stages)
     ties, differences, keep = _code_differences(det, x, codes_t.numpy(), ro.codes, float(tol["code_tie"]))

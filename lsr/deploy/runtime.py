@@ -176,7 +176,7 @@ class TorchScriptRunner:
     """The graphs of a TorchScript bundle through ``torch.jit.load`` (needs torch).
 
     The TorchScript prior returns the logits; the likelihood is computed here with the
-    same torch ops as :func:`lsr.ops.resampling._likelihood`."""
+    same torch ops as :func:`lsr.ops.resampling.code_likelihood`."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu"):
         try:
@@ -184,10 +184,10 @@ class TorchScriptRunner:
         except ImportError:
             raise BundleError(f"{bundle.root / 'bundle.json'}: a TorchScript bundle needs torch; "
                               f"export with --format onnx to run without it") from None
-        from ..ops.resampling import _likelihood
+        from ..ops.resampling import code_likelihood
 
         self.torch = torch
-        self._likelihood = _likelihood
+        self.code_likelihood = code_likelihood
         self.bundle = bundle
         self.device = torch.device(device)
         self.providers = [f"torch.jit ({self.device})"]
@@ -253,7 +253,7 @@ class TorchScriptRunner:
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
             if graph == "prior":
                 codes = args[0]
-                outs = [outs[0], self._likelihood(outs[0], codes)]
+                outs = [outs[0], self.code_likelihood(outs[0], codes)]
         names = [d["name"] for d in spec.outputs] + (["likelihood"] if graph == "prior" else [])
         return {n: t.cpu().numpy() for n, t in zip(names, outs)}
 

@@ -86,7 +86,7 @@ def gumbel_noise(n: int, T: int, K: int, seeds: list[int] | Tensor, device=None)
     return out.to(device) if device is not None else out
 
 
-def _likelihood(logits: Tensor, codes: Tensor) -> Tensor:
+def code_likelihood(logits: Tensor, codes: Tensor) -> Tensor:
     """p(c_t) per position from logits (B, K, H, W) and codes (B, H, W): a softmax over K
     per position (row-wise, so a position gets the same arithmetic in any batch or slice;
     the C++ loop, csrc/resample/resample.cpp code_likelihood, does the same)."""
@@ -117,7 +117,7 @@ def resample_naive(prior: PriorFn, codes: Tensor, noise: Tensor, tau: float,
     first = None
     for t in range(H * W):
         logits = prior(c)                                             # (B, K, H, W)
-        p = _likelihood(logits, c)
+        p = code_likelihood(logits, c)
         if first is None:
             first = p
         flag = flag_positions(p, tau).view(B, H * W)[:, t]             # (B,)
@@ -150,7 +150,7 @@ def resample_fast(prior: PriorFn, codes: Tensor, noise: Tensor, tau: float,
     positions = torch.arange(T, device=c.device)
     active = torch.arange(B, device=c.device)
     logits = prior(c)                                                  # (B, K, H, W)
-    first = _likelihood(logits, c)
+    first = code_likelihood(logits, c)
     p = first
     while active.numel() > 0:
         flag = flag_positions(p, tau).view(-1, T)                      # (A, T)
@@ -168,7 +168,7 @@ def resample_fast(prior: PriorFn, codes: Tensor, noise: Tensor, tau: float,
         active = rows                                                  # finished images drop out
         passes[active.cpu()] += 1
         logits = prior(c[active])
-        p = _likelihood(logits, c[active])
+        p = code_likelihood(logits, c[active])
     return ResampleResult(c, resampled.view(B, H, W), first, passes, passes * T)
 
 
