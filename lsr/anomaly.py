@@ -108,13 +108,14 @@ def distance(a: Tensor, b: Tensor, kind: str = "l2") -> Tensor:
 
 def feature_distance(a: Tensor, b: Tensor, kind: str = "l2", eps: float = 1e-8) -> Tensor:
     """Per-position distance between feature maps (B, C, h, w) -> (B, h, w): Euclidean
-    over channels (``l2``) or 1 - cosine similarity (``cosine``)."""
+    over channels (``l2``) or 1 - cosine similarity (``cosine``, in [0, 2]: rounding below 0
+    is clipped)."""
     a, b = a.float(), b.float()
     if kind == "l2":
         return l2_distance(a, b)
     if kind == "cosine":
         dot = (a * b).sum(1)
-        return 1.0 - dot / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)
+        return (1.0 - dot / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)).clamp_min(0.0)
     raise ValueError(f"feature distance must be 'l2' or 'cosine', got {kind!r}")
 
 
@@ -213,13 +214,15 @@ class MapSettings(NamedTuple):
     pool: int = 21
     gate_dilate: int = 1
     weighting: str = "mean"
+    score_distance: str = "map"    # the image score's map distance ("map": the map's own)
 
     @classmethod
     def of(cls, config) -> "MapSettings":
         """The settings of a :class:`lsr.config.RunConfig`."""
         d = config.detect
         return cls(config.vqvae.space, int(config.vqvae.image_size), d.map_kind, d.distance, d.smoothing,
-                   float(d.sigma), d.score, int(d.topk), int(d.pool), int(d.gate_dilate), d.weighting)
+                   float(d.sigma), d.score, int(d.topk), int(d.pool), int(d.gate_dilate), d.weighting,
+                   d.score_distance)
 
 
 class PostprocessResult(NamedTuple):
@@ -279,46 +282,58 @@ def postprocess(seen: Tensor, direct: Tensor, restored: Tensor, resampled: Tenso
 
     Maps compare images per pixel (pixels) or features per position, upsampled to S x S
     (features); each restoration's map is smoothed, then the N are averaged (``weighting``).
+    The image scores (``score``, ``direct_score``) reduce the same kind of map; where
+    ``s.score_distance`` names another distance than the map's, that map is computed
+    again under it (e.g. cosine maps to localise, an L2 score for the verdict).
     """
     B, N = restored.shape[0], restored.shape[1]
     S = s.image_size
     flat = restored.reshape((B * N,) + tuple(restored.shape[2:]))
     resampled = resampled.reshape((B * N,) + tuple(resampled.shape[2:]))
-
-    def dist(a: Tensor, b: Tensor) -> Tensor:                     # -> (., S, S), unsmoothed
-        if s.space == "features":
-            return resize_maps(feature_distance(a, b, s.distance), (S, S))
-        return distance(a.float(), b.float(), s.distance)
+    gate = code_mask_map(resampled, (S, S), s.gate_dilate)
 
     def sm(m: Tensor) -> Tensor:
         return smooth(m, s.smoothing, s.sigma)
 
-    # each image's seen and direct once per restoration (expand_as, not repeat_interleave, whose
-    # export ties the batch and restoration axes)
-    d_in = dist(flat, seen.unsqueeze(1).expand_as(restored).reshape(flat.shape))      # (B*N, S, S)
-    d_rd = dist(flat, direct.unsqueeze(1).expand_as(restored).reshape(flat.shape))
-    gate = code_mask_map(resampled, (S, S), s.gate_dilate)
-    weights = restoration_weights(d_in.reshape(B, N, -1).mean(-1), s.weighting)   # (B, N)
+    def maps(kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(chosen, restored vs input, restored vs direct, gated, direct) under distance ``kind``."""
+        def dist(a: Tensor, b: Tensor) -> Tensor:                 # -> (., S, S), unsmoothed
+            if s.space == "features":
+                return resize_maps(feature_distance(a, b, kind), (S, S))
+            return distance(a.float(), b.float(), kind)
 
-    def combine(m: Tensor) -> Tensor:                             # (B*N, S, S) -> (B, S, S)
-        return (sm(m).reshape(B, N, S, S) * weights.reshape(B, N, 1, 1)).sum(dim=1)
+        # each image's seen and direct once per restoration (expand_as, not repeat_interleave,
+        # whose export ties the batch and restoration axes)
+        d_in = dist(flat, seen.unsqueeze(1).expand_as(restored).reshape(flat.shape))  # (B*N, S, S)
+        d_rd = dist(flat, direct.unsqueeze(1).expand_as(restored).reshape(flat.shape))
+        weights = restoration_weights(d_in.reshape(B, N, -1).mean(-1), s.weighting)   # (B, N)
 
-    map_in, map_rd, map_gated = combine(d_in), combine(d_rd), combine(d_in * gate)
-    map_base = sm(dist(seen, direct))
-    if s.map_kind == "restored_vs_input":
-        chosen = map_in
-    elif s.map_kind == "restored_vs_direct":
-        chosen = map_rd
-    elif s.map_kind == "gated":
-        chosen = map_gated
+        def combine(m: Tensor) -> Tensor:                         # (B*N, S, S) -> (B, S, S)
+            return (sm(m).reshape(B, N, S, S) * weights.reshape(B, N, 1, 1)).sum(dim=1)
+
+        m_in, m_rd, m_gated = combine(d_in), combine(d_rd), combine(d_in * gate)
+        if s.map_kind == "restored_vs_input":
+            chosen = m_in
+        elif s.map_kind == "restored_vs_direct":
+            chosen = m_rd
+        elif s.map_kind == "gated":
+            chosen = m_gated
+        else:
+            raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {s.map_kind!r}")
+        return chosen, m_in, m_rd, m_gated, sm(dist(seen, direct))
+
+    chosen, map_in, map_rd, map_gated, map_base = maps(s.distance)
+    # the image scores reduce the same kind of map, under the score's own distance if it has one
+    if s.score_distance in ("map", s.distance):
+        score_map, score_base = chosen, map_base
     else:
-        raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {s.map_kind!r}")
+        score_map, _, _, _, score_base = maps(s.score_distance)
     kind = score_reduction(s.score)
-    map_score = image_score(chosen, kind, s.topk, pool=s.pool)
+    map_score = image_score(score_map, kind, s.topk, pool=s.pool)
     fused = fuse(map_score, nll, held_out)
     score = nll if s.score == "nll" else fused if s.score == "fused" else map_score
     return PostprocessResult(chosen, score, map_in, map_rd, map_base,
-                             image_score(map_base, kind, s.topk, pool=s.pool), map_gated, fused, map_score)
+                             image_score(score_base, kind, s.topk, pool=s.pool), map_gated, fused, map_score)
 
 
 def held_out_tensor(detect, device=None, dtype=torch.float32) -> Tensor:

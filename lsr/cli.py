@@ -40,6 +40,8 @@ def _add_detect_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--map", dest="map_kind", choices=MAP_KINDS, help="which difference makes the map (gated: "
                    "restored vs input only where codes were resampled)")
     g.add_argument("--distance", choices=DISTANCES, help="pixel space: l2, ssim, msgms; feature space: l2, cosine")
+    g.add_argument("--score-distance", choices=("map",) + DISTANCES,
+                   help="the distance of the map the image score reduces (default map: the map's own)")
     g.add_argument("--smoothing", choices=SMOOTHINGS)
     g.add_argument("--sigma", type=float, help="smoothing sigma in pixels (model resolution)")
     g.add_argument("--score", choices=SCORES, help="image score from the map")
@@ -67,8 +69,8 @@ def flag(key: str) -> str:
 def _detect_options(a: argparse.Namespace) -> dict[str, Any]:
     """The detect options given on the command line, each checked against its rule
     (lsr.config.RULES): an error names the flag."""
-    keys = ("resampler", "seed", "restorations", "tau", "temperature", "map_kind", "distance", "smoothing",
-            "sigma", "score", "topk", "pool", "gate_dilate", "weighting", "false_alarm_rate", "pixel_fpr")
+    keys = ("resampler", "seed", "restorations", "tau", "temperature", "map_kind", "distance", "score_distance",
+            "smoothing", "sigma", "score", "topk", "pool", "gate_dilate", "weighting", "false_alarm_rate", "pixel_fpr")
     opts = {k: check_value(f"detect.{k}", getattr(a, k), flag(k)) for k in keys
             if getattr(a, k, None) is not None}
     if getattr(a, "batch_size", None) is not None:
@@ -400,6 +402,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     g.add_argument("--restorations", type=int)
     g.add_argument("--map", dest="map_kind", choices=MAP_KINDS)
     g.add_argument("--distance", choices=DISTANCES)
+    g.add_argument("--score-distance", choices=("map",) + DISTANCES)
     g.add_argument("--smoothing", choices=[s for s in SMOOTHINGS if s != "bilateral"])
     g.add_argument("--sigma", type=float)
     g.add_argument("--score", choices=SCORES)

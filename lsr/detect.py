@@ -231,7 +231,7 @@ class Detector:
 
 
 #: detect options that change an image score (the held-out statistics belong to them)
-SCORE_OPTIONS = ("tau", "temperature", "map_kind", "distance", "smoothing", "sigma", "score", "topk", "pool",
+SCORE_OPTIONS = ("tau", "temperature", "map_kind", "distance", "score_distance", "smoothing", "sigma", "score", "topk", "pool",
                  "gate_dilate", "restorations", "weighting", "seed")
 #: options that change the operating point only (the thresholds are set again for them)
 THRESHOLD_OPTIONS = ("false_alarm_rate", "pixel_fpr")
@@ -261,11 +261,14 @@ def score_stats(det: "Detector", x: Tensor, batch_size: int = 8, first_id: int =
     from . import decision
 
     d = det.config.detect
+    # the map part of the score as the postprocess computes it (its reduction, under
+    # score_distance): the score of the same detector with the map reduction as its score
+    probe = det.with_options(score=map_score_kind(d.score)) if d.score != map_score_kind(d.score) else det
     scores, nlls, maps = [], [], []
     for s in range(0, x.shape[0], batch_size):
         xs = x[s:s + batch_size]
-        res = det.detect(xs, range(first_id + s, first_id + s + xs.shape[0]))
-        scores.append(anomaly.image_score(res.anomaly_map, map_score_kind(d.score), d.topk, pool=d.pool).double().cpu())
+        res = probe.detect(xs, range(first_id + s, first_id + s + xs.shape[0]))
+        scores.append(res.score.double().cpu())
         nlls.append(res.nll_score.double().cpu())
         maps.append(res.anomaly_map.float().cpu().numpy())
     sc, nl = torch.cat(scores), torch.cat(nlls)

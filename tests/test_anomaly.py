@@ -380,3 +380,27 @@ def test_standardise():
     torch.testing.assert_close(A.standardise(x, 3.0, 2.0), torch.tensor([-1.0, 0.0, 1.0]))
     torch.testing.assert_close(A.standardise(x, 1.0, 0.0, eps=0.5), torch.tensor([0.0, 4.0, 8.0]))  # std floored
     assert torch.isfinite(A.standardise(x, 0.0, 0.0)).all()
+
+
+@pytest.mark.parametrize("score", ["max", "pooled_max", "fused"])
+def test_score_distance_scores_another_map_and_keeps_the_map(score):
+    """score_distance: the map is the map distance's, the image scores (score and
+    direct_score) are those of the same map kind under the score's distance, which is what
+    a run with that distance for both would score."""
+    g = torch.Generator().manual_seed(0)
+    B, N, F, H, S = 2, 1, 6, 8, 32
+    seen, direct = torch.randn(B, F, H, H, generator=g), torch.randn(B, F, H, H, generator=g)
+    restored = torch.randn(B, N, F, H, H, generator=g)
+    resampled = torch.rand(B, N, 4, 4, generator=g) < 0.3
+    nll, held = torch.rand(B, generator=g) * 5, torch.tensor([0.5, 0.2, 1.0, 2.0])
+    base = A.MapSettings(space="features", image_size=S, distance="cosine", score=score, pool=5)
+    mixed = A.postprocess(seen, direct, restored, resampled, nll, held, base._replace(score_distance="l2"))
+    cosine = A.postprocess(seen, direct, restored, resampled, nll, held, base)
+    l2 = A.postprocess(seen, direct, restored, resampled, nll, held, base._replace(distance="l2"))
+    for name in ("anomaly_map", "map_restored_vs_input", "map_restored_vs_direct", "map_direct", "map_gated"):
+        torch.testing.assert_close(getattr(mixed, name), getattr(cosine, name))
+    for name in ("score", "direct_score", "map_score", "fused_score"):
+        torch.testing.assert_close(getattr(mixed, name), getattr(l2, name))
+    assert not torch.allclose(cosine.score, l2.score)
+    same = A.postprocess(seen, direct, restored, resampled, nll, held, base._replace(score_distance="cosine"))
+    torch.testing.assert_close(same.score, cosine.score)

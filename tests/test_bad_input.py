@@ -182,6 +182,9 @@ CASES = [
                                                   "--set", "prior.n_heads=3"], ["n_heads"]),
     ("set-backbone-missing", None, lambda w: TRAIN + [w.data, "--out", w.root / "new", "--preset", "tiny-features",
                                                       "--set", "vqvae.backbone_weights=/nope.pth"], ["/nope.pth"]),
+    ("set-score-distance-not-for-features", None,
+     lambda w: TRAIN + [w.data, "--out", w.root / "new", "--preset", "tiny-features", "--set",
+                        "detect.score_distance=ssim"], ["detect.score_distance", "ssim"]),
     ("preset-unknown", None, lambda w: TRAIN + [w.data, "--out", w.root / "new", "--preset", "nope"], ["--preset"]),
     # --- --config files
     ("config-binary", lambda w: (w.root / "bin.json").write_bytes(b"\x89PNG\xff\xfe\x00"),

@@ -209,6 +209,11 @@ def test_cpp_runtime_keeps_finished_work(ts_bundle, images, tmp_path):
     assert [r["image"] for r in rows] == [str(a)]
     assert all(Path(r["map_png"]).is_file() and Path(r["map_raw"]).is_file() for r in rows)
     assert not [f for f in out.glob("*.tmp") if f.is_file()]
+    # the next command that succeeds replaces results.jsonl and removes the stale partial rows
+    (out / "b_map.f32.tmp").rmdir()
+    run_bin(ts_bundle, a, b, "--out", out, "--batch-size", "1")
+    assert [json.loads(line)["image"] for line in (out / "results.jsonl").read_text().splitlines()] == [str(a), str(b)]
+    assert not (out / "results.partial.jsonl").exists()
 
 
 # ---- bad input: every value the runtime reads follows lsr.config.RULES ----------------

@@ -114,6 +114,7 @@ def test_feature_bundle_detect_cli(feature_bundles, tiny_feature_run, tiny_datas
     {"map_kind": "gated", "score": "pooled_max", "pool": 5},
     {"map_kind": "restored_vs_direct", "distance": "cosine", "score": "topk_mean", "restorations": 2,
      "weighting": "closeness"},
+    {"distance": "cosine", "score_distance": "l2", "score": "fused"},
 ])
 def test_feature_bundle_other_settings_pass_parity(tiny_feature_run, tmp_path, options):
     """Every map, distance, score and weighting of the Detector exports (bilateral aside)."""
@@ -124,14 +125,15 @@ def test_feature_bundle_other_settings_pass_parity(tiny_feature_run, tmp_path, o
 
 
 def test_a_change_to_the_map_reaches_every_backend(tiny_feature_run, tmp_path, monkeypatch):
-    """The one definition: change the feature distance in lsr.anomaly (here: the square root of L2) and
+    """The one definition: change the feature distance in lsr.anomaly (here: log(1 + d),
+    well conditioned everywhere, unlike a square root near a cosine distance of 0) and
     the exported graphs compute the changed map, as the Detector does, with no other edit."""
     det = Detector.load(tiny_feature_run, "cpu").with_options(resampler="fast")
     x = synthetic_images(2, det.channels, det.image_size)
     with torch.no_grad():
         before = det.detect(torch.from_numpy(x)).map_direct.numpy()
     original = anomaly.feature_distance
-    monkeypatch.setattr(anomaly, "feature_distance", lambda a, b, kind="l2", eps=1e-8: original(a, b, kind).sqrt())
+    monkeypatch.setattr(anomaly, "feature_distance", lambda a, b, kind="l2", eps=1e-8: torch.log1p(original(a, b, kind)))
     with torch.no_grad():
         changed = det.detect(torch.from_numpy(x)).map_direct.numpy()
     assert not np.allclose(changed, before, rtol=1e-2)

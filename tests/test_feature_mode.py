@@ -84,7 +84,7 @@ def test_loops_identical_in_feature_mode(feature_run, tiny_dataset):
 
 def test_feature_maps_are_feature_distances(feature_run, tiny_dataset):
     """The maps compare features: recompute the direct map from the model's pieces."""
-    det = lsr.Detector.load(feature_run, "cpu").with_options(smoothing="none")
+    det = lsr.Detector.load(feature_run, "cpu").with_options(smoothing="none", distance="l2")
     x, _ = det.load_batch([s.path for s in lsr.data.scan_mvtec(tiny_dataset).test[:2]])
     res = det.detect(x)
     with torch.no_grad():
@@ -153,7 +153,11 @@ def test_fused_is_the_feature_presets_score_and_standardises_both_parts(feature_
     assert d.score == "fused" and lsr.preset("cpu").detect.score == "fused"
     x, _ = det.load_batch([s.path for s in lsr.data.scan_mvtec(tiny_dataset).test[:3]])
     res = det.detect(x)
-    expect = ((res.anomaly_map.flatten(1).amax(1) - d.score_mean) / d.score_std
+    # the presets map by cosine and score an L2 map (score_distance)
+    assert (d.distance, d.score_distance) == ("cosine", "l2") == (lsr.preset("cpu").detect.distance,
+                                                                  lsr.preset("cpu").detect.score_distance)
+    l2_map = det.with_options(distance="l2", score_distance="map").detect(x).anomaly_map
+    expect = ((l2_map.flatten(1).amax(1) - d.score_mean) / d.score_std
               + (res.nll_score - d.nll_mean) / d.nll_std)
     torch.testing.assert_close(res.score, expect)
     torch.testing.assert_close(res.fused_score, expect)
@@ -179,3 +183,21 @@ def test_a_missing_backbone_file_fails_before_the_run_folder_is_touched(feature_
     with pytest.raises(lsr.models.BackboneError, match="not found"):
         lsr.train(tiny_dataset, feature_run, cfg, device="cpu", progress=False, overwrite=True, log=lambda *_: None)
     assert {p.name: p.read_bytes() for p in feature_run.iterdir() if p.is_file()} == before
+
+
+def test_held_out_statistics_standardise_the_score_distance_map(feature_run):
+    """With score_distance, the fused score's map part is the map under that distance, and
+    the held-out statistics are that score's too (not those of the map's own distance)."""
+    from lsr.detect import score_stats
+
+    det = lsr.Detector.load(feature_run, "cpu")
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(5, det.channels, det.image_size, det.image_size, generator=g)
+    mixed = det.with_options(distance="cosine", score_distance="l2", score="fused", resampler="fast")
+    stats = score_stats(mixed, x)
+    with torch.no_grad():   # the map score under l2 by the postprocess itself, same noise ids
+        want = det.with_options(distance="l2", score="max", resampler="fast").detect(x, range(1_000_000, 1_000_005))
+        cos = det.with_options(distance="cosine", score_distance="map", score="max",
+                               resampler="fast").detect(x, range(1_000_000, 1_000_005))
+    assert stats["score_mean"] == pytest.approx(float(want.score.double().mean()), rel=1e-6)
+    assert stats["score_mean"] != pytest.approx(float(cos.score.double().mean()), rel=1e-3)

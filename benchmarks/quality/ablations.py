@@ -32,12 +32,14 @@ SETTINGS = (
     ("features", "per-position likelihood normalisation", {"position_norm": True}),
     ("features", "per-position normalisation + cosine", {"position_norm": True, "distance": "cosine"}),
     ("features", "cosine + gate dilate 2", {"distance": "cosine", "gate_dilate": 2}),
+    ("features", "cosine map, l2 image score", {"distance": "cosine", "score_distance": "l2"}),
     ("pixels", "default (l2)", {}),
     ("pixels", "per-position likelihood normalisation", {"position_norm": True}),
     ("pixels", "msgms distance", {"distance": "msgms"}),
     ("pixels", "ssim distance", {"distance": "ssim"}),
 )
-MAPS = ("restored_vs_input", "restored_vs_direct", "gated", "direct")
+#: "lsr": the configured map and image score (the preset's: ``fused``), then each map's own max
+MAPS = ("lsr", "restored_vs_input", "restored_vs_direct", "gated", "direct")
 
 
 def _tau_for_quantile(run: Path, q: float) -> float:

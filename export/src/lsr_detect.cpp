@@ -47,6 +47,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include <fcntl.h>
@@ -878,6 +879,9 @@ int main(int argc, char** argv) {
       throw Error(message(e) + kept);
     }
     write_atomic(out / "results.jsonl", lines.str());
+    // an earlier failed command's partial rows are stale now: results.jsonl is the answer
+    std::error_code stale;
+    fs::remove(out / "results.partial.jsonl", stale);
     std::cout << "results: " << (out / "results.jsonl").string() << "\n";
     return 0;
   } catch (const std::exception& e) {

@@ -55,7 +55,8 @@ EXTENSIONS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: Detection settings a bundle user may change at run time (the rest are baked into
 #: the postprocess graph).
 RUNTIME_OPTIONS = ("tau", "temperature", "seed", "restorations", "resampler")
-BAKED_OPTIONS = ("map_kind", "distance", "smoothing", "sigma", "score", "topk", "pool", "gate_dilate", "weighting")
+BAKED_OPTIONS = ("map_kind", "distance", "score_distance", "smoothing", "sigma", "score", "topk", "pool",
+                 "gate_dilate", "weighting")
 #: The detection settings a bundle records from its run (all but the loop choice).
 EXPORTED_OPTIONS = tuple(k for k in RUNTIME_OPTIONS if k != "resampler") + BAKED_OPTIONS
 
@@ -190,7 +191,8 @@ _VALUE_RULES = {("model", "image_size"): "vqvae.image_size", ("model", "channels
                 # what the VQ-VAE sees (lsr.config.BUNDLE_RULES; checked against the encoder graph too)
                 ("model", "seen_channels"): "model.seen_channels", ("model", "seen_size"): "model.seen_size",
                 **{("detect", k): f"detect.{k}" for k in ("tau", "temperature", "restorations", "seed", "resampler",
-                                                          "map_kind", "distance", "smoothing", "sigma", "score",
+                                                          "map_kind", "distance", "score_distance", "smoothing",
+                                                          "sigma", "score",
                                                           "topk", "pool", "gate_dilate", "weighting",
                                                           "false_alarm_rate", "pixel_fpr",
                                                           "image_threshold", "pixel_threshold", *HELD_OUT_STATS)}}

@@ -224,7 +224,7 @@ def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str,
         },
         "detect": {"tau": float(d.tau), "temperature": float(d.temperature), "restorations": int(d.restorations),
                    "seed": int(d.seed), "resampler": "auto", "map_kind": d.map_kind, "distance": d.distance,
-                   "smoothing": d.smoothing, "sigma": float(d.sigma), "score": d.score, "topk": int(d.topk),
+                   "score_distance": d.score_distance, "smoothing": d.smoothing, "sigma": float(d.sigma), "score": d.score, "topk": int(d.topk),
                    "pool": int(d.pool), "gate_dilate": int(d.gate_dilate), "weighting": d.weighting,
                    # held-out normal images' statistics (the fused score), for the settings above
                    **{k: getattr(d, k) for k in HELD_OUT_STATS},
