@@ -124,16 +124,19 @@ def test_feature_bundle_other_settings_pass_parity(tiny_feature_run, tmp_path, o
     assert all(d[k] == v for k, v in options.items())
 
 
-def test_a_change_to_the_map_reaches_every_backend(tiny_feature_run, tmp_path, monkeypatch):
-    """The one definition: change the feature distance in lsr.anomaly (here: log(1 + d),
-    well conditioned everywhere, unlike a square root near a cosine distance of 0) and
-    the exported graphs compute the changed map, as the Detector does, with no other edit."""
+@pytest.mark.parametrize("fixture,name", [("tiny_feature_run", "feature_distance"), ("tiny_run", "distance")])
+def test_a_change_to_the_map_reaches_every_backend(fixture, name, tmp_path, monkeypatch, request):
+    """The one definition, in both modes: change the distance in lsr.anomaly (feature or
+    pixel; here: log(1 + d), well conditioned everywhere, unlike a square root near a cosine
+    distance of 0) and the exported graphs compute the changed map, as the Detector does,
+    with no other edit."""
+    tiny_feature_run = request.getfixturevalue(fixture)
     det = Detector.load(tiny_feature_run, "cpu").with_options(resampler="fast")
     x = synthetic_images(2, det.channels, det.image_size)
     with torch.no_grad():
         before = det.detect(torch.from_numpy(x)).map_direct.numpy()
-    original = anomaly.feature_distance
-    monkeypatch.setattr(anomaly, "feature_distance", lambda a, b, kind="l2", eps=1e-8: torch.log1p(original(a, b, kind)))
+    original = getattr(anomaly, name)
+    monkeypatch.setattr(anomaly, name, lambda a, b, kind="l2", *rest: torch.log1p(original(a, b, kind)))
     with torch.no_grad():
         changed = det.detect(torch.from_numpy(x)).map_direct.numpy()
     assert not np.allclose(changed, before, rtol=1e-2)
