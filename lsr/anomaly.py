@@ -295,39 +295,45 @@ def postprocess(seen: Tensor, direct: Tensor, restored: Tensor, resampled: Tenso
     def sm(m: Tensor) -> Tensor:
         return smooth(m, s.smoothing, s.sigma)
 
-    def maps(kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(chosen, restored vs input, restored vs direct, gated, direct) under distance ``kind``."""
+    if s.map_kind not in MAP_KINDS:
+        raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {s.map_kind!r}")
+    # each image's seen and direct once per restoration (expand_as, not repeat_interleave,
+    # whose export ties the batch and restoration axes)
+    seen_n = seen.unsqueeze(1).expand_as(restored).reshape(flat.shape)
+    direct_n = direct.unsqueeze(1).expand_as(restored).reshape(flat.shape)
+
+    def maps(kind: str, variants: tuple[str, ...]) -> tuple[dict[str, Tensor], Tensor]:
+        """The map variants named (by map kind) and the direct map, under distance ``kind``."""
         def dist(a: Tensor, b: Tensor) -> Tensor:                 # -> (., S, S), unsmoothed
             if s.space == "features":
                 return resize_maps(feature_distance(a, b, kind), (S, S))
             return distance(a.float(), b.float(), kind)
 
-        # each image's seen and direct once per restoration (expand_as, not repeat_interleave,
-        # whose export ties the batch and restoration axes)
-        d_in = dist(flat, seen.unsqueeze(1).expand_as(restored).reshape(flat.shape))  # (B*N, S, S)
-        d_rd = dist(flat, direct.unsqueeze(1).expand_as(restored).reshape(flat.shape))
+        d_in = dist(flat, seen_n)                                                  # (B*N, S, S)
         weights = restoration_weights(d_in.reshape(B, N, -1).mean(-1), s.weighting)   # (B, N)
 
         def combine(m: Tensor) -> Tensor:                         # (B*N, S, S) -> (B, S, S)
             return (sm(m).reshape(B, N, S, S) * weights.reshape(B, N, 1, 1)).sum(dim=1)
 
-        m_in, m_rd, m_gated = combine(d_in), combine(d_rd), combine(d_in * gate)
-        if s.map_kind == "restored_vs_input":
-            chosen = m_in
-        elif s.map_kind == "restored_vs_direct":
-            chosen = m_rd
-        elif s.map_kind == "gated":
-            chosen = m_gated
-        else:
-            raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {s.map_kind!r}")
-        return chosen, m_in, m_rd, m_gated, sm(dist(seen, direct))
+        out: dict[str, Tensor] = {}
+        if "restored_vs_input" in variants:
+            out["restored_vs_input"] = combine(d_in)
+        if "restored_vs_direct" in variants:
+            out["restored_vs_direct"] = combine(dist(flat, direct_n))
+        if "gated" in variants:
+            out["gated"] = combine(d_in * gate)
+        return out, sm(dist(seen, direct))
 
-    chosen, map_in, map_rd, map_gated, map_base = maps(s.distance)
+    variant, map_base = maps(s.distance, MAP_KINDS)
+    chosen = variant[s.map_kind]
+    map_in, map_rd, map_gated = variant["restored_vs_input"], variant["restored_vs_direct"], variant["gated"]
     # the image scores reduce the same kind of map, under the score's own distance if it has one
+    # (then only that kind and the direct map are computed again)
     if s.score_distance in ("map", s.distance):
         score_map, score_base = chosen, map_base
     else:
-        score_map, _, _, _, score_base = maps(s.score_distance)
+        again, score_base = maps(s.score_distance, (s.map_kind,))
+        score_map = again[s.map_kind]
     kind = score_reduction(s.score)
     map_score = image_score(score_map, kind, s.topk, pool=s.pool)
     fused = fuse(map_score, nll, held_out)
