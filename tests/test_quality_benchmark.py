@@ -63,3 +63,13 @@ def test_smoke_run_writes_every_row(tmp_path):
     a = (tmp_path / "data" / "val" / "weave" / "test" / "hole").iterdir()
     b = (tmp_path / "data" / "test" / "weave" / "test" / "hole").iterdir()
     assert {p.read_bytes() for p in a}.isdisjoint({p.read_bytes() for p in b})
+    # the likelihood-map ablation reads the same runs; its map A is the evaluation's lsr map
+    spec = importlib.util.spec_from_file_location("quality_likelihood_map", HERE / "likelihood_map.py")
+    lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm)
+    assert lm.main(["--out", str(tmp_path)]) == 0
+    got = json.loads((tmp_path / "likelihood_map_val_features.json").read_text())
+    assert got["split"] == "val" and {"A", "B", "C", "A+1.0C", "fused"} <= set(got["mean"])
+    want = q["val"]["mean"]["lsr-features restored_vs_input"]
+    for k in ("pixel_auroc", "aupro"):
+        assert got["mean"]["A"][k] == pytest.approx(want[k], abs=1e-6), k
