@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
+    if not (out / "quality.json").is_file():
+        p.error(f"--out {out}: no quality.json there; run benchmarks/quality/run.py --out {out} first")
     cats = json.loads((out / "quality.json").read_text())["categories"]
     per = {c: category(out / "runs" / a.mode / c, out / "data" / a.split / c) for c in cats}
     keys = ("image_auroc", "pooled_image_auroc", "pixel_auroc", "aupro", "pixel_f1_max")
