@@ -36,11 +36,13 @@ from lsr.metrics import all_metrics, image_metrics
 WEIGHTS = (0.5, 1.0, 2.0)
 
 
-def collect(det: Detector, paths: list[Path]) -> dict[str, torch.Tensor]:
-    """Maps (N, S, S) and scores (N,) of ``paths``."""
+def collect(det: Detector, paths: list[Path]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """Maps (N, S, S) and scores (N,) of ``paths``, and each file's own (H, W)."""
     S, d = det.image_size, det.config.detect
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("A", "B", "C", "Bgate1", "Bgate2", "fused", "maxB", "nll")}
-    for _, _, _, _, res, _ in det.detect_paths(paths, 8):
+    sizes: list[tuple[int, int]] = []
+    for _, _, sz, _, res, _ in det.detect_paths(paths, 8):
+        sizes += sz
         nll = -torch.log(res.likelihood.float().clamp_min(1e-30))
         parts["A"].append(res.anomaly_map)
         parts["B"].append(res.map_direct)
@@ -50,21 +52,20 @@ def collect(det: Detector, paths: list[Path]) -> dict[str, torch.Tensor]:
         parts["fused"].append(res.fused_score)
         parts["maxB"].append(res.map_direct.flatten(1).amax(1))
         parts["nll"].append(res.nll_score.float())
-    return {k: torch.cat(v) for k, v in parts.items()}
+    return {k: torch.cat(v) for k, v in parts.items()}, sizes
 
 
 def category(run: Path, data: Path) -> dict[str, dict[str, float]]:
     det = with_held_out_stats(Detector.load(run, "cpu"), run)
-    held = collect(det, [Path(p) for p in read_json(run / "split.json")["val"]])
+    held, _ = collect(det, [Path(p) for p in read_json(run / "split.json")["val"]])
     cat = scan_mvtec(data, require_test=True, require_train=False)
-    ev = collect(det, [s.path for s in cat.test])
+    ev, sizes = collect(det, [s.path for s in cat.test])
     z = {k: (ev[k] - held[k].mean()) / held[k].std() for k in ("A", "B", "C", "maxB", "nll")}
     maps = {"A": ev["A"], "B": ev["B"], "C": ev["C"], "Bgate1": ev["Bgate1"], "Bgate2": ev["Bgate2"]}
     for w in WEIGHTS:
         maps[f"A+{w}C"] = z["A"] + w * z["C"]
         maps[f"B+{w}C"] = z["B"] + w * z["C"]
     labels = np.array([s.label for s in cat.test])
-    sizes = [anomaly_size(s.path) for s in cat.test]
     masks = [load_mask(s.mask_path) if s.mask_path else np.zeros(sizes[i], bool) for i, s in enumerate(cat.test)]
     out: dict[str, dict[str, float]] = {}
     for name, m in maps.items():
@@ -76,13 +77,6 @@ def category(run: Path, data: Path) -> dict[str, dict[str, float]]:
     out["fused"] = image_metrics(ev["fused"].numpy(), labels)
     out["z(max B)+z(nll)"] = image_metrics((z["maxB"] + z["nll"]).numpy(), labels)
     return out
-
-
-def anomaly_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size[1], im.size[0]
 
 
 def main(argv: list[str] | None = None) -> int:
