@@ -252,7 +252,9 @@ def restoration_weights(closeness: Tensor, kind: str) -> Tensor:
         return torch.full_like(closeness, 1.0 / closeness.shape[1])
     if kind == "closeness":                               # one restoration: softmax of one = 1
         return torch.softmax(3.0 / closeness.clamp_min(1e-6), dim=1)
-    raise ValueError(f"weighting must be 'mean' or 'closeness', got {kind!r}")
+    if kind == "min":                                     # not a weighting: postprocess takes the
+        return torch.full_like(closeness, 1.0 / closeness.shape[1])   # per-pixel min instead
+    raise ValueError(f"weighting must be 'mean', 'closeness' or 'min', got {kind!r}")
 
 
 def fuse(map_score: Tensor, nll: Tensor, held_out: Tensor, eps: float = 1e-12) -> Tensor:
@@ -281,7 +283,8 @@ def postprocess(seen: Tensor, direct: Tensor, restored: Tensor, resampled: Tenso
         s: the settings.
 
     Maps compare images per pixel (pixels) or features per position, upsampled to S x S
-    (features); each restoration's map is smoothed, then the N are averaged (``weighting``).
+    (features); each restoration's map is smoothed, then the N are averaged (``weighting``
+    ``mean``, ``closeness``) or reduced to their per-pixel minimum (``min``).
     The image scores (``score``, ``direct_score``) reduce the same kind of map; where
     ``s.score_distance`` names another distance than the map's, that map is computed
     again under it (e.g. cosine maps to localise, an L2 score for the verdict).
@@ -313,6 +316,8 @@ def postprocess(seen: Tensor, direct: Tensor, restored: Tensor, resampled: Tenso
         weights = restoration_weights(d_in.reshape(B, N, -1).mean(-1), s.weighting)   # (B, N)
 
         def combine(m: Tensor) -> Tensor:                         # (B*N, S, S) -> (B, S, S)
+            if s.weighting == "min":                              # per pixel, the closest restoration
+                return sm(m).reshape(B, N, S, S).amin(dim=1)
             return (sm(m).reshape(B, N, S, S) * weights.reshape(B, N, 1, 1)).sum(dim=1)
 
         out: dict[str, Tensor] = {}

@@ -30,7 +30,7 @@ MAP_SCORES = ("max", "topk_mean", "pooled_max")   # reductions of the map
 #: lsr.anomaly.fuse's ``held_out`` (DetectConfig fields, bundle.json detect keys)
 HELD_OUT_STATS = ("score_mean", "score_std", "nll_mean", "nll_std")
 SCORES = MAP_SCORES + ("nll", "fused")           # "fused": max-of-map and NLL scores, standardised
-WEIGHTINGS = ("mean", "closeness")
+WEIGHTINGS = ("mean", "closeness", "min")
 RESAMPLERS = ("auto", "naive", "fast", "native")
 BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
 #: which backbone outputs make the feature map: the last block at stride 8, and at stride 16
@@ -124,7 +124,8 @@ class DetectConfig:
     gate_dilate: int = 1           # map "gated": resampled-code mask dilated by this many cells
     restorations: int = 1
     weighting: str = "mean"        # restorations: plain mean, or weighted by closeness to the
-                                   # input (softmax of 3 / mean distance, Marimont & Tarroni)
+                                   # input (softmax of 3 / mean distance, Marimont & Tarroni),
+                                   # or "min": per pixel, the restoration closest to the input
     seed: int = 0
     # held-out normal images' image scores (set at calibration; fused = sum of standardised
     # map score and NLL score)

@@ -183,11 +183,12 @@ def _restoration_maps(det, x, image_ids):
     return torch.stack(maps), torch.stack(closeness), torch.tensor(passes)
 
 
-@pytest.mark.parametrize("weighting", ["mean", "closeness"])
+@pytest.mark.parametrize("weighting", ["mean", "closeness", "min"])
 def test_restorations_are_averaged(tiny_run, tiny_dataset, weighting, monkeypatch):
     """The map of n restorations is the weighted mean of the n restorations' own maps
-    (equal weights, or softmax(3 / mean distance to the input) for ``closeness``),
-    each restoration being the chain of its own noise stream.
+    (equal weights, or softmax(3 / mean distance to the input) for ``closeness``), or
+    (``min``) their per-pixel minimum, each restoration being the chain of its own noise
+    stream.
 
     The tiny run's decoder barely depends on the codes (its restorations' maps differ by
     ~1e-4), so the decoder is replaced, for the detector and the oracle alike, by one that
@@ -213,11 +214,11 @@ def test_restorations_are_averaged(tiny_run, tiny_dataset, weighting, monkeypatc
     else:
         wts = torch.softmax(3.0 / closeness.double(), dim=1).float()
         assert (wts - 1.0 / 3).abs().amax() > 0.02                        # far from the plain mean
-    expected = (per * wts.view(2, 3, 1, 1)).sum(dim=1)
+    expected = per.amin(dim=1) if weighting == "min" else (per * wts.view(2, 3, 1, 1)).sum(dim=1)
     torch.testing.assert_close(r.anomaly_map, expected, rtol=1e-5, atol=1e-6)
     for k in range(3):                                                    # not any one restoration
         assert (r.anomaly_map - per[:, k]).abs().amax() > 1e-2, k
-    if weighting == "closeness":                                          # nor the unweighted mean
+    if weighting != "mean":                                               # nor the unweighted mean
         assert (r.anomaly_map - per.mean(dim=1)).abs().amax() > 1e-3
     assert torch.equal(r.prior_passes, passes.sum(dim=1))                  # every chain's passes counted
 

@@ -115,6 +115,7 @@ def test_feature_bundle_detect_cli(feature_bundles, tiny_feature_run, tiny_datas
     {"map_kind": "restored_vs_direct", "distance": "cosine", "score": "topk_mean", "restorations": 2,
      "weighting": "closeness"},
     {"distance": "cosine", "score_distance": "l2", "score": "fused"},
+    {"distance": "cosine", "restorations": 3, "weighting": "min"},
 ])
 def test_feature_bundle_other_settings_pass_parity(tiny_feature_run, tmp_path, options):
     """Every map, distance, score and weighting of the Detector exports (bilateral aside)."""

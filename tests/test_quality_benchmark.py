@@ -43,7 +43,7 @@ def test_choice_reads_the_validation_split_only():
 
 def test_smoke_run_writes_every_row(tmp_path):
     run = _load()
-    assert run.main(["--out", str(tmp_path), "--smoke", "--categories", "weave"]) == 0
+    assert run.main(["--out", str(tmp_path), "--smoke", "--categories", "weave", "--alt-taps"]) == 0
     q = json.loads((tmp_path / "quality.json").read_text())
     assert q["smoke"] and q["categories"] == ["weave"]
     for split in ("val", "test"):
@@ -56,6 +56,14 @@ def test_smoke_run_writes_every_row(tmp_path):
             assert 0.0 <= rows[name]["pixel_auroc"] <= 1.0, (split, name)
     raw = q["raw"]["weave"]
     assert raw["features"]["preset"] == raw["features-taps8"]["preset"] == "tiny-features"
+    # per defect kind: every row, the smoke run's two kinds, each kind's own images against the good ones
+    kinds = q["test_per_defect_kind"]
+    assert set(kinds) == {"lsr features (default)", "direct (features)", "lsr pixels", "patchcore-taps8"}
+    assert all(set(t) == {"hole", "smudge"} for t in kinds.values())
+    assert kinds["direct (features)"]["hole"] == {
+        c: raw["features"]["test"]["methods"]["direct"]["per_defect"]["hole"][c]
+        for c in ("image_auroc", "pixel_auroc", "aupro")}
+    assert kinds["patchcore-taps8"]["smudge"]["aupro"] == raw["patchcore-taps8"]["test"]["per_defect"]["smudge"]["aupro"]
     # val and test are different images; train/good is shared
     val = sorted(p.name for p in (tmp_path / "data" / "val" / "weave" / "train" / "good").iterdir())
     test = sorted(p.name for p in (tmp_path / "data" / "test" / "weave" / "train" / "good").iterdir())

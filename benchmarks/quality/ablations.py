@@ -22,8 +22,8 @@ from lsr.io import write_json
 
 #: (mode, label, detect options)
 SETTINGS = (
-    ("features", "default (l2)", {}),
-    ("features", "cosine distance", {"distance": "cosine"}),
+    ("features", "preset default", {}),
+    ("features", "l2 distance", {"distance": "l2", "score_distance": "map"}),
     ("features", "gate dilate 0", {"gate_dilate": 0}),
     ("features", "gate dilate 2", {"gate_dilate": 2}),
     ("features", "tau quantile x2 (tau from 10% quantile)", {"tau_quantile": 0.10}),
@@ -33,7 +33,13 @@ SETTINGS = (
     ("features", "per-position normalisation + cosine", {"position_norm": True, "distance": "cosine"}),
     ("features", "cosine + gate dilate 2", {"distance": "cosine", "gate_dilate": 2}),
     ("features", "cosine map, l2 image score", {"distance": "cosine", "score_distance": "l2"}),
-    ("pixels", "default (l2)", {}),
+    ("features", "4 restorations, per-pixel min", {"restorations": 4, "weighting": "min"}),
+    ("features", "8 restorations, per-pixel min", {"restorations": 8, "weighting": "min"}),
+    ("features", "tau from 1% quantile", {"tau_quantile": 0.01}),
+    ("features", "tau from 2% quantile", {"tau_quantile": 0.02}),
+    ("features", "tau from 2% quantile, 4 restorations, per-pixel min",
+     {"tau_quantile": 0.02, "restorations": 4, "weighting": "min"}),
+    ("pixels", "preset default", {}),
     ("pixels", "per-position likelihood normalisation", {"position_norm": True}),
     ("pixels", "msgms distance", {"distance": "msgms"}),
     ("pixels", "ssim distance", {"distance": "ssim"}),
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             run = out / "runs" / mode / cat
             opts2 = dict(opts)
             if "tau_quantile" in opts2:
-                opts2 = {"tau": _tau_for_quantile(run, opts2.pop("tau_quantile"))}
+                opts2["tau"] = _tau_for_quantile(run, opts2.pop("tau_quantile"))
             position = contextlib.nullcontext()
             if opts2.pop("position_norm", False):
                 position = _PositionTau(_position_tau(run))
