@@ -252,9 +252,7 @@ def restoration_weights(closeness: Tensor, kind: str) -> Tensor:
         return torch.full_like(closeness, 1.0 / closeness.shape[1])
     if kind == "closeness":                               # one restoration: softmax of one = 1
         return torch.softmax(3.0 / closeness.clamp_min(1e-6), dim=1)
-    if kind == "min":                                     # not a weighting: postprocess takes the
-        return torch.full_like(closeness, 1.0 / closeness.shape[1])   # per-pixel min instead
-    raise ValueError(f"weighting must be 'mean', 'closeness' or 'min', got {kind!r}")
+    raise ValueError(f"weighting must be 'mean' or 'closeness', got {kind!r} (postprocess reduces 'min' itself)")
 
 
 def fuse(map_score: Tensor, nll: Tensor, held_out: Tensor, eps: float = 1e-12) -> Tensor:
@@ -313,12 +311,14 @@ def postprocess(seen: Tensor, direct: Tensor, restored: Tensor, resampled: Tenso
             return distance(a.float(), b.float(), kind)
 
         d_in = dist(flat, seen_n)                                                  # (B*N, S, S)
-        weights = restoration_weights(d_in.reshape(B, N, -1).mean(-1), s.weighting)   # (B, N)
-
-        def combine(m: Tensor) -> Tensor:                         # (B*N, S, S) -> (B, S, S)
-            if s.weighting == "min":                              # per pixel, the closest restoration
+        if s.weighting == "min":                                  # per pixel, the closest restoration
+            def combine(m: Tensor) -> Tensor:                     # (B*N, S, S) -> (B, S, S)
                 return sm(m).reshape(B, N, S, S).amin(dim=1)
-            return (sm(m).reshape(B, N, S, S) * weights.reshape(B, N, 1, 1)).sum(dim=1)
+        else:
+            weights = restoration_weights(d_in.reshape(B, N, -1).mean(-1), s.weighting)   # (B, N)
+
+            def combine(m: Tensor) -> Tensor:                     # (B*N, S, S) -> (B, S, S)
+                return (sm(m).reshape(B, N, S, S) * weights.reshape(B, N, 1, 1)).sum(dim=1)
 
         out: dict[str, Tensor] = {}
         if "restored_vs_input" in variants:
