@@ -81,3 +81,31 @@ def test_smoke_run_writes_every_row(tmp_path):
     want = q["val"]["mean"]["lsr-features restored_vs_input"]
     for k in ("pixel_auroc", "aupro"):
         assert got["mean"]["A"][k] == pytest.approx(want[k], abs=1e-6), k
+
+
+def test_training_size_run_shares_images_and_reports_each_size(tmp_path):
+    """benchmarks/quality/training_size.py on tiny models: one row per size, the means over
+    categories are the per-category values' means, the smaller training set is the start of
+    the larger one and the validation images are the same for both sizes."""
+    _load()                                                 # puts benchmarks/quality on sys.path
+    spec = importlib.util.spec_from_file_location("quality_training_size", HERE / "training_size.py")
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    assert ts.main(["--out", str(tmp_path), "--sizes", "8", "12", "--categories", "weave",
+                    "--preset", "tiny-features"]) == 0
+    q = json.loads((tmp_path / "training_size.json").read_text())
+    assert q["split"] == "val" and q["sizes"] == [8, 12]
+    for n in ("8", "12"):
+        for row in ts.ROWS:
+            got = q["mean"][n][row]
+            assert got == q["per_size"][n]["weave"][row]
+            assert all(0.0 <= got[k] <= 1.0 for k in ts.METRICS), (n, row)
+        assert q["mean"][n]["lsr_train_s"] > 0
+    small, large = (sorted((tmp_path / f"data-{n}" / "val" / "weave" / "train" / "good").iterdir()) for n in (8, 12))
+    assert len(small) == 8 and len(large) == 12
+    assert [p.read_bytes() for p in small] == [p.read_bytes() for p in large[:8]]
+    ev = [sorted(p.relative_to(tmp_path / f"data-{n}").as_posix() for p in
+                 (tmp_path / f"data-{n}" / "val" / "weave" / "test").rglob("*.png")) for n in (8, 12)]
+    assert ev[0] == ev[1] and ev[0]
+    for rel in ev[0]:
+        assert (tmp_path / "data-8" / rel).read_bytes() == (tmp_path / "data-12" / rel).read_bytes()
