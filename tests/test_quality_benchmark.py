@@ -91,6 +91,10 @@ def test_training_size_run_shares_images_and_reports_each_size(tmp_path):
     spec = importlib.util.spec_from_file_location("quality_training_size", HERE / "training_size.py")
     ts = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ts)
+    for bad in (["--sizes", "8", "8"], ["--sizes", "2"], ["--categories", "nosuch"]):   # refused before any work
+        with pytest.raises(SystemExit):
+            ts.main(["--out", str(tmp_path / "bad"), *bad])
+    assert not (tmp_path / "bad").exists()
     assert ts.main(["--out", str(tmp_path), "--sizes", "8", "12", "--categories", "weave",
                     "--preset", "tiny-features"]) == 0
     q = json.loads((tmp_path / "training_size.json").read_text())

@@ -33,7 +33,7 @@ from lsr.io import write_json  # noqa: E402
 from ablations import _tau_for_quantile  # noqa: E402
 from run import PRESETS, SIZES, run_patchcore  # noqa: E402
 
-from lsr.demo_data import DEFECT_KINDS, HARD_DEFECT_KINDS, build_demo_dataset  # noqa: E402
+from lsr.demo_data import BENCHMARK_CATEGORIES, DEFECT_KINDS, HARD_DEFECT_KINDS, build_demo_dataset  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 IMAGE_SIZE = 128                      # the benchmark's image size (run.build_data)
@@ -73,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench-size")
     p.add_argument("--sizes", nargs="+", type=int, default=[60, 200])
-    p.add_argument("--categories", nargs="+", default=["grass", "gravel", "wood"])
+    p.add_argument("--categories", nargs="+", default=["grass", "gravel", "wood"], choices=BENCHMARK_CATEGORIES)
     p.add_argument("--preset", default=PRESETS["features"], help="lsr preset (tiny-features: a smoke run)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     a = p.parse_args(argv)
+    if min(a.sizes) < 4 or len(set(a.sizes)) != len(a.sizes):
+        p.error(f"--sizes must be distinct training-set sizes of at least 4 images, got {a.sizes}")
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
