@@ -31,7 +31,7 @@ import lsr  # noqa: E402
 from lsr.io import write_json  # noqa: E402
 
 from ablations import _tau_for_quantile  # noqa: E402
-from run import PRESETS, SIZES, run_patchcore  # noqa: E402
+from run import PRESETS, SIZES, mean_rows, run_patchcore  # noqa: E402
 
 from lsr.demo_data import BENCHMARK_CATEGORIES, DEFECT_KINDS, HARD_DEFECT_KINDS, build_demo_dataset  # noqa: E402
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- |" + " --- |" * (len(ROWS) + 2))
     for n in a.sizes:
         r = res[str(n)]
-        mean = {row: {k: float(np.mean([r[c][row][k] for c in r])) for k in METRICS} for row in ROWS}
+        mean: dict[str, Any] = {row: mean_rows({c: r[c][row] for c in r}) for row in ROWS}
         mean["lsr_train_s"] = float(np.mean([r[c]["lsr_train_s"] for c in r]))
         mean["patchcore_fit_s"] = float(np.mean([r[c]["patchcore_fit_s"] for c in r]))
         summary["mean"][str(n)] = mean
