@@ -33,8 +33,9 @@ SCORES = MAP_SCORES + ("nll", "fused")           # "fused": max-of-map and NLL s
 WEIGHTINGS = ("mean", "closeness", "min")
 RESAMPLERS = ("auto", "naive", "fast", "native")
 BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
-#: which backbone outputs make the feature map: the last block at stride 8, and at stride 16
-BACKBONE_TAPS = ("8+16", "8")
+#: which backbone outputs make the feature map (the last block at stride 8, at stride 16, at
+#: stride 4: brought to the stride-8 grid by space-to-depth; see lsr.models.backbone)
+BACKBONE_TAPS = ("8+16", "8", "4", "4+8")
 
 
 @dataclass

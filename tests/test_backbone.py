@@ -29,8 +29,8 @@ def _bn(x, sd, name):
                         sd[f"{name}.bias"], training=False, eps=1e-3)
 
 
-def reference_taps(sd, x):
-    """Plain functional forward over the state dict; returns blocks 4 and 10."""
+def reference_taps(sd, x, blocks=(4, 10)):
+    """Plain functional forward over the state dict; returns the outputs of ``blocks``."""
     y = (x.expand(-1, 3, -1, -1) * 255 - 127) / 128
     y = F.relu6(_bn(F.conv2d(_tf_same(y, 3, 2), sd["_conv_stem.weight"], stride=2), sd, "_bn0"))
     taps, b, cin = [], 0, 32
@@ -45,7 +45,7 @@ def reference_taps(sd, x):
             y = _bn(F.conv2d(y, sd[f"{p}._project_conv.weight"]), sd, f"{p}._bn2")
             if stride == 1 and cin == cout:
                 y = y + inp
-            if b in (4, 10):
+            if b in blocks:
                 taps.append(y)
             b, cin = b + 1, cout
     return taps
@@ -146,3 +146,35 @@ def test_stride8_taps_are_the_first_channels_of_both(backbone):
     assert FeatureVQVAE(cfg).feature_channels == 40
     with pytest.raises(BackboneError, match="taps"):
         build_backbone(taps="16")
+
+
+def _space_to_depth(t):
+    """(B, C, 2h, 2w) -> (B, 4C, h, w), channel c * 4 + 2 i + j holding position (2y + i, 2x + j)."""
+    B, C, H, W = t.shape
+    return t.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, C * 4, H // 2, W // 2)
+
+
+@pytest.mark.parametrize("size", [(72, 56), (60, 44)])      # 60, 44: an odd stride-4 grid (15 x 11)
+def test_stride4_taps_against_the_plain_reference(size):
+    """``taps="4"``: block 2 (stride 4, 24 channels) averaged over 3 x 3, then each 2 x 2 block
+    of positions stacked into one stride-8 position (the odd last row and column repeated);
+    ``"4+8"`` puts the stride-8 tap after it. Shapes and values from the state dict."""
+    sd = torch.load(WEIGHTS, weights_only=True)
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    t4, t8 = reference_taps(sd, x, blocks=(2, 4))
+    p4 = F.avg_pool2d(t4, 3, 1, 1, count_include_pad=False)
+    if p4.shape[-2] % 2 or p4.shape[-1] % 2:
+        p4 = torch.cat([p4, p4[..., -1:, :]], -2) if p4.shape[-2] % 2 else p4
+        p4 = torch.cat([p4, p4[..., -1:]], -1) if p4.shape[-1] % 2 else p4
+    want4 = _space_to_depth(p4)
+    want8 = F.avg_pool2d(t8, 3, 1, 1, count_include_pad=False)
+    only4, both = build_backbone(taps="4"), build_backbone(taps="4+8")
+    assert only4.out_channels == 96 and both.out_channels == 136
+    with torch.no_grad():
+        f4, f48 = only4(x), both(x)
+    assert f4.shape[-2:] == want8.shape[-2:] == f48.shape[-2:]
+    torch.testing.assert_close(f4, want4, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f48, torch.cat([want4, want8], 1), rtol=1e-5, atol=1e-5)
+    traced = torch.jit.trace(both, x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), f48)

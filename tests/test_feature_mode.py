@@ -201,3 +201,22 @@ def test_held_out_statistics_standardise_the_score_distance_map(feature_run):
                                resampler="fast").detect(x, range(1_000_000, 1_000_005))
     assert stats["score_mean"] == pytest.approx(float(want.score.double().mean()), rel=1e-6)
     assert stats["score_mean"] != pytest.approx(float(cos.score.double().mean()), rel=1e-3)
+
+
+def test_stride4_taps_train_detect_and_export(tiny_dataset, tmp_path, capsys):
+    """``vqvae.backbone_taps=4+8`` (the stride-4 tap by space-to-depth, with the stride-8 one):
+    a run trains, detects, and exports to ONNX and TorchScript bundles that pass their
+    parity check against the run."""
+    run = tmp_path / "run"
+    cfg = lsr.preset("tiny-features", in_channels=1).with_overrides({"vqvae.backbone_taps": "4+8"})
+    lsr.train(tiny_dataset, run, cfg, device="cpu", progress=False, log=lambda *_: None)
+    det = lsr.Detector.load(run, "cpu")
+    assert det.vqvae.backbone.out_channels == 136 and det.vqvae.feature_channels == 136
+    imgs = sorted((tiny_dataset / "test" / "hole").glob("*.png"))
+    x, _ = det.load_batch(imgs)
+    res = det.detect(x)
+    S = cfg.vqvae.image_size
+    assert res.anomaly_map.shape == (len(imgs), S, S) and torch.isfinite(res.score).all()
+    for fmt in ("onnx", "torchscript"):
+        assert export_main([str(run), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+        assert "parity PASSED" in capsys.readouterr().err

@@ -43,22 +43,24 @@ def test_choice_reads_the_validation_split_only():
 
 def test_smoke_run_writes_every_row(tmp_path):
     run = _load()
-    assert run.main(["--out", str(tmp_path), "--smoke", "--categories", "weave", "--alt-taps"]) == 0
+    assert run.main(["--out", str(tmp_path), "--smoke", "--categories", "weave", "--lsr-taps", "4"]) == 0
     q = json.loads((tmp_path / "quality.json").read_text())
     assert q["smoke"] and q["categories"] == ["weave"]
     for split in ("val", "test"):
         rows = q[split]["mean"]
         for name in ("lsr-features gated", "lsr-pixels restored_vs_input", "direct (features)", "direct (pixels)",
                      "patchcore", "lsr-features (chosen on val)",
-                     # the other backbone taps, side by side (the feature presets use 8+16)
-                     "lsr-features-taps8 restored_vs_input", "direct (features-taps8)", "patchcore-taps8",
-                     "lsr-features-taps8 (chosen on val)"):
+                     # other backbone taps, side by side (the feature presets use 8+16)
+                     "lsr-features-taps4 restored_vs_input", "direct (features-taps4)", "patchcore-taps8",
+                     "patchcore-taps4", "patchcore-taps4+8", "lsr-features-taps4 (chosen on val)"):
             assert 0.0 <= rows[name]["pixel_auroc"] <= 1.0, (split, name)
     raw = q["raw"]["weave"]
-    assert raw["features"]["preset"] == raw["features-taps8"]["preset"] == "tiny-features"
+    assert raw["features"]["preset"] == raw["features-taps4"]["preset"] == "tiny-features"
+    assert "features-taps8" not in raw                       # only the taps asked for are trained
     # per defect kind: every row, the smoke run's two kinds, each kind's own images against the good ones
     kinds = q["test_per_defect_kind"]
-    assert set(kinds) == {"lsr features (default)", "direct (features)", "lsr pixels", "patchcore-taps8"}
+    assert set(kinds) == {"lsr features (default)", "direct (features)", "lsr features taps 4",
+                          "direct (features taps 4)", "lsr pixels", "patchcore-taps8", "patchcore-taps4"}
     assert all(set(t) == {"hole", "smudge"} for t in kinds.values())
     assert kinds["direct (features)"]["hole"] == {
         c: raw["features"]["test"]["methods"]["direct"]["per_defect"]["hole"][c]

@@ -17,8 +17,8 @@ same VQ-VAE's reconstruction error, no prior), each one's ``differential`` and
 ``differential direct`` rows (D-MAD: every evaluation image against its nearest
 ``train/good`` image, :mod:`lsr.differential`), and ``patchcore`` (nearest neighbour on
 the same backbone's patch features, greedy coreset; :mod:`patchcore`) with the preset's
-taps and with the stride-8 tap alone (``patchcore-taps8``); ``--alt-taps`` also trains
-``lsr`` on the stride-8 tap. A table per defect kind shows which defects each method finds. Metrics: image
+taps and with each other backbone taps setting (``patchcore-taps8``, ``-taps4``,
+``-taps4+8``); ``--lsr-taps 4 ...`` also trains ``lsr`` on those taps. A table per defect kind shows which defects each method finds. Metrics: image
 AUROC, pixel AUROC, AUPRO (FPR <= 0.3), F1-max; training seconds and detection ms per
 image (batch 1, measured separately). Writes ``OUT/quality.json`` and prints the tables.
 """
@@ -134,22 +134,23 @@ def _size(path: Path) -> tuple[int, int]:
         return im.size[1], im.size[0]
 
 
-def alternative_taps(preset: str) -> str:
-    """The backbone taps a feature preset does not use (the benchmark's second feature row)."""
+def patchcore_taps(preset: str) -> dict[str, str]:
+    """The PatchCore rows: one per backbone taps setting (a fit takes seconds), named
+    ``patchcore`` for the feature preset's own taps and ``patchcore-taps<T>`` otherwise."""
     base = lsr.preset(preset).vqvae.backbone_taps
-    return next(t for t in BACKBONE_TAPS if t != base)
+    return {("patchcore" if t == base else f"patchcore-taps{t}"): t for t in (base, *(t for t in BACKBONE_TAPS if t != base))}
 
 
-def modes(presets: dict[str, str], alt_taps: bool = False) -> dict[str, tuple[str, dict[str, Any]]]:
+def modes(presets: dict[str, str], lsr_taps: tuple[str, ...] = ()) -> dict[str, tuple[str, dict[str, Any]]]:
     """Each lsr row's preset and overrides: the feature preset as it is, the pixel preset, and
-    (``alt_taps``) the feature preset with the other backbone taps. The last row is off by
-    default since 2026-12-03: two validation readings (2026-12-02) chose taps 8+16 for ``lsr``
-    (AUPRO 0.560 vs 0.433), and it cost a third of the run; the peer keeps both taps."""
+    for each of ``lsr_taps`` the feature preset with those backbone taps (rows
+    ``features-taps<T>``; each costs a training per category, so they are opt-in)."""
     out = {"features": (presets["features"], {}),
            "pixels": (presets["pixels"], PIXEL_OVERRIDES if presets is PRESETS else {})}
-    if alt_taps:
-        alt = alternative_taps(presets["features"])
-        out[f"features-taps{alt}"] = (presets["features"], {"vqvae.backbone_taps": alt})
+    base = lsr.preset(presets["features"]).vqvae.backbone_taps
+    for t in lsr_taps:
+        if t != base:
+            out[f"features-taps{t}"] = (presets["features"], {"vqvae.backbone_taps": t})
     return out
 
 
@@ -158,9 +159,9 @@ def lsr_modes(result: dict[str, Any]) -> list[str]:
 
 
 def run_category(cat: str, folders: dict[str, Path], out: Path, log, presets: dict[str, str] = PRESETS,
-                 alt_taps: bool = False) -> dict[str, Any]:
+                 lsr_taps: tuple[str, ...] = ()) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for mode, (preset, overrides) in modes(presets, alt_taps).items():
+    for mode, (preset, overrides) in modes(presets, lsr_taps).items():
         run = out / "runs" / mode / cat
         cfg = lsr.preset(preset, in_channels=1).with_overrides(overrides)
         log(f"[{cat}] training lsr ({mode}, preset {preset}, {overrides or 'no overrides'})")
@@ -177,8 +178,7 @@ def run_category(cat: str, folders: dict[str, Path], out: Path, log, presets: di
         entry["val_nll"], entry["uniform_nll"] = calib["val_nll"], calib["uniform_nll"]
         result[mode] = entry
     fcfg = lsr.preset(presets["features"]).vqvae
-    alt = alternative_taps(presets["features"])
-    for name, taps in (("patchcore", fcfg.backbone_taps), (f"patchcore-taps{alt}", alt)):
+    for name, taps in patchcore_taps(presets["features"]).items():
         log(f"[{cat}] {name} (backbone taps {taps})")
         result[name] = run_patchcore(folders["test"], folders, fcfg.image_size, taps)
     return result
@@ -239,7 +239,9 @@ def tables(results: dict[str, Any], split: str, chosen: dict[str, dict[str, str]
 
 #: rows of the per-defect-kind table: (label, lsr mode or None for a peer, method)
 KIND_ROWS = (("lsr features (default)", "features", "lsr"), ("direct (features)", "features", "direct"),
-             ("lsr pixels", "pixels", "lsr"), ("patchcore-taps8", None, "patchcore-taps8"))
+             ("lsr features taps 4", "features-taps4", "lsr"), ("direct (features taps 4)", "features-taps4", "direct"),
+             ("lsr pixels", "pixels", "lsr"), ("patchcore-taps8", None, "patchcore-taps8"),
+             ("patchcore-taps4", None, "patchcore-taps4"))
 
 
 def kind_table(results: dict[str, Any], split: str) -> dict[str, dict[str, dict[str, float]]]:
@@ -302,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--categories", nargs="+", default=list(BENCHMARK_CATEGORIES))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--smoke", action="store_true", help="tiny models and images: checks the pipeline only")
-    p.add_argument("--alt-taps", action="store_true",
-                   help="also train lsr with the other backbone taps (the features-taps8 rows)")
+    p.add_argument("--lsr-taps", nargs="+", default=[], choices=BACKBONE_TAPS, metavar="TAPS",
+                   help=f"also train lsr (features) with these backbone taps, rows features-taps<T> "
+                        f"(choices {', '.join(BACKBONE_TAPS)})")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -318,11 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         folders = build_data(out / "data", tuple(a.categories))
     results: dict[str, Any] = {}
     for cat in a.categories:
-        results[cat] = run_category(cat, folders[cat], out, log, presets, a.alt_taps)
+        results[cat] = run_category(cat, folders[cat], out, log, presets, tuple(a.lsr_taps))
         write_json(out / "partial.json", results)
     chosen = {mode: choose_on_val(results, mode) for mode in lsr_modes(next(iter(results.values())))}
     summary = {"categories": a.categories, "sizes": sizes, "presets": presets, "smoke": a.smoke,
-               "alt_taps": a.alt_taps, "chosen_on_val": chosen,
+               "lsr_taps": a.lsr_taps, "chosen_on_val": chosen,
                "val": tables(results, "val", chosen), "test": tables(results, "test", chosen),
                "test_per_defect_kind": kind_table(results, "test"),
                "timing": {c: timing(r) for c, r in results.items()},

@@ -8,9 +8,11 @@ run). Only the trunk up to stride 16 is built (stem and MBConv blocks 0-10: 1.0 
 squeeze-excite), so it exports to ONNX and TorchScript.
 
 :class:`FeatureExtractor` turns images (B, C, S, S) in [0, 1] into one feature map at
-stride 8: the last block output at stride 8 and at stride 16, each averaged over a 3 x 3
-neighbourhood, the stride-16 map bilinearly upsampled, concatenated (40 + 112 = 152
-channels for Lite0). Grey images are repeated to three channels.
+stride 8: by default the last block output at stride 8 and at stride 16, each averaged over
+a 3 x 3 neighbourhood, the stride-16 map bilinearly upsampled, concatenated (40 + 112 = 152
+channels for Lite0); the stride-4 output can be tapped too, brought to the stride-8 grid by
+space-to-depth (24 x 4 = 96 channels), alone or with the stride-8 one
+(``vqvae.backbone_taps``). Grey images are repeated to three channels.
 
 Other backbones (torchvision ``resnet18``, ``wide_resnet50_2``: layer2 + layer3 taps) are
 selectable by name when their weights file is on disk; nothing is ever downloaded.
@@ -103,11 +105,13 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0Trunk(nn.Module):
-    """Stem + MBConv blocks 0-10 of EfficientNet-Lite0; returns the outputs at stride 8
-    (block 4, 40 channels) and stride 16 (block 10, 112 channels)."""
+    """Stem + MBConv blocks 0-10 of EfficientNet-Lite0; returns the last block outputs at
+    the strides asked for: 4 (block 2, 24 channels), 8 (block 4, 40 channels), 16 (block 10,
+    112 channels)."""
 
-    taps = (4, 10)
-    tap_channels = (40, 112)
+    strides = (4, 8, 16)
+    taps = (2, 4, 10)
+    tap_channels = (24, 40, 112)
 
     def __init__(self):
         super().__init__()
@@ -126,21 +130,24 @@ class EfficientNetLite0Trunk(nn.Module):
         """[0, 1] RGB -> the (x * 255 - 127) / 128 scaling of the EfficientNet-Lite builder."""
         return (x * 255.0 - 127.0) / 128.0
 
-    def forward(self, x: Tensor, n_taps: int = 2) -> list[Tensor]:
-        """The first ``n_taps`` taps (stride 8, then 16); blocks past the last one are not run."""
+    def forward(self, x: Tensor, strides: tuple[int, ...] = (8, 16)) -> list[Tensor]:
+        """The taps at ``strides`` (increasing), in that order; blocks past the last one are not run."""
+        want = [self.taps[self.strides.index(s)] for s in strides]
         y = F.relu6(self._bn0(self._conv_stem(same_pad(self.preprocess(x), 3, 2))))
         out = []
         for i, block in enumerate(self._blocks):
             y = block(y)
-            if i in self.taps:
+            if i in want:
                 out.append(y)
-                if len(out) == n_taps:
+                if len(out) == len(want):
                     break
         return out
 
 
 class _TorchvisionTrunk(nn.Module):
-    """layer2 (stride 8) and layer3 (stride 16) of a torchvision ResNet."""
+    """layer1 (stride 4), layer2 (stride 8) and layer3 (stride 16) of a torchvision ResNet."""
+
+    strides = (4, 8, 16)
 
     def __init__(self, name: str):
         super().__init__()
@@ -150,28 +157,44 @@ class _TorchvisionTrunk(nn.Module):
             raise BackboneError(f"backbone {name!r} needs torchvision (pip install torchvision)") from e
         net = getattr(tvm, name)(weights=None)
         self.net = net
-        c2 = net.layer2[-1].conv3.out_channels if hasattr(net.layer2[-1], "conv3") else net.layer2[-1].conv2.out_channels
-        c3 = net.layer3[-1].conv3.out_channels if hasattr(net.layer3[-1], "conv3") else net.layer3[-1].conv2.out_channels
-        self.tap_channels = (c2, c3)
+
+        def width(layer: nn.Module) -> int:
+            last = layer[-1]
+            return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
+
+        self.tap_channels = (width(net.layer1), width(net.layer2), width(net.layer3))
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: Tensor, n_taps: int = 2) -> list[Tensor]:
+    def forward(self, x: Tensor, strides: tuple[int, ...] = (8, 16)) -> list[Tensor]:
         n = self.net
         y = (x - self.mean) / self.std
-        y = n.maxpool(n.relu(n.bn1(n.conv1(y))))
-        y2 = n.layer2(n.layer1(y))
-        return [y2] if n_taps == 1 else [y2, n.layer3(y2)]
+        y = n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(y)))))
+        out = [y] if 4 in strides else []
+        if strides[-1] >= 8:
+            y = n.layer2(y)
+            if 8 in strides:
+                out.append(y)
+        if strides[-1] >= 16:
+            out.append(n.layer3(y))
+        return out
+
+
+def tap_strides(taps: str) -> tuple[int, ...]:
+    """``"4+8"`` -> (4, 8): the strides of a :data:`lsr.config.BACKBONE_TAPS` entry."""
+    return tuple(int(t) for t in taps.split("+"))
 
 
 class FeatureExtractor(nn.Module):
     """Frozen backbone -> one feature map (B, out_channels, S/8, S/8) at stride 8.
 
     Each tap is averaged over ``pool`` x ``pool`` (stride 1, edges averaged over the
-    pixels that exist), the stride-16 tap bilinearly upsampled to the stride-8 grid, and
-    the taps concatenated. ``taps`` (:data:`lsr.config.BACKBONE_TAPS`): ``"8+16"`` both
-    taps, ``"8"`` the stride-8 tap only (the trunk then stops there). Always in eval
-    mode; parameters do not require gradients.
+    pixels that exist), then brought to the stride-8 grid: the stride-16 tap bilinearly
+    upsampled, the stride-4 tap by space-to-depth (each 2 x 2 block of positions becomes
+    one position with 4x the channels, so nothing of its finer detail is averaged away);
+    the taps are concatenated. ``taps`` (:data:`lsr.config.BACKBONE_TAPS`): ``"8+16"``,
+    ``"8"``, ``"4"``, ``"4+8"``; the trunk stops at the coarsest tap asked for. Always in
+    eval mode; parameters do not require gradients.
     """
 
     stride = 8
@@ -181,8 +204,9 @@ class FeatureExtractor(nn.Module):
         if taps not in BACKBONE_TAPS:
             raise BackboneError(f"unknown backbone taps {taps!r}; choose from {BACKBONE_TAPS}")
         self.trunk, self.name, self.pool, self.taps = trunk, name, int(pool), taps
-        self.n_taps = len(taps.split("+"))
-        self.out_channels = int(sum(trunk.tap_channels[:self.n_taps]))
+        self.strides = tap_strides(taps)
+        channels = dict(zip(trunk.strides, trunk.tap_channels))
+        self.out_channels = int(sum(channels[s] * (4 if s == 4 else 1) for s in self.strides))
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -193,15 +217,17 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        taps = self.trunk(x, self.n_taps)
-        h, w = taps[0].shape[-2:]
+        taps = self.trunk(x, self.strides)
         out = []
-        for t in taps:
+        for s, t in zip(self.strides, taps):
             if self.pool > 1:
                 t = F.avg_pool2d(t, self.pool, stride=1, padding=self.pool // 2, count_include_pad=False)
-            if tuple(t.shape[-2:]) != (h, w):
-                t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+            if s == 4:                                   # odd sizes: the stride-8 grid is ceil(h / 2)
+                t = F.pixel_unshuffle(F.pad(t, (0, t.shape[-1] % 2, 0, t.shape[-2] % 2), mode="replicate"), 2)
             out.append(t)
+        h, w = out[0].shape[-2:]
+        out = [t if tuple(t.shape[-2:]) == (h, w) else F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+               for t in out]
         return torch.cat(out, dim=1)                     # (B, out_channels, S/8, S/8)
 
 
