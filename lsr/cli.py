@@ -192,12 +192,21 @@ def _error(prog: str, e: BaseException, debug: bool) -> int:
     return 1
 
 
+def _check_environment() -> None:
+    """Environment variables read later (``LSR_CUDA_KERNELS`` at the first CUDA op, which may be
+    deep into a training): a bad value is an error now, before any work or any file is written."""
+    from .ops import cuda_kernels_mode
+
+    cuda_kernels_mode()
+
+
 def _main(args: argparse.Namespace) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0       # under torchrun, rank 0 reports
     progress = not args.no_progress and main_rank
     if not main_rank:
         sys.stdout = open(os.devnull, "w")
     try:
+        _check_environment()
         if args.command == "train":
             from .training import default_config, train
             from .config import preset as make_preset
@@ -440,6 +449,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 def _export_main(args: argparse.Namespace) -> int:
     try:
+        _check_environment()
         tol = _parse_tolerance(args.tolerance)
         _detect_options(args)                                 # the baked-in settings, checked by flag
         check_value("check_images", args.check_images, "--check-images", OPTION_RULES)

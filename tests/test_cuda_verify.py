@@ -304,6 +304,26 @@ def test_bad_value_is_a_clear_error(fake_cuda, monkeypatch, value):
         ops.cuda_kernels_mode()
 
 
+def test_the_commands_refuse_a_bad_value_before_any_work(monkeypatch, tmp_path, capsys):
+    """``lsr`` and ``lsr-export`` read the variable first: a bad value is exit 2 naming it,
+    on a CPU-only machine too, and nothing is written (not a failure deep into a training
+    at the first CUDA op)."""
+    from lsr.cli import export_main, main
+
+    monkeypatch.setenv(ENV, "yes")
+    ops.reset_cuda_kernel_checks()
+    try:
+        (tmp_path / "data" / "train" / "good").mkdir(parents=True)
+        assert main(["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+        assert export_main([str(tmp_path / "run"), "--format", "onnx", "--out", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err
+        assert err.count(f"{ENV} must be one of") == 2 and "'yes'" in err
+        assert not (tmp_path / "run").exists() and not (tmp_path / "b").exists()
+    finally:
+        monkeypatch.delenv(ENV)
+        ops.reset_cuda_kernel_checks()
+
+
 def test_empty_value_is_the_default(fake_cuda, monkeypatch):
     monkeypatch.setenv(ENV, "")
     assert ops.cuda_kernels_mode() == "verify"
