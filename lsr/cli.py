@@ -195,9 +195,9 @@ def _error(prog: str, e: BaseException, debug: bool) -> int:
 def _check_environment() -> None:
     """Environment variables read later (``LSR_CUDA_KERNELS`` at the first CUDA op, which may be
     deep into a training): a bad value is an error now, before any work or any file is written."""
-    from .ops import cuda_kernels_mode
+    from .config import read_cuda_kernels_mode   # torch-free: `lsr detect BUNDLE` runs without torch
 
-    cuda_kernels_mode()
+    read_cuda_kernels_mode()
 
 
 def _main(args: argparse.Namespace) -> int:

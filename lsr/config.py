@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
@@ -36,6 +37,22 @@ BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
 #: which backbone outputs make the feature map (the last block at stride 8, at stride 16, at
 #: stride 4: brought to the stride-8 grid by space-to-depth; see lsr.models.backbone)
 BACKBONE_TAPS = ("8+16", "8", "4", "4+8")
+
+#: the environment variable that chooses how the CUDA kernels are used (see lsr.ops)
+CUDA_KERNELS_ENV = "LSR_CUDA_KERNELS"
+CUDA_KERNELS_MODES = ("verify", "on", "off")
+
+
+def read_cuda_kernels_mode() -> str:
+    """``LSR_CUDA_KERNELS`` as a mode (``verify`` when unset or empty); ValueError naming the
+    variable for any other value. Torch-free, so the CLI checks it before any work, even where
+    only a deployed bundle's runtime is installed."""
+    raw = os.environ.get(CUDA_KERNELS_ENV, "")
+    mode = raw.strip().lower() or "verify"
+    if mode not in CUDA_KERNELS_MODES:
+        raise ValueError(f"{CUDA_KERNELS_ENV} must be one of {', '.join(CUDA_KERNELS_MODES)} "
+                         f"(default verify), got {raw!r}")
+    return mode
 
 
 @dataclass

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 import warnings
 from dataclasses import asdict, dataclass
@@ -153,8 +152,7 @@ def causal_attention_rows(q: Tensor, k: Tensor, v: Tensor, q0: int) -> Tensor:
 
 # ---------------------------------------------------------------- CUDA kernels: LSR_CUDA_KERNELS
 
-CUDA_KERNELS_ENV = "LSR_CUDA_KERNELS"
-CUDA_KERNELS_MODES = ("verify", "on", "off")
+from ..config import CUDA_KERNELS_ENV, CUDA_KERNELS_MODES, read_cuda_kernels_mode  # noqa: E402 (torch-free)
 #: the native kernels with a CUDA implementation, each checked on its own
 CUDA_KERNELS = ("vq_nearest", "causal_attention_fwd", "causal_attention_bwd", "causal_attention_rows")
 #: the check's tolerance: |kernel - reference| <= ATOL + RTOL |reference|, elementwise,
@@ -188,12 +186,7 @@ def cuda_kernels_mode() -> str:
     Raises ValueError for any other value."""
     global _cuda_mode
     if _cuda_mode is None:
-        raw = os.environ.get(CUDA_KERNELS_ENV, "")
-        mode = raw.strip().lower() or "verify"
-        if mode not in CUDA_KERNELS_MODES:
-            raise ValueError(f"{CUDA_KERNELS_ENV} must be one of {', '.join(CUDA_KERNELS_MODES)} "
-                             f"(default verify), got {raw!r}")
-        _cuda_mode = mode
+        _cuda_mode = read_cuda_kernels_mode()
     return _cuda_mode
 
 
@@ -492,7 +485,7 @@ def _native_loop_allowed(prior) -> bool:
 
 __all__ = ["vq_nearest", "causal_attention", "causal_attention_rows", "backend", "current_backend",
            "native_available", "reference", "cuda_kernels_mode", "cuda_kernel_status", "verify_cuda_kernels",
-           "reset_cuda_kernel_checks", "cuda_kernels_allowed", "CUDA_KERNELS_ENV", "CUDA_KERNELS"]
+           "reset_cuda_kernel_checks", "cuda_kernels_allowed", "CUDA_KERNELS_ENV", "CUDA_KERNELS_MODES", "CUDA_KERNELS"]
 
 
 from .resampling import (ResampleResult, flag_positions, gumbel_noise,  # noqa: E402
