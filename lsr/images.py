@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "DataError", "load_image", "load_mask", "image_size",
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "DataError", "load_image", "load_mask", "image_size", "check_readable",
            "detect_channels", "load_images", "decode_fully", "to_float", "to_channels", "resize_float"]
 
 #: Recognised image file extensions (compared case-insensitively).
@@ -299,6 +299,31 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """
     with _open(path) as img:
         return int(img.height), int(img.width)
+
+
+def check_readable(paths: Sequence[str | os.PathLike], listed: int = 5) -> None:
+    """Open every image's header before any work (cheap: no pixels are decoded), so that
+    a missing, empty, unknown-format or too large file among many is an error at once,
+    not after the images before it were processed, and every such file is named together.
+
+    Raises:
+        DataError: one or more images cannot be opened; the message starts with the first
+            file's problem and lists up to ``listed`` of them, with how many there are.
+            (A file whose header reads but whose pixels are truncated is found later, when
+            it is decoded.)
+    """
+    bad: list[str] = []
+    for p in paths:
+        try:
+            image_size(p)
+        except DataError as e:
+            bad.append(str(e))
+    if len(bad) == 1:
+        raise DataError(bad[0])
+    if bad:
+        more = f"; and {len(bad) - listed} more" if len(bad) > listed else ""
+        raise DataError(f"{bad[0]} ({len(bad)} of {len(paths)} images cannot be read, nothing was done: "
+                        + "; ".join(bad[:listed]) + more + ")")
 
 
 def detect_channels(paths: Iterable[str | os.PathLike]) -> int:

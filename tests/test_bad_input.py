@@ -105,6 +105,18 @@ def data_with(w, name: str, maker) -> Path:
     return d
 
 
+def mixed_folder(w) -> Path:
+    """Good test images, then two unreadable files last in name order (the batch of one makes
+    every good image before them a finished detection, were they not checked first)."""
+    d = w.root / "mixed"
+    d.mkdir()
+    for i, f in enumerate(sorted((w.data / "test").rglob("*.png"))[:3]):
+        shutil.copy(f, d / f"a{i}.png")
+    (d / "zz_text.png").write_text("not an image")
+    (d / "zz_empty.png").write_bytes(b"")
+    return d
+
+
 def config_with(w, dotted: str, value) -> Path:
     p = w.root / "cfg.json"
     shutil.copy(w.cfg, p)
@@ -310,6 +322,12 @@ CASES = [
      lambda w: DETECT + [w.run, w.root / "fake.png", "--out", w.results], ["fake.png"]),
     ("detect-image-huge", lambda w: huge_png(w.root / "huge.png"),
      lambda w: DETECT + [w.run, w.root / "huge.png", "--out", w.results], ["huge.png"]),
+    ("detect-folder-two-unreadable-last", mixed_folder,
+     lambda w: DETECT + [w.run, w.root / "mixed", "--out", w.results, "--batch-size", "1"],
+     ["zz_empty.png", "zz_text.png", "2 of 5 images"]),
+    ("bundle-folder-two-unreadable-last", mixed_folder,
+     lambda w: DETECT + [w.bundle, w.root / "mixed", "--out", w.results, "--batch-size", "1"],
+     ["zz_empty.png", "zz_text.png", "2 of 5 images"]),
     ("detect-providers-on-run", None, lambda w: DETECT + [w.run, w.image, "--out", w.results, "--providers", "cpu"],
      ["--providers"]),
     # --- eval

@@ -346,3 +346,28 @@ def test_load_images(tmp_path):
     c = save(tmp_path / "c.png", Image.new("L", (5, 5)))
     with pytest.raises(DataError, match="c.png"):
         load_images([a, c], 1, None)
+
+
+def test_check_readable_names_every_unreadable_file_first_one_first(tmp_path):
+    from lsr.images import check_readable
+
+    good = save(tmp_path / "good.png", Image.new("RGB", (8, 8)))
+    check_readable([good, good])                                 # nothing to say
+    (tmp_path / "one.png").write_text("x")
+    with pytest.raises(DataError, match=r"one\.png: not a readable image") as e:
+        check_readable([good, tmp_path / "one.png"])
+    assert "of 2 images" not in str(e.value)                     # one file: its own message only
+    bad = []
+    for i in range(7):
+        bad.append(tmp_path / f"bad{i}.png")
+        bad[-1].write_bytes(b"" if i % 2 else b"nope")
+    with pytest.raises(DataError) as e:
+        check_readable([good, *bad], listed=3)
+    msg = str(e.value)
+    assert msg.startswith(f"{bad[0]}: not a readable image")
+    assert "7 of 8 images cannot be read" in msg and "; and 4 more" in msg
+    assert all(str(b) in msg for b in bad[:3]) and str(bad[3]) not in msg
+    # a truncated file's header reads: it is found when decoded, not here
+    data = _png_bytes(tmp_path)
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    check_readable([tmp_path / "cut.png"])
