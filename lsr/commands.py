@@ -38,7 +38,6 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     from .data import list_images
     from .detect import Detector, with_held_out_stats
     from .detect import result_row as run_row
-    from .images import check_readable
     from .io import save_tiff
     from .config import OPTION_RULES, check_value
     from .io import save_png
@@ -50,7 +49,6 @@ def detect_images(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     det = with_held_out_stats(Detector.load(run, ctx.device).with_options(**options), run)
     d = dataclasses.asdict(det.config.detect)
     paths = list_images(list(inputs))
-    check_readable(paths)                       # every unreadable file named before any output
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stems = unique_stems(paths)
@@ -105,7 +103,6 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     from .data import list_images
     from .deploy import numpy_ops as nops
     from .deploy.inferencer import Inferencer
-    from .images import check_readable
     from .report_html import save_thumbnail, thumbnail_scale, write_index
     from .io import atomic_write, dumps, save_png, save_tiff
 
@@ -114,7 +111,6 @@ def detect_bundle(bundle: str | os.PathLike, inputs: Sequence[str | os.PathLike]
     log = log or (lambda msg: print(msg, file=sys.stderr))
     inf = Inferencer(bundle, providers=providers, **options)
     paths = list_images(list(inputs))
-    check_readable(paths)                       # every unreadable file named before any output
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stems = unique_stems(paths)

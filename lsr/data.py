@@ -23,7 +23,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, DataError, detect_channels, image_size,  # noqa: F401 (re-exported)
+from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, DataError, check_readable, detect_channels, image_size,  # noqa: F401 (re-exported)
                      load_image, load_images, load_mask)
 
 __all__ = [
@@ -238,9 +238,13 @@ def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list
     Returns:
         The image paths.
 
+    Every file's header is opened (:func:`lsr.images.check_readable`), so a command
+    that lists its inputs here names every unreadable one before it does any work.
+
     Raises:
         DataError: An input does not exist, is a file without an image
-            extension, or is a folder with no images; or ``inputs`` is empty.
+            extension, or is a folder with no images; or ``inputs`` is empty;
+            or images cannot be opened (all of them named, the first one first).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -265,6 +269,7 @@ def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list
                 out.append(f)
     if not out:
         raise DataError("list_images: no input files or folders given")
+    check_readable(out)
     return out
 
 

@@ -423,6 +423,25 @@ def test_suite_size():
 
 # ------------------------------------------------------------------ beyond a single bad flag
 
+
+@pytest.mark.parametrize("api", ["explain", "differential"])
+def test_python_api_names_unreadable_images_before_any_output(w, api):
+    """The Python API, not only `lsr detect`, names every unreadable input before it writes:
+    explain_images and detect_differential_images list their inputs through list_images."""
+    from lsr.data import DataError
+    from lsr.differential import detect_differential_images
+    from lsr.explain import explain_images
+
+    d = mixed_folder(w)
+    out = w.root / "api-out"
+    with pytest.raises(DataError) as e:
+        if api == "explain":
+            explain_images(w.run, [d], out, batch_size=1, progress=False)
+        else:
+            detect_differential_images(w.run, [d], w.image, out, batch_size=1, progress=False)
+    assert all(s in str(e.value) for s in ("zz_empty.png", "zz_text.png", "2 of 5 images"))
+    assert not [p for p in out.rglob("*") if p.suffix in (".png", ".npz", ".jsonl", ".tiff")]
+
 def test_second_command_on_a_locked_folder_refuses(w, capsys):
     from lsr.io import folder_lock
 
