@@ -66,6 +66,8 @@ class VQVAEConfig:
     backbone_weights: str = ""     # features: state dict path ("" = the file a package ships)
     backbone_pool: int = 3         # features: local averaging of each backbone tap
     backbone_taps: str = "8+16"    # features: the taps concatenated (BACKBONE_TAPS)
+    backbone_margin: int = 0       # features: reflected border (px, multiple of 8) added before the
+                                   # backbone and cropped after it (0: zero padding at the border)
     channels: int = 64             # conv channels at the lowest resolution
     res_channels: int = 32         # hidden channels inside residual blocks
     n_res_blocks: int = 2
@@ -258,6 +260,7 @@ RULES: dict[str, Rule] = {
     "vqvae.backbone_weights": Rule("str"),
     "vqvae.backbone_pool": Rule("int", 1, 15, odd=True),
     "vqvae.backbone_taps": Rule("str", choices=BACKBONE_TAPS),
+    "vqvae.backbone_margin": Rule("int", 0, 1024),
     "vqvae.channels": _SIZE,
     "vqvae.res_channels": _SIZE,
     "vqvae.n_res_blocks": Rule("int", 0, 64),
@@ -415,6 +418,9 @@ class RunConfig:
                 raise ValueError(f"vqvae.backbone_taps must be one of {BACKBONE_TAPS}, got {v.backbone_taps!r}")
             if v.backbone_pool < 1 or v.backbone_pool % 2 == 0:
                 raise ValueError(f"vqvae.backbone_pool must be odd and >= 1, got {v.backbone_pool}")
+            if v.backbone_margin % v.feature_stride or not 0 <= v.backbone_margin < v.image_size:
+                raise ValueError(f"vqvae.backbone_margin must be a multiple of {v.feature_stride} pixels in "
+                                 f"[0, vqvae.image_size = {v.image_size}), got {v.backbone_margin}")
             for key, value in (("distance", d.distance), ("score_distance", d.score_distance)):
                 if value not in FEATURE_DISTANCES + ("map",) or (key == "distance" and value == "map"):
                     raise ValueError(f"detect.{key} {value!r} is not for feature maps; choose from "

@@ -178,3 +178,36 @@ def test_stride4_taps_against_the_plain_reference(size):
     traced = torch.jit.trace(both, x)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), f48)
+
+
+def test_margin_reflects_the_border_then_crops_it():
+    """``margin``: the image reflected outward by that many pixels, the plain reference forward
+    on the larger image, each tap averaged and brought to the padded stride-8 grid, then the
+    margin's cells cropped off: the same grid as without a margin, other border values."""
+    sd = torch.load(WEIGHTS, weights_only=True)
+    x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(3))
+    m = 16
+    padded = F.pad(x, [m] * 4, mode="reflect")
+    with torch.no_grad():
+        ref = reference_taps(sd, padded)
+        f = build_backbone(margin=m)(x)
+        plain = build_backbone()(x)
+    h, w = (64 + 2 * m) // 8, (48 + 2 * m) // 8
+    t8 = F.avg_pool2d(ref[0], 3, 1, 1, count_include_pad=False)
+    t16 = F.interpolate(F.avg_pool2d(ref[1], 3, 1, 1, count_include_pad=False), size=(h, w), mode="bilinear",
+                        align_corners=False)
+    c = m // 8
+    torch.testing.assert_close(f, torch.cat([t8, t16], 1)[..., c:h - c, c:w - c], rtol=1e-5, atol=1e-5)
+    assert f.shape == plain.shape == (2, 152, 8, 6)
+    assert not torch.allclose(f[..., 0, :], plain[..., 0, :], atol=1e-3)        # the border changed
+
+
+def test_margin_must_be_a_multiple_of_the_stride():
+    import lsr
+
+    with pytest.raises(BackboneError, match="multiple of 8"):
+        build_backbone(margin=12)
+    cfg = lsr.preset("tiny-features", in_channels=1)
+    for bad in (12, cfg.vqvae.image_size):
+        with pytest.raises(ValueError, match="vqvae.backbone_margin must be a multiple of 8"):
+            cfg.with_overrides({"vqvae.backbone_margin": bad})

@@ -186,3 +186,15 @@ def test_a_change_to_the_pipeline_reaches_both_backends(tiny_feature_run, tmp_pa
     np.testing.assert_allclose(theirs.map_direct, 2 * before, rtol=1e-4, atol=1e-3)
     assert np.array_equal(theirs.codes, ours.codes.numpy())
     assert np.array_equal(theirs.resampled_codes, ours.resampled_codes.numpy())
+
+
+def test_a_feature_run_with_a_backbone_margin_exports_and_passes_parity(tiny_dataset, tmp_path):
+    """The reflected border (``vqvae.backbone_margin``) is part of the encoder graph."""
+    import lsr
+
+    cfg = lsr.preset("tiny-features", in_channels=1).with_overrides({"vqvae.backbone_margin": 16})
+    run = tmp_path / "run"
+    lsr.train(tiny_dataset, run, cfg, device="cpu", progress=False, log=lambda *_: None)
+    for fmt in ("onnx", "torchscript"):
+        res = export_bundle(run, tmp_path / fmt, fmt)
+        assert res.parity.passed, res.parity.summary()

@@ -43,7 +43,8 @@ def test_choice_reads_the_validation_split_only():
 
 def test_smoke_run_writes_every_row(tmp_path):
     run = _load()
-    assert run.main(["--out", str(tmp_path), "--smoke", "--categories", "weave", "--lsr-taps", "4"]) == 0
+    assert run.main(["--out", str(tmp_path), "--smoke", "--categories", "weave", "--lsr-taps", "4",
+                     "--lsr-margin", "16"]) == 0
     q = json.loads((tmp_path / "quality.json").read_text())
     assert q["smoke"] and q["categories"] == ["weave"]
     for split in ("val", "test"):
@@ -52,7 +53,9 @@ def test_smoke_run_writes_every_row(tmp_path):
                      "patchcore", "lsr-features (chosen on val)",
                      # other backbone taps, side by side (the feature presets use 8+16)
                      "lsr-features-taps4 restored_vs_input", "direct (features-taps4)", "patchcore-taps8",
-                     "patchcore-taps4", "patchcore-taps4+8", "lsr-features-taps4 (chosen on val)"):
+                     "patchcore-taps4", "patchcore-taps4+8", "lsr-features-taps4 (chosen on val)",
+                         # a reflected backbone border, lsr and the peer
+                         "lsr-features-margin16 restored_vs_input", "patchcore-margin16"):
             assert 0.0 <= rows[name]["pixel_auroc"] <= 1.0, (split, name)
     raw = q["raw"]["weave"]
     assert raw["features"]["preset"] == raw["features-taps4"]["preset"] == "tiny-features"
@@ -60,7 +63,7 @@ def test_smoke_run_writes_every_row(tmp_path):
     # per defect kind: every row, the smoke run's two kinds, each kind's own images against the good ones
     kinds = q["test_per_defect_kind"]
     assert set(kinds) == {"lsr features (default)", "direct (features)", "lsr features taps 4",
-                          "direct (features taps 4)", "lsr pixels", "patchcore-taps8", "patchcore-taps4"}
+                          "direct (features taps 4)", "lsr pixels", "patchcore", "patchcore-taps8", "patchcore-taps4"}
     assert all(set(t) == {"hole", "smudge"} for t in kinds.values())
     assert kinds["direct (features)"]["hole"] == {
         c: raw["features"]["test"]["methods"]["direct"]["per_defect"]["hole"][c]

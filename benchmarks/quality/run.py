@@ -18,7 +18,8 @@ same VQ-VAE's reconstruction error, no prior), each one's ``differential`` and
 ``train/good`` image, :mod:`lsr.differential`), and ``patchcore`` (nearest neighbour on
 the same backbone's patch features, greedy coreset; :mod:`patchcore`) with the preset's
 taps and with each other backbone taps setting (``patchcore-taps8``, ``-taps4``,
-``-taps4+8``); ``--lsr-taps 4 ...`` also trains ``lsr`` on those taps. A table per defect kind shows which defects each method finds. Metrics: image
+``-taps4+8``); ``--lsr-taps 4 ...`` also trains ``lsr`` on those taps, ``--lsr-margin 32 ...``
+with that reflected backbone margin (and fits PatchCore with it, ``patchcore-margin32``). A table per defect kind shows which defects each method finds. Metrics: image
 AUROC, pixel AUROC, AUPRO (FPR <= 0.3), F1-max; training seconds and detection ms per
 image (batch 1, measured separately). Writes ``OUT/quality.json`` and prints the tables.
 """
@@ -96,14 +97,15 @@ def detection_ms(run: Path, paths: list[Path], n: int = 6) -> float:
     return float(np.median(times))
 
 
-def run_patchcore(train_dir: Path, splits: dict[str, Path], image_size: int, taps: str = "8+16") -> dict[str, Any]:
+def run_patchcore(train_dir: Path, splits: dict[str, Path], image_size: int, taps: str = "8+16",
+                  margin: int = 0) -> dict[str, Any]:
     from patchcore import PatchCore
 
     from lsr.models.backbone import build_backbone
 
     train = scan_mvtec(train_dir, require_test=False).train
     x_train = torch.from_numpy(load_images(train, 3, image_size))
-    pc = PatchCore(build_backbone("efficientnet_lite0", taps=taps))
+    pc = PatchCore(build_backbone("efficientnet_lite0", taps=taps, margin=margin))
     t0 = time.perf_counter()
     pc.fit(x_train)
     fit_s = time.perf_counter() - t0
@@ -141,16 +143,22 @@ def patchcore_taps(preset: str) -> dict[str, str]:
     return {("patchcore" if t == base else f"patchcore-taps{t}"): t for t in (base, *(t for t in BACKBONE_TAPS if t != base))}
 
 
-def modes(presets: dict[str, str], lsr_taps: tuple[str, ...] = ()) -> dict[str, tuple[str, dict[str, Any]]]:
+def modes(presets: dict[str, str], lsr_taps: tuple[str, ...] = (),
+          lsr_margins: tuple[int, ...] = ()) -> dict[str, tuple[str, dict[str, Any]]]:
     """Each lsr row's preset and overrides: the feature preset as it is, the pixel preset, and
     for each of ``lsr_taps`` the feature preset with those backbone taps (rows
-    ``features-taps<T>``; each costs a training per category, so they are opt-in)."""
+    ``features-taps<T>``), for each of ``lsr_margins`` with that backbone margin (rows
+    ``features-margin<M>``); each costs a training per category, so they are opt-in."""
     out = {"features": (presets["features"], {}),
            "pixels": (presets["pixels"], PIXEL_OVERRIDES if presets is PRESETS else {})}
     base = lsr.preset(presets["features"]).vqvae.backbone_taps
     for t in lsr_taps:
         if t != base:
             out[f"features-taps{t}"] = (presets["features"], {"vqvae.backbone_taps": t})
+    base_margin = lsr.preset(presets["features"]).vqvae.backbone_margin
+    for m in lsr_margins:
+        if m != base_margin:
+            out[f"features-margin{m}"] = (presets["features"], {"vqvae.backbone_margin": m})
     return out
 
 
@@ -159,9 +167,9 @@ def lsr_modes(result: dict[str, Any]) -> list[str]:
 
 
 def run_category(cat: str, folders: dict[str, Path], out: Path, log, presets: dict[str, str] = PRESETS,
-                 lsr_taps: tuple[str, ...] = ()) -> dict[str, Any]:
+                 lsr_taps: tuple[str, ...] = (), lsr_margins: tuple[int, ...] = ()) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for mode, (preset, overrides) in modes(presets, lsr_taps).items():
+    for mode, (preset, overrides) in modes(presets, lsr_taps, lsr_margins).items():
         run = out / "runs" / mode / cat
         cfg = lsr.preset(preset, in_channels=1).with_overrides(overrides)
         log(f"[{cat}] training lsr ({mode}, preset {preset}, {overrides or 'no overrides'})")
@@ -180,8 +188,18 @@ def run_category(cat: str, folders: dict[str, Path], out: Path, log, presets: di
     fcfg = lsr.preset(presets["features"]).vqvae
     for name, taps in patchcore_taps(presets["features"]).items():
         log(f"[{cat}] {name} (backbone taps {taps})")
-        result[name] = run_patchcore(folders["test"], folders, fcfg.image_size, taps)
+        result[name] = run_patchcore(folders["test"], folders, fcfg.image_size, taps, fcfg.backbone_margin)
+    for name, margin in patchcore_margins(presets["features"], lsr_margins).items():
+        log(f"[{cat}] {name} (backbone margin {margin} px)")
+        result[name] = run_patchcore(folders["test"], folders, fcfg.image_size, fcfg.backbone_taps, margin)
     return result
+
+
+def patchcore_margins(preset: str, margins: tuple[int, ...]) -> dict[str, int]:
+    """PatchCore rows ``patchcore-margin<M>`` for each backbone margin of ``--lsr-margin`` other
+    than the preset's own (the ``patchcore`` row), at the preset's taps."""
+    base = lsr.preset(preset).vqvae.backbone_margin
+    return {f"patchcore-margin{m}": m for m in margins if m != base}
 
 
 def mean_rows(rows: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -240,7 +258,10 @@ def tables(results: dict[str, Any], split: str, chosen: dict[str, dict[str, str]
 #: rows of the per-defect-kind table: (label, lsr mode or None for a peer, method)
 KIND_ROWS = (("lsr features (default)", "features", "lsr"), ("direct (features)", "features", "direct"),
              ("lsr features taps 4", "features-taps4", "lsr"), ("direct (features taps 4)", "features-taps4", "direct"),
-             ("lsr pixels", "pixels", "lsr"), ("patchcore-taps8", None, "patchcore-taps8"),
+             ("lsr features margin 32", "features-margin32", "lsr"),
+             ("direct (features margin 32)", "features-margin32", "direct"),
+             ("lsr pixels", "pixels", "lsr"), ("patchcore", None, "patchcore"),
+             ("patchcore-margin32", None, "patchcore-margin32"), ("patchcore-taps8", None, "patchcore-taps8"),
              ("patchcore-taps4", None, "patchcore-taps4"))
 
 
@@ -307,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lsr-taps", nargs="+", default=[], choices=BACKBONE_TAPS, metavar="TAPS",
                    help=f"also train lsr (features) with these backbone taps, rows features-taps<T> "
                         f"(choices {', '.join(BACKBONE_TAPS)})")
+    p.add_argument("--lsr-margin", nargs="+", default=[], type=int, metavar="PX",
+                   help="also train lsr (features) with these backbone margins (vqvae.backbone_margin), rows "
+                        "features-margin<M>, and fit PatchCore with them, rows patchcore-margin<M>")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -321,11 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         folders = build_data(out / "data", tuple(a.categories))
     results: dict[str, Any] = {}
     for cat in a.categories:
-        results[cat] = run_category(cat, folders[cat], out, log, presets, tuple(a.lsr_taps))
+        results[cat] = run_category(cat, folders[cat], out, log, presets, tuple(a.lsr_taps), tuple(a.lsr_margin))
         write_json(out / "partial.json", results)
     chosen = {mode: choose_on_val(results, mode) for mode in lsr_modes(next(iter(results.values())))}
     summary = {"categories": a.categories, "sizes": sizes, "presets": presets, "smoke": a.smoke,
-               "lsr_taps": a.lsr_taps, "chosen_on_val": chosen,
+               "lsr_taps": a.lsr_taps, "lsr_margin": a.lsr_margin, "chosen_on_val": chosen,
                "val": tables(results, "val", chosen), "test": tables(results, "test", chosen),
                "test_per_defect_kind": kind_table(results, "test"),
                "timing": {c: timing(r) for c, r in results.items()},

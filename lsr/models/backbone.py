@@ -14,6 +14,12 @@ channels for Lite0); the stride-4 output can be tapped too, brought to the strid
 space-to-depth (24 x 4 = 96 channels), alone or with the stride-8 one
 (``vqvae.backbone_taps``). Grey images are repeated to three channels.
 
+The trunk pads every convolution with zeros, so cells near the image border see a black
+frame that no training image has inside it, and their features (and every map made of
+them) run high at the border. ``margin`` (``vqvae.backbone_margin``, pixels, a multiple of
+8) reflects the image outward by that many pixels before the trunk and crops the same
+margin off the feature map, so border cells see the texture continued instead.
+
 Other backbones (torchvision ``resnet18``, ``wide_resnet50_2``: layer2 + layer3 taps) are
 selectable by name when their weights file is on disk; nothing is ever downloaded.
 
@@ -199,11 +205,13 @@ class FeatureExtractor(nn.Module):
 
     stride = 8
 
-    def __init__(self, trunk: nn.Module, name: str, pool: int = 3, taps: str = "8+16"):
+    def __init__(self, trunk: nn.Module, name: str, pool: int = 3, taps: str = "8+16", margin: int = 0):
         super().__init__()
         if taps not in BACKBONE_TAPS:
             raise BackboneError(f"unknown backbone taps {taps!r}; choose from {BACKBONE_TAPS}")
-        self.trunk, self.name, self.pool, self.taps = trunk, name, int(pool), taps
+        if margin < 0 or margin % self.stride:
+            raise BackboneError(f"backbone margin must be a multiple of {self.stride} pixels >= 0, got {margin}")
+        self.trunk, self.name, self.pool, self.taps, self.margin = trunk, name, int(pool), taps, int(margin)
         self.strides = tap_strides(taps)
         channels = dict(zip(trunk.strides, trunk.tap_channels))
         self.out_channels = int(sum(channels[s] * (4 if s == 4 else 1) for s in self.strides))
@@ -217,6 +225,11 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
+        m = self.margin
+        if m:
+            if m >= min(x.shape[-2:]):
+                raise BackboneError(f"backbone margin {m} px needs images larger than {m} px, got {tuple(x.shape[-2:])}")
+            x = F.pad(x, [m, m, m, m], mode="reflect")
         taps = self.trunk(x, self.strides)
         out = []
         for s, t in zip(self.strides, taps):
@@ -228,7 +241,11 @@ class FeatureExtractor(nn.Module):
         h, w = out[0].shape[-2:]
         out = [t if tuple(t.shape[-2:]) == (h, w) else F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
                for t in out]
-        return torch.cat(out, dim=1)                     # (B, out_channels, S/8, S/8)
+        y = torch.cat(out, dim=1)                        # (B, out_channels, S/8, S/8)
+        if m:
+            c = m // self.stride
+            y = y[..., c:y.shape[-2] - c, c:y.shape[-1] - c]
+        return y
 
 
 def default_weights_path(name: str) -> Path | None:
@@ -279,7 +296,7 @@ def _load_subset(module: nn.Module, sd: dict[str, Tensor], path: Path, strip: Ca
 
 
 def build_backbone(name: str = "efficientnet_lite0", weights: str | os.PathLike | None = None,
-                   sha256: str | None = None, pool: int = 3, taps: str = "8+16") -> FeatureExtractor:
+                   sha256: str | None = None, pool: int = 3, taps: str = "8+16", margin: int = 0) -> FeatureExtractor:
     """The frozen feature extractor ``name`` with its pretrained weights.
 
     Args:
@@ -291,6 +308,7 @@ def build_backbone(name: str = "efficientnet_lite0", weights: str | os.PathLike 
             user names (record :func:`sha256_file` of it in the run instead).
         pool: side of the local averaging of each tap.
         taps: which taps make the feature map (:class:`FeatureExtractor`).
+        margin: pixels of reflected border added before the trunk and cropped after it.
     """
     if name not in BACKBONES:
         raise BackboneError(f"unknown backbone {name!r}; choose from {BACKBONES}")
@@ -314,7 +332,7 @@ def build_backbone(name: str = "efficientnet_lite0", weights: str | os.PathLike 
     else:
         trunk = _TorchvisionTrunk(name)
         _load_subset(trunk.net, sd, path, strip=lambda k: k.removeprefix("module."))
-    return FeatureExtractor(trunk, name, pool, taps)
+    return FeatureExtractor(trunk, name, pool, taps, margin)
 
 
 __all__ = ["BACKBONES", "BackboneError", "FeatureExtractor", "build_backbone", "default_weights_path",

@@ -99,9 +99,10 @@ class FeatureVQVAE(nn.Module):
         self.cfg = cfg
         if pretrained:
             self.backbone = build_backbone(cfg.backbone, cfg.backbone_weights or None, pool=cfg.backbone_pool,
-                                           taps=cfg.backbone_taps)
+                                           taps=cfg.backbone_taps, margin=cfg.backbone_margin)
         else:
-            self.backbone = FeatureExtractor(_trunk(cfg), cfg.backbone, cfg.backbone_pool, cfg.backbone_taps)
+            self.backbone = FeatureExtractor(_trunk(cfg), cfg.backbone, cfg.backbone_pool, cfg.backbone_taps,
+                                             cfg.backbone_margin)
         F_ = self.backbone.out_channels
         self.register_buffer("feature_mean", torch.zeros(F_))
         self.register_buffer("feature_std", torch.ones(F_))
