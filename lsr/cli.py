@@ -49,6 +49,8 @@ def _add_detect_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool", type=int, help="window side (model pixels) of --score pooled_max")
     g.add_argument("--gate-dilate", type=int, help="cells the resampled-code mask of --map gated is dilated by")
     g.add_argument("--weighting", choices=WEIGHTINGS, help="how --restorations are combined")
+    g.add_argument("--posterior", type=float, help="draw resampled codes from the prior times "
+                   "exp(-POSTERIOR * distance to the encoder's output / scale): 0 is the prior alone (the paper)")
     g.add_argument("--false-alarm-rate", type=float, help="image threshold for this rate of good images "
                    "flagged (set again on the run's held-out normal images; default: the run's, 0.01)")
     g.add_argument("--pixel-fpr", type=float, help="pixel threshold for this per-pixel false-positive rate "
@@ -70,7 +72,8 @@ def _detect_options(a: argparse.Namespace) -> dict[str, Any]:
     """The detect options given on the command line, each checked against its rule
     (lsr.config.RULES): an error names the flag."""
     keys = ("resampler", "seed", "restorations", "tau", "temperature", "map_kind", "distance", "score_distance",
-            "smoothing", "sigma", "score", "topk", "pool", "gate_dilate", "weighting", "false_alarm_rate", "pixel_fpr")
+            "smoothing", "sigma", "score", "topk", "pool", "gate_dilate", "weighting", "posterior",
+            "false_alarm_rate", "pixel_fpr")
     opts = {k: check_value(f"detect.{k}", getattr(a, k), flag(k)) for k in keys
             if getattr(a, k, None) is not None}
     if getattr(a, "batch_size", None) is not None:
@@ -419,6 +422,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     g.add_argument("--pool", type=int)
     g.add_argument("--gate-dilate", type=int)
     g.add_argument("--weighting", choices=WEIGHTINGS)
+    g.add_argument("--posterior", type=float, help="only 0 exports (a bundle draws from the prior alone)")
     return p
 
 

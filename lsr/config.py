@@ -147,6 +147,13 @@ class DetectConfig:
                                    # input (softmax of 3 / mean distance, Marimont & Tarroni),
                                    # or "min": per pixel, the restoration closest to the input
     seed: int = 0
+    # the draw of a resampled code: from p(k | context) * exp(-posterior * |z_t - e_k|^2 / s),
+    # the prior times closeness to the encoder's output z_t there, a posterior given what was
+    # seen (docs/method.md, section 3); 0 is the paper's draw from the prior alone.
+    # s = posterior_scale: the held-out normal images' mean squared distance from z_t to its
+    # code (set at training: a property of the trained VQ-VAE, kept when options change)
+    posterior: float = 0.0
+    posterior_scale: float | None = None
     # held-out normal images' image scores (set at calibration; fused = sum of standardised
     # map score and NLL score)
     score_mean: float | None = None
@@ -310,6 +317,8 @@ RULES: dict[str, Rule] = {
     "detect.restorations": Rule("int", 1, 64),
     "detect.weighting": Rule("str", choices=WEIGHTINGS),
     "detect.seed": Rule("int", 0, _MAX_SEED),
+    "detect.posterior": Rule("float", 0.0, 1e3),
+    "detect.posterior_scale": Rule("float", 0.0, 1e12, open_lo=True, optional=True),
     "detect.score_mean": Rule("float", -1e12, 1e12, optional=True),
     "detect.score_std": Rule("float", 0.0, 1e12, open_lo=True, optional=True),
     "detect.nll_mean": Rule("float", -1e12, 1e12, optional=True),

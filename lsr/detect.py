@@ -42,11 +42,14 @@ class _TorchStages:
     def __init__(self, det: "Detector"):
         self.det = det
         self.features = det.space == "features"
+        self.z: Tensor | None = None                                   # the encoder's outputs (posterior draw)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         v = self.det.vqvae
         seen = v.features(x) if self.features else x                   # the image, or its features
-        return v.quantizer(v.encoder(seen)).indices, seen
+        z = v.encoder(seen)
+        self.z = z if self.det.config.detect.posterior > 0 else None
+        return v.quantizer(z).indices, seen
 
     def decode(self, codes: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.features:                                              # pictures: the pixel decoder
@@ -63,6 +66,10 @@ class _TorchStages:
     def resample(self, chains: Tensor, seeds: Sequence[int], tau: float, temperature: float) -> ops.ResampleResult:
         K = self.det.config.prior.codebook_size
         noise = ops.gumbel_noise(chains.shape[0], chains.shape[1] * chains.shape[2], K, seeds)
+        d = self.det.config.detect
+        if d.posterior > 0:                                            # the posterior draw (docs/method.md 3)
+            noise = ops.posterior_noise(noise, self.z, self.det.vqvae.quantizer.codebook, d.posterior,
+                                        posterior_scale_of(self.det.config))
         return ops.resample(self.det.prior, chains, noise, tau, temperature, self.det.resampler)
 
     def nll_score(self, likelihood: Tensor, tau: float) -> Tensor:
@@ -77,6 +84,28 @@ class _TorchStages:
 
     def as_float(self, a: Tensor) -> Tensor:
         return a.float()
+
+
+def posterior_scale_of(config: RunConfig) -> float:
+    """The run's ``detect.posterior_scale``, or a clear error when the posterior draw needs it
+    and the run has none (a run trained before it existed whose held-out images are gone)."""
+    s = config.detect.posterior_scale
+    if s is None:
+        raise ValueError("detect.posterior > 0 needs detect.posterior_scale, which training sets from the "
+                         "held-out normal images (and Detector.load from the images of the run's split.json); "
+                         "this run has neither: retrain it, or set detect.posterior=0")
+    return float(s)
+
+
+def held_out_posterior_scale(vqvae: VQVAE, images: Tensor, batch_size: int = 8) -> float:
+    """``detect.posterior_scale`` from normal images (N, C, S, S): the mean squared distance
+    from the encoder's outputs to their nearest code (:func:`lsr.ops.posterior_scale`)."""
+    with torch.no_grad():
+        dev = vqvae.quantizer.codebook.device
+        seen = (lambda x: vqvae.features(x)) if vqvae.cfg.space == "features" else (lambda x: x)
+        z = torch.cat([vqvae.encoder(seen(images[i:i + batch_size].to(dev, torch.float32))).cpu()
+                       for i in range(0, images.shape[0], batch_size)])
+    return ops.posterior_scale(z, vqvae.quantizer.codebook.cpu())
 
 
 class NonFiniteError(ValueError):
@@ -109,7 +138,24 @@ def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
     vqvae, prior = build_vqvae(config.vqvae, pretrained=False), PixelSNAIL(config.prior)
     load_into(vqvae, run / "vqvae.safetensors")
     load_into(prior, run / "prior.safetensors")
-    return config, vqvae.eval(), prior.eval()
+    vqvae, prior = vqvae.eval(), prior.eval()
+    if config.detect.posterior_scale is None:         # a run trained before the posterior draw
+        config = _scale_from_split(config, vqvae, run)
+    return config, vqvae, prior
+
+
+def _scale_from_split(config: RunConfig, vqvae: VQVAE, run: Path) -> RunConfig:
+    """``config`` with ``detect.posterior_scale`` measured on the held-out normal images of
+    the run's split.json (as training measures it), when they are still there; else as it is."""
+    try:
+        val = [Path(p) for p in read_json(run / "split.json")["val"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return config
+    if not val or not all(p.is_file() for p in val):
+        return config
+    x = torch.from_numpy(load_images(val, config.vqvae.in_channels, config.vqvae.image_size))
+    return dataclasses.replace(config, detect=dataclasses.replace(
+        config.detect, posterior_scale=held_out_posterior_scale(vqvae, x)))
 
 
 class Detector:
@@ -232,7 +278,7 @@ class Detector:
 
 #: detect options that change an image score (the held-out statistics belong to them)
 SCORE_OPTIONS = ("tau", "temperature", "map_kind", "distance", "score_distance", "smoothing", "sigma", "score", "topk", "pool",
-                 "gate_dilate", "restorations", "weighting", "seed")
+                 "gate_dilate", "restorations", "weighting", "seed", "posterior")
 #: options that change the operating point only (the thresholds are set again for them)
 THRESHOLD_OPTIONS = ("false_alarm_rate", "pixel_fpr")
 #: what calibration on held-out normal images sets (dropped when the options it depends on change)

@@ -190,11 +190,17 @@ def detect_pair(det: Any, x: Tensor, ref: Tensor, image_ids: Sequence[int] | Non
 
     both = torch.cat([x, ref_reg]).to(det.device)                             # (2B, C, S, S)
     s = seen(det, both)
-    codes = det.vqvae.quantizer(det.vqvae.encoder(s)).indices                 # (2B, h, w)
+    z = det.vqvae.encoder(s)
+    codes = det.vqvae.quantizer(z).indices                                    # (2B, h, w)
     h, w = codes.shape[1:]
     K = det.config.prior.codebook_size
     noise = ops.gumbel_noise(B * n, h * w, K, [chain_seed(d.seed, i, k) for i in ids for k in range(n)])
-    rs = ops.resample(det.prior, codes.repeat_interleave(n, dim=0), torch.cat([noise, noise]),
+    noise = torch.cat([noise, noise])                 # the image and its reference share the draws
+    if d.posterior > 0:                               # each then drawn given what it shows
+        from .detect import posterior_scale_of
+        noise = ops.posterior_noise(noise, z, det.vqvae.quantizer.codebook, d.posterior,
+                                    posterior_scale_of(det.config))
+    rs = ops.resample(det.prior, codes.repeat_interleave(n, dim=0), noise,
                       float(d.tau), d.temperature, det.resampler)
     decode = det.vqvae.decode_features if features else det.decode_image
 

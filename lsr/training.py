@@ -504,8 +504,10 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig | N
 
     calib = calibrate(prior, val_codes, cfg, dev)
     calib.update(val_nll=val_nll, uniform_nll=uniform, vqvae=vq_metrics, prior=pr_metrics)
-    cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, tau=calib["tau"]))
-    from .detect import Detector, apply_held_out, score_stats
+    from .detect import Detector, apply_held_out, held_out_posterior_scale, score_stats
+    calib["posterior_scale"] = held_out_posterior_scale(vqvae, val_x)
+    cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, tau=calib["tau"],
+                                                              posterior_scale=calib["posterior_scale"]))
     stats = score_stats(Detector(vqvae, prior, cfg, dev), val_x)
     cfg = apply_held_out(cfg, stats)
     calib["held_out_scores"] = {k: v for k, v in stats.items() if not k.endswith("_info")}

@@ -116,6 +116,7 @@ const IntRule kImageSize{8, 4096}, kChannels{1, 3}, kGridSize{1, 1024}, kCodeboo
 const IntRule kSeen{1, 65536};
 const IntRule kSeed{0, kMaxSeed}, kRestorations{1, 64}, kBatchSize{1, 4096}, kThreads{0, 4096};
 const FloatRule kTau{0.0, 1.0, true, true}, kTemperature{0.0, 1e3, true, false};
+const FloatRule kPosterior{0.0, 1e3, false, false};
 const FloatRule kRate{0.0, 0.5, true, false}, kThreshold{-1e12, 1e12, false, false, true};
 const FloatRule kStatMean{-1e12, 1e12, false, false, true}, kStatStd{0.0, 1e12, true, false, true};
 
@@ -131,6 +132,7 @@ const std::vector<NamedRule>& rules() {
       {"detect.temperature", "detect.temperature", false, {}, kTemperature},
       {"detect.seed", "detect.seed", true, kSeed, {}},
       {"detect.restorations", "detect.restorations", true, kRestorations, {}},
+      {"detect.posterior", "detect.posterior", false, {}, kPosterior},
       {"detect.false_alarm_rate", "detect.false_alarm_rate", false, {}, kRate},
       {"detect.pixel_fpr", "detect.pixel_fpr", false, {}, kRate},
       {"detect.image_threshold", "detect.image_threshold", false, {}, kThreshold},
@@ -378,6 +380,11 @@ Bundle read_bundle(const fs::path& dir) {
     b.temperature = json_float(meta, "detect.temperature");
     b.seed = json_int(meta, "detect.seed");  // from the literal: seeds beyond 2^53 stay exact
     b.restorations = static_cast<int>(json_int(meta, "detect.restorations"));
+    // the posterior draw (lsr detect.posterior) is not in the bundle contract: a bundle draws
+    // from the prior alone, and lsr-export writes 0 (absent before it existed)
+    if (const auto post = json_float_or(meta, "detect.posterior", std::nullopt); post && *post != 0.0)
+      throw Error("detect.posterior is " + shown(get(meta, "detect.posterior")) + ": a bundle draws resampled codes from the "
+                  "prior alone (posterior 0); the posterior draw runs with `lsr detect RUN`");
     // absent from bundles of lsr-export before the operating point: no thresholds, default rates
     b.false_alarm_rate = json_float_or(meta, "detect.false_alarm_rate", std::nullopt);
     b.pixel_fpr = json_float_or(meta, "detect.pixel_fpr", std::nullopt);

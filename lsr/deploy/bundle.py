@@ -58,7 +58,9 @@ RUNTIME_OPTIONS = ("tau", "temperature", "seed", "restorations", "resampler")
 BAKED_OPTIONS = ("map_kind", "distance", "score_distance", "smoothing", "sigma", "score", "topk", "pool",
                  "gate_dilate", "weighting")
 #: The detection settings a bundle records from its run (all but the loop choice).
-EXPORTED_OPTIONS = tuple(k for k in RUNTIME_OPTIONS if k != "resampler") + BAKED_OPTIONS
+#: ``posterior`` is recorded as 0: a bundle draws resampled codes from the prior alone (the
+#: posterior draw is not in the graph contract yet; lsr-export refuses a run that uses it).
+EXPORTED_OPTIONS = tuple(k for k in RUNTIME_OPTIONS if k != "resampler") + BAKED_OPTIONS + ("posterior",)
 
 
 class BundleError(ValueError):
@@ -193,7 +195,7 @@ _VALUE_RULES = {("model", "image_size"): "vqvae.image_size", ("model", "channels
                 **{("detect", k): f"detect.{k}" for k in ("tau", "temperature", "restorations", "seed", "resampler",
                                                           "map_kind", "distance", "score_distance", "smoothing",
                                                           "sigma", "score",
-                                                          "topk", "pool", "gate_dilate", "weighting",
+                                                          "topk", "pool", "gate_dilate", "weighting", "posterior",
                                                           "false_alarm_rate", "pixel_fpr",
                                                           "image_threshold", "pixel_threshold", *HELD_OUT_STATS)}}
 _REQUIRED_VALUES = {("model", "image_size"), ("model", "channels"), ("model", "grid_size"),
@@ -225,6 +227,14 @@ def _check_values(meta_path: Path, meta: dict[str, Any]) -> None:
             check_value(rule, value, rules=rules)
         except ConfigError as e:
             raise BundleError(f"{meta_path}: {section}.{key}: {str(e).split(': ', 1)[1]}") from None
+    _check_posterior(meta_path, meta)
+
+
+def _check_posterior(meta_path: Path, meta: dict[str, Any]) -> None:
+    if float(meta["detect"].get("posterior", 0.0)) != 0.0:
+        raise BundleError(f"{meta_path}: detect.posterior is {meta['detect']['posterior']!r}: a bundle draws "
+                          f"resampled codes from the prior alone (posterior 0); the posterior draw runs with "
+                          f"`lsr detect RUN`")
 
 
 def _check_rows_meta(meta_path: Path, g: dict[str, Any]) -> None:

@@ -226,6 +226,7 @@ def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str,
                    "seed": int(d.seed), "resampler": "auto", "map_kind": d.map_kind, "distance": d.distance,
                    "score_distance": d.score_distance, "smoothing": d.smoothing, "sigma": float(d.sigma), "score": d.score, "topk": int(d.topk),
                    "pool": int(d.pool), "gate_dilate": int(d.gate_dilate), "weighting": d.weighting,
+                   "posterior": float(d.posterior),              # 0: check_exportable refuses any other
                    # held-out normal images' statistics (the fused score), for the settings above
                    **{k: getattr(d, k) for k in HELD_OUT_STATS},
                    # the operating point (lsr.decision), valid for the settings above as exported
@@ -248,6 +249,10 @@ def check_exportable(cfg: RunConfig, run: Path) -> None:
     (bilateral smoothing, which runs through scikit-image): an export must compute what
     ``lsr detect RUN`` computes, or nothing. Both modes (pixels, features) export, with
     every map, distance, score and weighting."""
+    if cfg.detect.posterior > 0:
+        raise ValueError(f"{run}: detect.posterior = {cfg.detect.posterior:g} (the posterior draw) is not in the "
+                         f"bundle contract yet: a bundle draws resampled codes from the prior alone; export with "
+                         f"--posterior 0, or detect with `lsr detect RUN`")
     if cfg.detect.smoothing == "bilateral":
         raise ValueError(f"{run}: smoothing 'bilateral' runs through scikit-image and cannot be exported; "
                          f"export with --smoothing gaussian or none")

@@ -177,6 +177,11 @@ class Inferencer:
                     raise ValueError(f"{where}: {k} is {d.get(k)!r} in this bundle's postprocess graph; "
                                      f"{k}={v!r} needs a bundle exported with it (lsr-export RUN {flag} {v} ...)")
                 continue
+            if k == "posterior":
+                if float(v) != 0.0:
+                    raise ValueError(f"{where}: posterior {v!r}: a bundle draws resampled codes from the prior "
+                                     f"alone (posterior 0); the posterior draw runs with `lsr detect RUN`")
+                continue
             if k in ("false_alarm_rate", "pixel_fpr"):
                 if v != d.get(k):
                     raise ValueError(f"{where}: the thresholds of a bundle are set at export; for another {k} run "

@@ -488,8 +488,8 @@ __all__ = ["vq_nearest", "causal_attention", "causal_attention_rows", "backend",
            "reset_cuda_kernel_checks", "cuda_kernels_allowed", "CUDA_KERNELS_ENV", "CUDA_KERNELS_MODES", "CUDA_KERNELS"]
 
 
-from .resampling import (ResampleResult, flag_positions, gumbel_noise,  # noqa: E402
-                         register_scriptable, resample_fast, resample_naive, resample_native, scripter)
+from .resampling import (ResampleResult, code_distances, flag_positions, gumbel_noise,  # noqa: E402
+                         posterior_noise, posterior_scale, register_scriptable, resample_fast, resample_naive, resample_native, scripter)
 
 from ..config import RESAMPLERS  # noqa: E402  (the one list; config imports no torch)
 
@@ -533,5 +533,6 @@ def resample(prior, codes: Tensor, noise: Tensor, tau: float, temperature: float
     raise ValueError(f"resampler must be one of {RESAMPLERS}, got {method!r}")
 
 
-__all__ += ["resample", "ResampleResult", "flag_positions", "gumbel_noise", "resample_fast",
+__all__ += ["resample", "ResampleResult", "flag_positions", "gumbel_noise", "code_distances", "posterior_noise",
+            "posterior_scale", "resample_fast",
             "resample_naive", "resample_native", "resolve_resampler", "RESAMPLERS"]

@@ -86,6 +86,52 @@ def gumbel_noise(n: int, T: int, K: int, seeds: list[int] | Tensor, device=None)
     return out.to(device) if device is not None else out
 
 
+def code_distances(z: Tensor, codebook: Tensor) -> Tensor:
+    """Squared distances (B, H*W, K) from the encoder's outputs z (B, D, H, W) to every code
+    of ``codebook`` (K, D): |z|^2 - 2 z.e + |e|^2 in float32, clamped at 0."""
+    flat = z.float().flatten(2).transpose(1, 2)                            # (B, T, D)
+    e = codebook.float()
+    d = flat.pow(2).sum(-1, keepdim=True) - 2.0 * flat @ e.t() + e.pow(2).sum(-1)
+    return d.clamp_(min=0.0)
+
+
+def posterior_scale(z: Tensor, codebook: Tensor) -> float:
+    """s of the posterior draw: the mean squared distance from encoder outputs z (N, D, H, W)
+    of normal images (the held-out part of train/good) to their nearest code."""
+    return float(torch.cat([code_distances(z[i:i + 8], codebook).min(-1).values.flatten()
+                            for i in range(0, z.shape[0], 8)]).double().mean())
+
+
+def posterior_noise(noise: Tensor, z: Tensor, codebook: Tensor, strength: float, scale: float) -> Tensor:
+    """The draw noise of the posterior draw (``detect.posterior``; docs/method.md section 3).
+
+    Every loop draws argmax(logits_t / T + noise_t). With noise_t = G_t - strength * d_t / s
+    (G: the Gumbel noise of :func:`gumbel_noise`, d_t (K,): squared distances from the
+    encoder's output at t to each code, s: :func:`posterior_scale`) that is an exact draw from
+    softmax(logits_t / T - strength * d_t / s): the prior times exp(-strength * d / s), a
+    posterior given what the encoder saw at t. Which positions are redrawn (the rule on the
+    prior's likelihoods) does not change. Because the term enters through the noise, the
+    naive, fast and native loops give identical codes with it too.
+
+    Args:
+        noise (Tensor[N, H*W, K]): Gumbel noise of N chains, ``N`` a multiple of B (each
+            image's chains together, as :func:`lsr.pipeline.detect` repeats them).
+        z (Tensor[B, D, H, W]): the encoder's outputs (before quantisation).
+        codebook (Tensor[K, D]).
+        strength: >= 0; 0 returns ``noise`` itself (the paper's draw from the prior).
+        scale: s > 0.
+    """
+    if strength == 0:
+        return noise
+    if not scale > 0:
+        raise ValueError(f"the posterior draw needs a scale > 0 (detect.posterior_scale), got {scale!r}")
+    d = code_distances(z, codebook).to(noise.device)
+    if noise.shape[0] % d.shape[0] or noise.shape[1:] != d.shape[1:]:
+        raise ValueError(f"noise {tuple(noise.shape)} does not fit distances {tuple(d.shape)}")
+    d = d.repeat_interleave(noise.shape[0] // d.shape[0], dim=0)
+    return noise - float(strength) / float(scale) * d
+
+
 def code_likelihood(logits: Tensor, codes: Tensor) -> Tensor:
     """p(c_t) per position from logits (B, K, H, W) and codes (B, H, W): a softmax over K
     per position (row-wise, so a position gets the same arithmetic in any batch or slice;
