@@ -116,6 +116,30 @@ def test_cpp_runtime_equals_python(request, images, tmp_path, mode, tau):
             assert c["threshold"] is not None and c["pixel_threshold"] is not None
 
 
+def test_cpp_runtime_posterior_draw_equals_python(tiny_feature_run, images, tmp_path):
+    """A version-4 bundle (the posterior draw): the runtime's codes are the run's, and a
+    bundle without its code_distances graph is refused."""
+    from lsr.deploy.export import export_bundle
+    from lsr.detect import Detector
+
+    out = tmp_path / "post-ts"
+    export_bundle(tiny_feature_run, out, "torchscript", options={"posterior": 2.0, "tau": 0.3}, log=lambda *_: None)
+    run_bin(out, *images, "--out", tmp_path / "cpp", "--save-codes", "--threads", "1")
+    cpp = [json.loads(line) for line in (tmp_path / "cpp" / "results.jsonl").read_text().splitlines()]
+    det = Detector.load(tiny_feature_run, "cpu").with_options(posterior=2.0, tau=0.3)
+    x, _ = det.load_batch(images)
+    res = det.detect(x)
+    assert int(res.n_resampled.sum()) >= 4                                  # the draw ran
+    assert [c["resampled_codes"] for c in cpp] == res.resampled_codes.flatten(1).tolist()
+    prior_draw = Detector.load(tiny_feature_run, "cpu").with_options(tau=0.3).detect(x)
+    assert prior_draw.resampled_codes.flatten(1).tolist() != [c["resampled_codes"] for c in cpp]
+    meta = json.loads((out / "bundle.json").read_text())
+    del meta["graphs"]["code_distances"]
+    (out / "bundle.json").write_text(json.dumps(meta))
+    p = run_bin(out, images[0], "--out", tmp_path / "cpp2", check=False)
+    assert p.returncode == 2 and "the bundle has no code_distances graph" in p.stderr, p.stderr
+
+
 def test_cpp_runtime_resizes_like_python(ts_bundle, tiny_run, images, tmp_path):
     """An image at another size goes through the same (Pillow-style) resize; the map
     comes back at the image's own size."""
@@ -411,7 +435,9 @@ BAD_INPUTS = [
     ("json-pixel-threshold-false", [], _set("detect.pixel_threshold", False), None,
      [f"bundle.json: detect.pixel_threshold: {_THR} False"]),
     ("json-posterior-claimed", [], _set("detect.posterior", 1.0), None,
-     ["bundle.json: detect.posterior is ", ": a bundle draws resampled codes from the prior alone"]),
+     ["bundle.json: detect.posterior is 1", "in a version-3 bundle, which draws from the prior alone"]),
+    ("json-posterior-scale-0", [], _set("detect.posterior_scale", 0.0), None,
+     ["bundle.json: detect.posterior_scale: must be a finite number in (0, 1000000000000] (or null), got 0"]),
     ("json-posterior-negative", [], _set("detect.posterior", -1.0), None,
      ["bundle.json: detect.posterior: must be a finite number in [0, 1000], got -1"]),
     ("json-image-size-str", [], _set("model.image_size", "32"), None,

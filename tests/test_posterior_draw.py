@@ -100,7 +100,7 @@ def test_loops_identical_with_the_posterior_draw_and_its_limits(tiny_feature_run
 
 
 @needs_backbone
-def test_posterior_drops_held_out_stats_and_bundles_refuse_it(tiny_feature_run, tiny_dataset, tmp_path, capsys):
+def test_posterior_drops_held_out_stats_and_cli_checks_it(tiny_feature_run, tiny_dataset, tmp_path, capsys):
     det = lsr.Detector.load(tiny_feature_run, "cpu")
     assert det.with_options(posterior=2.0).config.detect.score_mean is None       # the score changes
     assert det.with_options(posterior=2.0).config.detect.posterior_scale == det.config.detect.posterior_scale
@@ -111,23 +111,54 @@ def test_posterior_drops_held_out_stats_and_bundles_refuse_it(tiny_feature_run, 
     assert len(rows) == len(imgs) and isinstance(rows[0]["fused_score"], float)
     assert main(["detect", str(tiny_feature_run), str(imgs[0]), "--out", str(tmp_path / "e"), "--posterior", "-1"]) == 2
     assert "--posterior" in capsys.readouterr().err and not (tmp_path / "e").exists()
-    # a bundle draws from the prior alone: export refuses the option, and a bundle claiming it
-    assert export_main([str(tiny_feature_run), "--format", "onnx", "--out", str(tmp_path / "b"),
-                        "--posterior", "2"]) == 2
-    err = capsys.readouterr().err
-    assert "posterior" in err and not (tmp_path / "b").exists()
+
+
+@needs_backbone
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_bundles_draw_from_the_posterior_like_the_run(tiny_feature_run, tiny_dataset, tmp_path, capsys, fmt):
+    """A run exported with the posterior draw: bundle version 4 with a code_distances graph;
+    every bundle loop gives the run's codes, and the export's parity check passes."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / "b"
+    assert export_main([str(tiny_feature_run), "--format", fmt, "--out", str(out), "--posterior", "2",
+                        "--tau", "0.3"]) == 0
+    assert "parity PASSED" in capsys.readouterr().err
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["bundle_version"] == 4 and "code_distances" in meta["graphs"]
+    assert meta["detect"]["posterior"] == 2.0 and meta["detect"]["posterior_scale"] > 0
+    from lsr.deploy import Inferencer
+    det = lsr.Detector.load(tiny_feature_run, "cpu").with_options(posterior=2.0, tau=0.3)
+    x, _ = det.load_batch([s.path for s in lsr.data.scan_mvtec(tiny_dataset).test[:4]])
+    want = det.detect(x)
+    assert want.n_resampled.sum() >= 4
+    loops = ("auto", "fast", "native") if fmt == "onnx" or ops.native_available() else ("auto", "fast")
+    for loop in loops:
+        got = Inferencer(out, resampler=loop).predict_batch(x.numpy())
+        assert np.array_equal(got.resampled_codes, want.resampled_codes.numpy()), loop
+        np.testing.assert_allclose(got.anomaly_map, want.anomaly_map.numpy(), rtol=1e-3, atol=1e-4)
+    # the draw is baked in: another strength needs another export
+    with pytest.raises(ValueError, match="posterior"):
+        Inferencer(out, posterior=1.0)
+    # a version-3 bundle claiming it, or one without the graph, is refused
+    from lsr.deploy.bundle import BundleError
+    for edit in ({"bundle_version": 3}, {"graphs": {k: v for k, v in meta["graphs"].items() if k != "code_distances"}}):
+        (out / "bundle.json").write_text(json.dumps({**meta, **edit}))
+        with pytest.raises(BundleError, match="posterior"):
+            Inferencer(out)
+
+
+@needs_backbone
+def test_a_prior_draw_bundle_stays_version_3(tiny_feature_run, tmp_path):
     pytest.importorskip("onnxruntime")
     assert export_main([str(tiny_feature_run), "--format", "onnx", "--out", str(tmp_path / "b"), "--no-check"]) == 0
     meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
-    assert meta["detect"]["posterior"] == 0.0
-    from lsr.deploy import Inferencer
-    with pytest.raises(ValueError, match="prior alone"):
-        Inferencer(tmp_path / "b", posterior=1.0)
-    meta["detect"]["posterior"] = 1.0
+    assert meta["bundle_version"] == 3 and meta["detect"]["posterior"] == 0.0 and "code_distances" not in meta["graphs"]
+    # a bundle written before the posterior draw (no such key) draws from the prior
+    del meta["detect"]["posterior"], meta["detect"]["posterior_scale"]
     (tmp_path / "b" / "bundle.json").write_text(json.dumps(meta))
-    from lsr.deploy.bundle import BundleError
-    with pytest.raises(BundleError, match="posterior"):
-        Inferencer(tmp_path / "b")
+    from lsr.deploy import Inferencer
+    assert Inferencer(tmp_path / "b", posterior=0.0).options["posterior"] == 0.0
 
 
 def test_posterior_is_a_checked_option():

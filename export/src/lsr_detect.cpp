@@ -63,7 +63,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int kBundleVersionMin = 3, kBundleVersionMax = 3;  // lsr.deploy.bundle.READ_VERSIONS
+constexpr int kBundleVersionMin = 3, kBundleVersionMax = 4;  // lsr.deploy.bundle.READ_VERSIONS
 
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -116,7 +116,7 @@ const IntRule kImageSize{8, 4096}, kChannels{1, 3}, kGridSize{1, 1024}, kCodeboo
 const IntRule kSeen{1, 65536};
 const IntRule kSeed{0, kMaxSeed}, kRestorations{1, 64}, kBatchSize{1, 4096}, kThreads{0, 4096};
 const FloatRule kTau{0.0, 1.0, true, true}, kTemperature{0.0, 1e3, true, false};
-const FloatRule kPosterior{0.0, 1e3, false, false};
+const FloatRule kPosterior{0.0, 1e3, false, false}, kPosteriorScale{0.0, 1e12, true, false, true};
 const FloatRule kRate{0.0, 0.5, true, false}, kThreshold{-1e12, 1e12, false, false, true};
 const FloatRule kStatMean{-1e12, 1e12, false, false, true}, kStatStd{0.0, 1e12, true, false, true};
 
@@ -133,6 +133,7 @@ const std::vector<NamedRule>& rules() {
       {"detect.seed", "detect.seed", true, kSeed, {}},
       {"detect.restorations", "detect.restorations", true, kRestorations, {}},
       {"detect.posterior", "detect.posterior", false, {}, kPosterior},
+      {"detect.posterior_scale", "detect.posterior_scale", false, {}, kPosteriorScale},
       {"detect.false_alarm_rate", "detect.false_alarm_rate", false, {}, kRate},
       {"detect.pixel_fpr", "detect.pixel_fpr", false, {}, kRate},
       {"detect.image_threshold", "detect.image_threshold", false, {}, kThreshold},
@@ -343,6 +344,8 @@ struct Bundle {
   // held-out normal images' score_mean, score_std, nll_mean, nll_std (the fused score; NaN: missing)
   std::array<float, 4> held_out{NAN, NAN, NAN, NAN};
   int seen_channels = 0, seen_size = 0;  // what the VQ-VAE sees: the image, or its features
+  // the posterior draw (bundle version 4; docs/method.md section 3): 0 draws from the prior
+  double posterior = 0, posterior_scale = 0;
   std::map<std::string, fs::path> graphs;
 };
 
@@ -380,11 +383,18 @@ Bundle read_bundle(const fs::path& dir) {
     b.temperature = json_float(meta, "detect.temperature");
     b.seed = json_int(meta, "detect.seed");  // from the literal: seeds beyond 2^53 stay exact
     b.restorations = static_cast<int>(json_int(meta, "detect.restorations"));
-    // the posterior draw (lsr detect.posterior) is not in the bundle contract: a bundle draws
-    // from the prior alone, and lsr-export writes 0 (absent before it existed)
-    if (const auto post = json_float_or(meta, "detect.posterior", std::nullopt); post && *post != 0.0)
-      throw Error("detect.posterior is " + shown(get(meta, "detect.posterior")) + ": a bundle draws resampled codes from the "
-                  "prior alone (posterior 0); the posterior draw runs with `lsr detect RUN`");
+    // the posterior draw (absent before it existed: the prior's draw); only in version 4
+    b.posterior = json_float_or(meta, "detect.posterior", 0.0).value_or(0.0);
+    const auto scale = json_float_or(meta, "detect.posterior_scale", std::nullopt);  // checked when present
+    if (b.posterior != 0.0) {
+      if (version.num < 4)
+        throw Error("detect.posterior is " + shown(get(meta, "detect.posterior")) + " in a version-" +
+                    shown(version) + " bundle, which draws from the prior alone; export the run again");
+      if (!scale)
+        throw Error("detect.posterior is " + shown(get(meta, "detect.posterior")) +
+                    " but detect.posterior_scale is missing");
+      b.posterior_scale = *scale;
+    }
     // absent from bundles of lsr-export before the operating point: no thresholds, default rates
     b.false_alarm_rate = json_float_or(meta, "detect.false_alarm_rate", std::nullopt);
     b.pixel_fpr = json_float_or(meta, "detect.pixel_fpr", std::nullopt);
@@ -403,8 +413,12 @@ Bundle read_bundle(const fs::path& dir) {
     if (graphs.kind != lsr::json::Value::Object)
       throw Error("graphs: must be a JSON object holding the graphs encoder, prior, decoder and postprocess, got " +
                   shown(graphs));
-    for (const std::string name : {"encoder", "prior", "decoder", "postprocess", "prior_native"}) {
+    for (const std::string name : {"encoder", "prior", "decoder", "postprocess", "prior_native", "code_distances"}) {
       if (name == "prior_native" && !graphs.has(name)) continue;
+      if (name == "code_distances" && b.posterior == 0.0) continue;  // only the posterior draw uses it
+      if (name == "code_distances" && !graphs.has(name))
+        throw Error("detect.posterior is " + shown(get(meta, "detect.posterior")) +
+                    " but the bundle has no code_distances graph");
       if (!graphs.has(name))
         throw Error("missing key graphs." + name + " (a bundle holds the graphs encoder, prior, decoder and postprocess)");
       const std::string key = "graphs." + name;
@@ -781,7 +795,15 @@ int main(int argc, char** argv) {
         std::vector<at::Tensor> noise;
         for (size_t i = 0; i < B; ++i)
           for (int r = 0; r < n; ++r) noise.push_back(gumbel(chain_seed(b.seed, static_cast<int64_t>(start + i), r), T, b.K));
-        auto rs = lsr::resample_incremental(m.at("prior"), chains, at::stack(noise).to(device), b.tau, b.temperature);
+        at::Tensor G = at::stack(noise).to(device);
+        if (b.posterior != 0.0) {
+          // lsr.ops.posterior_noise: G - d * float32(posterior / scale), d repeated per chain
+          at::Tensor d = m.at("code_distances").forward({seen}).toTensor().repeat_interleave(n, 0);
+          const at::Tensor factor =
+              at::tensor(static_cast<float>(b.posterior / b.posterior_scale), at::kFloat).to(device);
+          G = G - d * factor;
+        }
+        auto rs = lsr::resample_incremental(m.at("prior"), chains, G, b.tau, b.temperature);
         at::Tensor restored_seen = m.at("decoder").forward({rs.codes}).toTuple()->elements().at(1).toTensor();
         using at::indexing::Slice;
         at::Tensor lik = rs.likelihood.index({Slice(at::indexing::None, at::indexing::None, n)});

@@ -42,25 +42,27 @@ from ..io import plain_name, sha256_file  # noqa: F401 (sha256_file re-exported)
 #: features): encoder and decoder also return what is seen, the postprocess graph is
 #: :func:`lsr.anomaly.postprocess` (resampled mask, NLL score and held-out statistics in,
 #: gated map and fused score out).
+#: 4: version 3 plus the posterior draw (``detect.posterior`` > 0 and ``posterior_scale``, the
+#: ``code_distances`` graph); written only for such runs, so that a runtime reading version 3
+#: only refuses them instead of drawing from the prior alone.
 BUNDLE_VERSION = 3
+POSTERIOR_BUNDLE_VERSION = 4
 #: Versions this lsr reads (older bundles: export the run again).
-READ_VERSIONS = (3,)
+READ_VERSIONS = (3, 4)
 FORMATS = ("onnx", "torchscript")
 GRAPHS = ("encoder", "prior", "decoder", "postprocess")
 #: Graphs a bundle may hold besides :data:`GRAPHS` (checked like them when present):
 #: ``prior_rows`` (ONNX: the row-range prior of the incremental loop) and ``prior_native``
 #: (TorchScript: the prior on lsr's native attention ops, for runtimes that load them).
-OPTIONAL_GRAPHS = ("prior_rows", "prior_native")
+OPTIONAL_GRAPHS = ("prior_rows", "prior_native", "code_distances")
 EXTENSIONS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: Detection settings a bundle user may change at run time (the rest are baked into
 #: the postprocess graph).
 RUNTIME_OPTIONS = ("tau", "temperature", "seed", "restorations", "resampler")
 BAKED_OPTIONS = ("map_kind", "distance", "score_distance", "smoothing", "sigma", "score", "topk", "pool",
-                 "gate_dilate", "weighting")
+                 "gate_dilate", "weighting", "posterior")
 #: The detection settings a bundle records from its run (all but the loop choice).
-#: ``posterior`` is recorded as 0: a bundle draws resampled codes from the prior alone (the
-#: posterior draw is not in the graph contract yet; lsr-export refuses a run that uses it).
-EXPORTED_OPTIONS = tuple(k for k in RUNTIME_OPTIONS if k != "resampler") + BAKED_OPTIONS + ("posterior",)
+EXPORTED_OPTIONS = tuple(k for k in RUNTIME_OPTIONS if k != "resampler") + BAKED_OPTIONS
 
 
 class BundleError(ValueError):
@@ -195,7 +197,7 @@ _VALUE_RULES = {("model", "image_size"): "vqvae.image_size", ("model", "channels
                 **{("detect", k): f"detect.{k}" for k in ("tau", "temperature", "restorations", "seed", "resampler",
                                                           "map_kind", "distance", "score_distance", "smoothing",
                                                           "sigma", "score",
-                                                          "topk", "pool", "gate_dilate", "weighting", "posterior",
+                                                          "topk", "pool", "gate_dilate", "weighting", "posterior", "posterior_scale",
                                                           "false_alarm_rate", "pixel_fpr",
                                                           "image_threshold", "pixel_threshold", *HELD_OUT_STATS)}}
 _REQUIRED_VALUES = {("model", "image_size"), ("model", "channels"), ("model", "grid_size"),
@@ -231,10 +233,19 @@ def _check_values(meta_path: Path, meta: dict[str, Any]) -> None:
 
 
 def _check_posterior(meta_path: Path, meta: dict[str, Any]) -> None:
-    if float(meta["detect"].get("posterior", 0.0)) != 0.0:
-        raise BundleError(f"{meta_path}: detect.posterior is {meta['detect']['posterior']!r}: a bundle draws "
-                          f"resampled codes from the prior alone (posterior 0); the posterior draw runs with "
-                          f"`lsr detect RUN`")
+    """A bundle with the posterior draw is version 4, has its scale and the code_distances
+    graph; a version-3 bundle draws from the prior alone."""
+    d = meta["detect"]
+    if float(d.get("posterior", 0.0)) == 0.0:
+        return
+    if meta["bundle_version"] < POSTERIOR_BUNDLE_VERSION:
+        raise BundleError(f"{meta_path}: detect.posterior is {d['posterior']!r} in a version-"
+                          f"{meta['bundle_version']} bundle, which draws from the prior alone; export the run again")
+    if d.get("posterior_scale") is None:
+        raise BundleError(f"{meta_path}: detect.posterior is {d['posterior']!r} but detect.posterior_scale is missing")
+    if not isinstance(meta["graphs"], dict) or "code_distances" not in meta["graphs"]:
+        raise BundleError(f"{meta_path}: detect.posterior is {d['posterior']!r} but the bundle has no "
+                          f"code_distances graph")
 
 
 def _check_rows_meta(meta_path: Path, g: dict[str, Any]) -> None:
@@ -369,6 +380,7 @@ def graph_io(fmt: str, C: int, S: int, h: int, K: int, F: int | None = None, H: 
         "encoder": ([f32("image", img)], [tensor_spec("codes", "int64", codes), f32("seen", seen)]),
         "prior": ([tensor_spec("codes", "int64", codes)], prior_out),
         "decoder": ([tensor_spec("codes", "int64", codes)], [f32("picture", img), f32("seen", seen)]),
+        "code_distances": ([f32("seen", seen)], [f32("distances", ["batch", h * h, K])]),
         "postprocess": (
             [f32("seen", seen), f32("direct", seen), f32("restored", ["batch", "restorations", F, H, H]),
              f32("resampled", ["batch", "restorations", h, h]), f32("nll_score", ["batch"]),
@@ -379,6 +391,6 @@ def graph_io(fmt: str, C: int, S: int, h: int, K: int, F: int | None = None, H: 
     }
 
 
-__all__ = ["BUNDLE_VERSION", "READ_VERSIONS", "FORMATS", "GRAPHS", "OPTIONAL_GRAPHS", "prior_rows_io", "Bundle", "BundleError", "GraphSpec", "read_bundle",
+__all__ = ["BUNDLE_VERSION", "POSTERIOR_BUNDLE_VERSION", "READ_VERSIONS", "FORMATS", "GRAPHS", "OPTIONAL_GRAPHS", "prior_rows_io", "Bundle", "BundleError", "GraphSpec", "read_bundle",
            "is_bundle", "sha256_file", "staged_folder", "write_bundle_json", "graph_entry", "graph_io",
            "RUNTIME_OPTIONS", "BAKED_OPTIONS", "EXPORTED_OPTIONS", "HELD_OUT_STATS"]

@@ -35,7 +35,7 @@ from .. import ops
 from ..config import RunConfig
 from ..detect import load_run
 from ..models import PixelSNAIL
-from .bundle import (BUNDLE_VERSION, EXTENSIONS, FORMATS, HELD_OUT_STATS, graph_entry, graph_io, prior_rows_io, staged_folder,
+from .bundle import (BUNDLE_VERSION, POSTERIOR_BUNDLE_VERSION, EXTENSIONS, FORMATS, HELD_OUT_STATS, graph_entry, graph_io, prior_rows_io, staged_folder,
                      write_bundle_json)
 from .graphs import PriorRowsGraph, build_graphs, fold_weight_norm
 
@@ -110,7 +110,8 @@ def _examples(cfg: RunConfig, F: int, H: int) -> dict[str, tuple[torch.Tensor, .
     post = (torch.rand(2, F, H, H, generator=g), torch.rand(2, F, H, H, generator=g),
             torch.rand(2, 3, F, H, H, generator=g), (torch.rand(2, 3, h, h, generator=g) < 0.2).float(),
             torch.rand(2, generator=g) * 10, torch.tensor([0.5, 0.1, 5.0, 2.0]))
-    return {"encoder": (img,), "prior": (codes,), "decoder": (codes,), "postprocess": post}
+    return {"encoder": (img,), "prior": (codes,), "decoder": (codes,), "postprocess": post,
+            "code_distances": (post[0],)}
 
 
 def _export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, io_spec, opset: int,
@@ -200,7 +201,7 @@ def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str,
     v, d = cfg.vqvae, cfg.detect
     return {
         "format": fmt,
-        "bundle_version": BUNDLE_VERSION,
+        "bundle_version": POSTERIOR_BUNDLE_VERSION if d.posterior > 0 else BUNDLE_VERSION,
         "lsr_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(fmt, opset),
@@ -226,7 +227,8 @@ def bundle_meta(cfg: RunConfig, fmt: str, run: Path, graphs: dict[str, dict[str,
                    "seed": int(d.seed), "resampler": "auto", "map_kind": d.map_kind, "distance": d.distance,
                    "score_distance": d.score_distance, "smoothing": d.smoothing, "sigma": float(d.sigma), "score": d.score, "topk": int(d.topk),
                    "pool": int(d.pool), "gate_dilate": int(d.gate_dilate), "weighting": d.weighting,
-                   "posterior": float(d.posterior),              # 0: check_exportable refuses any other
+                   # the posterior draw (version 4; the code_distances graph); 0: the prior alone
+                   "posterior": float(d.posterior), "posterior_scale": d.posterior_scale,
                    # held-out normal images' statistics (the fused score), for the settings above
                    **{k: getattr(d, k) for k in HELD_OUT_STATS},
                    # the operating point (lsr.decision), valid for the settings above as exported
@@ -249,10 +251,10 @@ def check_exportable(cfg: RunConfig, run: Path) -> None:
     (bilateral smoothing, which runs through scikit-image): an export must compute what
     ``lsr detect RUN`` computes, or nothing. Both modes (pixels, features) export, with
     every map, distance, score and weighting."""
-    if cfg.detect.posterior > 0:
-        raise ValueError(f"{run}: detect.posterior = {cfg.detect.posterior:g} (the posterior draw) is not in the "
-                         f"bundle contract yet: a bundle draws resampled codes from the prior alone; export with "
-                         f"--posterior 0, or detect with `lsr detect RUN`")
+    if cfg.detect.posterior > 0 and cfg.detect.posterior_scale is None:
+        raise ValueError(f"{run}: detect.posterior = {cfg.detect.posterior:g} needs detect.posterior_scale, which "
+                         f"training sets; this run has none and its held-out images are gone: retrain it, or "
+                         f"export with --posterior 0")
     if cfg.detect.smoothing == "bilateral":
         raise ValueError(f"{run}: smoothing 'bilateral' runs through scikit-image and cannot be exported; "
                          f"export with --smoothing gaussian or none")

@@ -14,7 +14,9 @@ normalised backbone features in feature mode (F = feature channels, H = S / 8):
                              nll_score (B,), held_out (4,) -> maps and scores: the export of
                              :func:`lsr.anomaly.postprocess`, the one definition
 
-and, for ONNX bundles, the prior's incremental form :class:`PriorRowsGraph` (rows r0..r1-1
+with the posterior draw (``detect.posterior`` > 0, bundle version 4) also
+:class:`DistanceGraph` seen -> distances (B, h*w, K) from the encoder's outputs to every
+code (:func:`lsr.ops.code_distances`), and, for ONNX bundles, the prior's incremental form :class:`PriorRowsGraph` (rows r0..r1-1
 of a pass from explicit state: what the bundle's incremental resampling loop calls).
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .. import anomaly
 from ..config import RunConfig
 from ..models import PixelSNAIL
 from ..models.pixelsnail import STATE, background_grid
-from ..ops.resampling import code_likelihood
+from ..ops.resampling import code_distances, code_likelihood
 
 
 def _nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
@@ -62,6 +64,20 @@ class EncodeGraph(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         seen = (self.backbone(image) - self.feature_mean) / self.feature_std if self.features else image
         return _nearest_code(self.encoder(seen), self.codebook), seen
+
+
+class DistanceGraph(nn.Module):
+    """seen (B, F, H, H) -> squared distances (B, h*w, K) from the encoder's outputs to every
+    code: :func:`lsr.ops.code_distances`, what the posterior draw subtracts from the noise
+    (docs/method.md section 3)."""
+
+    def __init__(self, vqvae: nn.Module):
+        super().__init__()
+        self.encoder = vqvae.encoder
+        self.register_buffer("codebook", vqvae.quantizer.codebook.detach().clone().float())
+
+    def forward(self, seen: Tensor) -> Tensor:
+        return code_distances(self.encoder(seen), self.codebook)
 
 
 class PriorGraph(nn.Module):
@@ -182,6 +198,8 @@ def build_graphs(vqvae: nn.Module, prior: PixelSNAIL, config: RunConfig) -> dict
     prior = prior.cpu().eval()
     graphs = {"encoder": EncodeGraph(vqvae), "prior": PriorGraph(prior), "decoder": DecodeGraph(vqvae),
               "postprocess": PostprocessGraph(anomaly.MapSettings.of(config))}
+    if config.detect.posterior > 0:                    # the posterior draw's distances (bundle version 4)
+        graphs["code_distances"] = DistanceGraph(vqvae)
     for g in graphs.values():
         fold_weight_norm(g)
         g.eval()

@@ -167,6 +167,7 @@ class Inferencer:
 
     def _merge_options(self, options: dict[str, Any]) -> dict[str, Any]:
         d = dict(self.bundle.detect)
+        d.setdefault("posterior", 0.0)                     # bundles before the posterior draw: the prior's
         where = self.bundle.root / "bundle.json"
         for k, v in options.items():
             if v is None:
@@ -176,11 +177,6 @@ class Inferencer:
                     flag = "--map" if k == "map_kind" else f"--{k}"
                     raise ValueError(f"{where}: {k} is {d.get(k)!r} in this bundle's postprocess graph; "
                                      f"{k}={v!r} needs a bundle exported with it (lsr-export RUN {flag} {v} ...)")
-                continue
-            if k == "posterior":
-                if float(v) != 0.0:
-                    raise ValueError(f"{where}: posterior {v!r}: a bundle draws resampled codes from the prior "
-                                     f"alone (posterior 0); the posterior draw runs with `lsr detect RUN`")
                 continue
             if k in ("false_alarm_rate", "pixel_fpr"):
                 if v != d.get(k):
@@ -301,9 +297,14 @@ class _BundleStages:
     def __init__(self, inf: Inferencer):
         self.inf = inf
         self.run = inf.runner.run
+        self.distances: np.ndarray | None = None       # (B, h*w, K) for the posterior draw
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         enc = self.run("encoder", image=x)
+        d = self.inf.options
+        # the posterior draw (bundle version 4): the encoder's distances to every code
+        self.distances = (self.run("code_distances", seen=enc["seen"])["distances"]
+                          if float(d.get("posterior", 0.0)) > 0 else None)
         return enc["codes"].astype(np.int64), enc["seen"]
 
     def decode(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -319,14 +320,25 @@ class _BundleStages:
     def resample(self, chains: np.ndarray, seeds, tau: float, temperature: float) -> nops.ResampleResult:
         inf = self.inf
         h, w, K = chains.shape[1], chains.shape[2], inf.bundle.codebook_size
+        post = self.posterior_noise
         if inf.loop == "native" and inf.loop_impl == "numpy":
             meta = inf.bundle.meta["graphs"]["prior_rows"]
             return nops.resample_incremental(inf.prior, inf.prior_rows, meta["state"], int(meta["context_rows"]),
-                                             chains, nops.LazyNoise(seeds, h * w, K), tau, temperature)
+                                             chains, post(nops.LazyNoise(seeds, h * w, K), chains), tau, temperature)
         if inf.loop == "native":                          # lsr._C on the TorchScript prior
-            return inf.runner.resample_native(chains, nops.gumbel_noise(len(seeds), h * w, K, seeds), tau,
+            g = post(nops.gumbel_noise(len(seeds), h * w, K, seeds), chains)
+            return inf.runner.resample_native(chains, g if isinstance(g, np.ndarray) else g.full(), tau,
                                               temperature)
-        return nops.resample_fast(inf.prior, chains, nops.LazyNoise(seeds, h * w, K), tau, temperature)
+        return nops.resample_fast(inf.prior, chains, post(nops.LazyNoise(seeds, h * w, K), chains), tau, temperature)
+
+    def posterior_noise(self, noise, chains: np.ndarray):
+        """``noise`` as it is (the prior draw), or minus the posterior term of
+        :func:`lsr.ops.posterior_noise` when the bundle draws from the posterior."""
+        if self.distances is None:
+            return noise
+        d = self.inf.options
+        n = chains.shape[0] // self.distances.shape[0]
+        return nops.PosteriorNoise(noise, self.distances, nops.posterior_factor(d["posterior"], d["posterior_scale"]), n)
 
     def nll_score(self, likelihood: np.ndarray, tau: float) -> np.ndarray:
         return nops.nll_score(likelihood, tau)

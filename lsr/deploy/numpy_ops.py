@@ -91,6 +91,35 @@ class LazyNoise:
         return out
 
 
+def posterior_factor(strength: float, scale: float) -> np.float32:
+    """:func:`lsr.ops.resampling.posterior_factor`: strength / scale in float64, rounded to float32."""
+    return np.float32(float(strength) / float(scale))
+
+
+class PosteriorNoise:
+    """The noise of the posterior draw (:func:`lsr.ops.posterior_noise`), lazily: a chain's
+    Gumbel noise (a :class:`LazyNoise` or an array (N, T, K)) minus ``factor`` times the
+    squared distances (B, T, K) of its image (chains ``r`` of image ``r // n``), float32.
+    Values equal the torch function's."""
+
+    def __init__(self, noise: "np.ndarray | LazyNoise", distances: np.ndarray, factor: np.float32, n: int):
+        self.noise, self.d, self.factor, self.n = noise, np.asarray(distances, dtype=np.float32), factor, int(n)
+
+    def __len__(self) -> int:
+        return len(self.noise)
+
+    def at(self, rows: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        rows, ts = np.asarray(rows), np.asarray(ts)
+        return _noise_at(self.noise, rows, ts) - self.d[rows // self.n, ts] * self.factor
+
+    def full(self) -> np.ndarray:
+        """All of it, (N, T, K) float32 (for loops that take the whole array)."""
+        g = self.noise if isinstance(self.noise, np.ndarray) else None
+        if g is None:
+            raise TypeError("full() needs the array form of the Gumbel noise")
+        return g - np.repeat(self.d, self.n, axis=0) * self.factor
+
+
 class ResampleResult(NamedTuple):
     """As :class:`lsr.ops.ResampleResult`, in numpy."""
     codes: np.ndarray          # (B, H, W) int64, the resampled grid c'
@@ -130,7 +159,7 @@ def likelihood(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 
 def _noise_at(noise, rows: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    if isinstance(noise, LazyNoise):
+    if isinstance(noise, (LazyNoise, PosteriorNoise)):
         return noise.at(rows, ts)
     return np.asarray(noise)[rows, ts]
 
@@ -359,7 +388,8 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (rows[:, :, w0] * (1 - lw) + rows[:, :, w1] * lw).astype(np.float32)
 
 
-__all__ = ["chain_seed", "uniform", "gumbel_from_uniform", "gumbel_noise", "LazyNoise", "ResampleResult",
+__all__ = ["chain_seed", "uniform", "gumbel_from_uniform", "gumbel_noise", "LazyNoise", "PosteriorNoise",
+           "posterior_factor", "ResampleResult",
            "resample_incremental", "split_groups", "state_above", "store_rows", "new_state",
            "flag_positions", "draw", "likelihood", "resample_fast", "nll_score",
            "resize_maps"]

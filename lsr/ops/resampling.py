@@ -92,7 +92,7 @@ def code_distances(z: Tensor, codebook: Tensor) -> Tensor:
     flat = z.float().flatten(2).transpose(1, 2)                            # (B, T, D)
     e = codebook.float()
     d = flat.pow(2).sum(-1, keepdim=True) - 2.0 * flat @ e.t() + e.pow(2).sum(-1)
-    return d.clamp_(min=0.0)
+    return d.clamp(min=0.0)
 
 
 def posterior_scale(z: Tensor, codebook: Tensor) -> float:
@@ -113,6 +113,8 @@ def posterior_noise(noise: Tensor, z: Tensor, codebook: Tensor, strength: float,
     prior's likelihoods) does not change. Because the term enters through the noise, the
     naive, fast and native loops give identical codes with it too.
 
+    The noise is ``noise - d * posterior_factor(strength, scale)`` in float32.
+
     Args:
         noise (Tensor[N, H*W, K]): Gumbel noise of N chains, ``N`` a multiple of B (each
             image's chains together, as :func:`lsr.pipeline.detect` repeats them).
@@ -129,7 +131,14 @@ def posterior_noise(noise: Tensor, z: Tensor, codebook: Tensor, strength: float,
     if noise.shape[0] % d.shape[0] or noise.shape[1:] != d.shape[1:]:
         raise ValueError(f"noise {tuple(noise.shape)} does not fit distances {tuple(d.shape)}")
     d = d.repeat_interleave(noise.shape[0] // d.shape[0], dim=0)
-    return noise - float(strength) / float(scale) * d
+    return noise - d * posterior_factor(strength, scale, d.device)
+
+
+def posterior_factor(strength: float, scale: float, device=None) -> Tensor:
+    """strength / scale, divided in float64 and rounded to float32 once: the one factor every
+    port (numpy, the C++ runtime) multiplies the float32 distances by, so that the noise of
+    the posterior draw is the same number everywhere."""
+    return torch.tensor(float(strength) / float(scale), dtype=torch.float32, device=device)
 
 
 def code_likelihood(logits: Tensor, codes: Tensor) -> Tensor:
