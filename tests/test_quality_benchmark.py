@@ -44,7 +44,7 @@ def test_choice_reads_the_validation_split_only():
 def test_smoke_run_writes_every_row(tmp_path):
     run = _load()
     assert run.main(["--out", str(tmp_path), "--smoke", "--categories", "weave", "--lsr-taps", "4",
-                     "--lsr-margin", "16"]) == 0
+                     "--lsr-margin", "16", "--lsr-posterior", "2"]) == 0
     q = json.loads((tmp_path / "quality.json").read_text())
     assert q["smoke"] and q["categories"] == ["weave"]
     for split in ("val", "test"):
@@ -55,7 +55,10 @@ def test_smoke_run_writes_every_row(tmp_path):
                      "lsr-features-taps4 restored_vs_input", "direct (features-taps4)", "patchcore-taps8",
                      "patchcore-taps4", "patchcore-taps4+8", "lsr-features-taps4 (chosen on val)",
                          # a reflected backbone border, lsr and the peer
-                         "lsr-features-margin16 restored_vs_input", "patchcore-margin16"):
+                         "lsr-features-margin16 restored_vs_input", "patchcore-margin16",
+                         # the posterior draw: the same runs, another detect option
+                         "lsr-features-posterior2 restored_vs_input", "lsr-pixels-posterior2 gated",
+                         "lsr-features-posterior2 (chosen on val)"):
             assert 0.0 <= rows[name]["pixel_auroc"] <= 1.0, (split, name)
     raw = q["raw"]["weave"]
     assert raw["features"]["preset"] == raw["features-taps4"]["preset"] == "tiny-features"
@@ -63,7 +66,12 @@ def test_smoke_run_writes_every_row(tmp_path):
     # per defect kind: every row, the smoke run's two kinds, each kind's own images against the good ones
     kinds = q["test_per_defect_kind"]
     assert set(kinds) == {"lsr features (default)", "direct (features)", "lsr features taps 4",
-                          "direct (features taps 4)", "lsr pixels", "patchcore", "patchcore-taps8", "patchcore-taps4"}
+                          "direct (features taps 4)", "lsr pixels", "patchcore", "patchcore-taps8", "patchcore-taps4",
+                          "lsr features posterior 2", "lsr pixels posterior 2"}
+    post = raw["features-posterior2"]
+    assert post["options"] == {"posterior": 2.0} and post["train_s"] == raw["features"]["train_s"]
+    # the direct baseline does not depend on the draw
+    assert post["test"]["methods"]["direct"] == raw["features"]["test"]["methods"]["direct"]
     assert all(set(t) == {"hole", "smudge"} for t in kinds.values())
     assert kinds["direct (features)"]["hole"] == {
         c: raw["features"]["test"]["methods"]["direct"]["per_defect"]["hole"][c]
@@ -76,6 +84,12 @@ def test_smoke_run_writes_every_row(tmp_path):
     a = (tmp_path / "data" / "val" / "weave" / "test" / "hole").iterdir()
     b = (tmp_path / "data" / "test" / "weave" / "test" / "hole").iterdir()
     assert {p.read_bytes() for p in a}.isdisjoint({p.read_bytes() for p in b})
+    # --reuse: the finished run folders are taken as they are, with the earlier training seconds
+    assert run.main(["--out", str(tmp_path), "--smoke", "--categories", "weave", "--reuse"]) == 0
+    again = json.loads((tmp_path / "quality.json").read_text())
+    assert again["reused_runs"] and again["raw"]["weave"]["features"]["train_s"] == raw["features"]["train_s"]
+    assert (again["raw"]["weave"]["features"]["test"]["methods"]["lsr"]
+            == raw["features"]["test"]["methods"]["lsr"])
     # the likelihood-map ablation reads the same runs; its map A is the evaluation's lsr map
     spec = importlib.util.spec_from_file_location("quality_likelihood_map", HERE / "likelihood_map.py")
     lm = importlib.util.module_from_spec(spec)

@@ -19,7 +19,13 @@ same VQ-VAE's reconstruction error, no prior), each one's ``differential`` and
 the same backbone's patch features, greedy coreset; :mod:`patchcore`) with the preset's
 taps and with each other backbone taps setting (``patchcore-taps8``, ``-taps4``,
 ``-taps4+8``); ``--lsr-taps 4 ...`` also trains ``lsr`` on those taps, ``--lsr-margin 32 ...``
-with that reflected backbone margin (and fits PatchCore with it, ``patchcore-margin32``). A table per defect kind shows which defects each method finds. Metrics: image
+with that reflected backbone margin (and fits PatchCore with it, ``patchcore-margin32``);
+``--lsr-posterior 1 2 ...`` evaluates the trained ``features`` and ``pixels`` runs again with
+the posterior draw at each strength (``detect.posterior``; rows ``features-posterior<B>``,
+``pixels-posterior<B>``: detection options only, no training of their own). ``--reuse`` takes
+finished run folders of an earlier benchmark in OUT as they are (same configuration and
+images; their training seconds from that run's ``partial.json``) instead of training again.
+A table per defect kind shows which defects each method finds. Metrics: image
 AUROC, pixel AUROC, AUPRO (FPR <= 0.3), F1-max; training seconds and detection ms per
 image (batch 1, measured separately). Writes ``OUT/quality.json`` and prints the tables.
 """
@@ -82,10 +88,10 @@ def row(metrics: dict[str, Any], method: str, score_kind: str | None = None) -> 
     return r
 
 
-def detection_ms(run: Path, paths: list[Path], n: int = 6) -> float:
+def detection_ms(run: Path, paths: list[Path], n: int = 6, **options: Any) -> float:
     """Median ms per image at batch 1 (after two warm-up calls: TorchScript specialises
-    the native loop's prior on its first calls)."""
-    det = lsr.Detector.load(run, "cpu")
+    the native loop's prior on its first calls), with detect ``options``."""
+    det = lsr.Detector.load(run, "cpu").with_options(**options)
     x, _ = det.load_batch(paths[: n + 1])
     det.detect(x[:1])
     det.detect(x[:1])
@@ -162,29 +168,61 @@ def modes(presets: dict[str, str], lsr_taps: tuple[str, ...] = (),
     return out
 
 
+def posterior_rows(strengths: tuple[float, ...]) -> dict[str, tuple[str, float]]:
+    """The rows of ``--lsr-posterior``: name -> (the trained mode it re-evaluates, strength)."""
+    return {f"{mode}-posterior{b:g}": (mode, float(b)) for b in strengths if b > 0 for mode in ("features", "pixels")}
+
+
+def reusable(run: Path, cfg, data: Path) -> bool:
+    """Whether ``run`` is a finished run folder trained with ``cfg``'s models on the training
+    images of ``data`` (``--reuse``)."""
+    from lsr.io import read_json
+    from lsr.runfolder import config_matches, data_fingerprint, read_manifest
+    from lsr.training import train_images
+
+    try:
+        manifest = read_manifest(run)
+        return (bool(manifest and manifest.get("finished"))
+                and config_matches(read_json(run / "config.json"), cfg)
+                and manifest.get("data", {}).get("sha256") == data_fingerprint(train_images(data))["sha256"])
+    except (OSError, ValueError):
+        return False
+
+
 def lsr_modes(result: dict[str, Any]) -> list[str]:
     return [m for m in result if not m.startswith("patchcore")]
 
 
 def run_category(cat: str, folders: dict[str, Path], out: Path, log, presets: dict[str, str] = PRESETS,
-                 lsr_taps: tuple[str, ...] = (), lsr_margins: tuple[int, ...] = ()) -> dict[str, Any]:
+                 lsr_taps: tuple[str, ...] = (), lsr_margins: tuple[int, ...] = (),
+                 posteriors: tuple[float, ...] = (), reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every row of one category. ``reuse``: the earlier run's results of this category
+    (``--reuse``), or None to train every run folder afresh."""
     result: dict[str, Any] = {}
+    paths = [s.path for s in scan_mvtec(folders["test"]).test]
+    variants = posterior_rows(posteriors)
     for mode, (preset, overrides) in modes(presets, lsr_taps, lsr_margins).items():
         run = out / "runs" / mode / cat
         cfg = lsr.preset(preset, in_channels=1).with_overrides(overrides)
-        log(f"[{cat}] training lsr ({mode}, preset {preset}, {overrides or 'no overrides'})")
-        t0 = time.perf_counter()
-        lsr.train(folders["test"], run, cfg, device="cpu", progress=False, log=lambda *_: None)
-        train_s = time.perf_counter() - t0
-        entry: dict[str, Any] = {"train_s": train_s, "preset": preset}
-        for split in ("val", "test"):
-            entry[split] = lsr.evaluate(run, folders[split], out / "eval" / mode / split / cat, device="cpu",
-                                        progress=False, report_rows=6, reference_from="good")
-        paths = [s.path for s in scan_mvtec(folders["test"]).test]
-        entry["ms_per_image"] = detection_ms(run, paths)
+        if reuse is not None and reusable(run, cfg, folders["test"]):
+            train_s = reuse.get(mode, {}).get("train_s", float("nan"))
+            log(f"[{cat}] reusing the trained run {run} ({mode}; trained in {train_s:.0f} s)")
+        else:
+            log(f"[{cat}] training lsr ({mode}, preset {preset}, {overrides or 'no overrides'})")
+            t0 = time.perf_counter()
+            lsr.train(folders["test"], run, cfg, device="cpu", progress=False, log=lambda *_: None)
+            train_s = time.perf_counter() - t0
         calib = json.loads((run / "calibration.json").read_text())
-        entry["val_nll"], entry["uniform_nll"] = calib["val_nll"], calib["uniform_nll"]
-        result[mode] = entry
+        for name, options in [(mode, {})] + [(n, {"posterior": b}) for n, (m, b) in variants.items() if m == mode]:
+            if options:
+                log(f"[{cat}] {name}: the {mode} run with {options}")
+            entry: dict[str, Any] = {"train_s": train_s, "preset": preset, "options": options}
+            for split in ("val", "test"):
+                entry[split] = lsr.evaluate(run, folders[split], out / "eval" / name / split / cat, device="cpu",
+                                            progress=False, report_rows=6, reference_from="good", **options)
+            entry["ms_per_image"] = detection_ms(run, paths, **options)
+            entry["val_nll"], entry["uniform_nll"] = calib["val_nll"], calib["uniform_nll"]
+            result[name] = entry
     fcfg = lsr.preset(presets["features"]).vqvae
     for name, taps in patchcore_taps(presets["features"]).items():
         log(f"[{cat}] {name} (backbone taps {taps})")
@@ -270,7 +308,9 @@ def kind_table(results: dict[str, Any], split: str) -> dict[str, dict[str, dict[
     image AUROC, pixel AUROC and AUPRO for the rows of ``KIND_ROWS``: which defects each method
     finds at all."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for label, mode, method in KIND_ROWS:
+    first = next(iter(results.values()), {})
+    extra = tuple((f"lsr {m.replace('-posterior', ' posterior ')}", m, "lsr") for m in first if "-posterior" in m)
+    for label, mode, method in KIND_ROWS + extra:
         per: dict[str, list[dict[str, float]]] = {}
         for r in results.values():
             if (mode or method) not in r:
@@ -328,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lsr-taps", nargs="+", default=[], choices=BACKBONE_TAPS, metavar="TAPS",
                    help=f"also train lsr (features) with these backbone taps, rows features-taps<T> "
                         f"(choices {', '.join(BACKBONE_TAPS)})")
+    p.add_argument("--lsr-posterior", nargs="+", default=[], type=float, metavar="B",
+                   help="also evaluate the features and pixels runs with the posterior draw of this strength "
+                        "(detect.posterior), rows features-posterior<B> and pixels-posterior<B> (no training)")
+    p.add_argument("--reuse", action="store_true", help="take the finished run folders of an earlier benchmark "
+                   "in --out as they are (same configuration and images) instead of training them again")
     p.add_argument("--lsr-margin", nargs="+", default=[], type=int, metavar="PX",
                    help="also train lsr (features) with these backbone margins (vqvae.backbone_margin), rows "
                         "features-margin<M>, and fit PatchCore with them, rows patchcore-margin<M>")
@@ -343,13 +388,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sizes, presets = SIZES, PRESETS
         folders = build_data(out / "data", tuple(a.categories))
+    earlier: dict[str, Any] = {}
+    if a.reuse:                                          # the earlier run's training seconds
+        for name in ("partial.json", "quality.json"):
+            try:
+                saved = json.loads((out / name).read_text())
+                earlier = saved.get("raw", saved) if name == "quality.json" else saved
+                break
+            except (OSError, ValueError):
+                continue
     results: dict[str, Any] = {}
     for cat in a.categories:
-        results[cat] = run_category(cat, folders[cat], out, log, presets, tuple(a.lsr_taps), tuple(a.lsr_margin))
+        results[cat] = run_category(cat, folders[cat], out, log, presets, tuple(a.lsr_taps), tuple(a.lsr_margin),
+                                    tuple(a.lsr_posterior), earlier.get(cat, {}) if a.reuse else None)
         write_json(out / "partial.json", results)
     chosen = {mode: choose_on_val(results, mode) for mode in lsr_modes(next(iter(results.values())))}
     summary = {"categories": a.categories, "sizes": sizes, "presets": presets, "smoke": a.smoke,
-               "lsr_taps": a.lsr_taps, "lsr_margin": a.lsr_margin, "chosen_on_val": chosen,
+               "lsr_taps": a.lsr_taps, "lsr_margin": a.lsr_margin, "lsr_posterior": a.lsr_posterior,
+               "reused_runs": a.reuse, "chosen_on_val": chosen,
                "val": tables(results, "val", chosen), "test": tables(results, "test", chosen),
                "test_per_defect_kind": kind_table(results, "test"),
                "timing": {c: timing(r) for c, r in results.items()},
