@@ -144,16 +144,24 @@ def load_run(run: str | os.PathLike) -> tuple[RunConfig, VQVAE, PixelSNAIL]:
     return config, vqvae, prior
 
 
-def _scale_from_split(config: RunConfig, vqvae: VQVAE, run: Path) -> RunConfig:
-    """``config`` with ``detect.posterior_scale`` measured on the held-out normal images of
-    the run's split.json (as training measures it), when they are still there; else as it is."""
+def held_out_images(run: str | os.PathLike, channels: int, size: int) -> Tensor | None:
+    """The held-out normal images listed in the run's split.json (never test images), at the
+    model's channels and size, or None when the list or any of its files is gone."""
     try:
-        val = [Path(p) for p in read_json(run / "split.json")["val"]]
+        val = [Path(p) for p in read_json(Path(run) / "split.json")["val"]]
     except (OSError, ValueError, KeyError, TypeError):
-        return config
+        return None
     if not val or not all(p.is_file() for p in val):
+        return None
+    return torch.from_numpy(load_images(val, channels, size))
+
+
+def _scale_from_split(config: RunConfig, vqvae: VQVAE, run: Path) -> RunConfig:
+    """``config`` with ``detect.posterior_scale`` measured on the run's held-out normal images
+    (as training measures it), when they are still there; else as it is."""
+    x = held_out_images(run, config.vqvae.in_channels, config.vqvae.image_size)
+    if x is None:
         return config
-    x = torch.from_numpy(load_images(val, config.vqvae.in_channels, config.vqvae.image_size))
     return dataclasses.replace(config, detect=dataclasses.replace(
         config.detect, posterior_scale=held_out_posterior_scale(vqvae, x)))
 
@@ -346,13 +354,10 @@ def with_held_out_stats(det: "Detector", run: str | os.PathLike) -> "Detector":
     d = det.config.detect
     if all(getattr(d, k) is not None for k in HELD_OUT_FIELDS):
         return det
-    try:
-        val = [Path(p) for p in read_json(Path(run) / "split.json")["val"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    x = held_out_images(run, det.channels, det.image_size)
+    if x is None:
         return det
-    if not val or not all(p.is_file() for p in val):
-        return det
-    stats = score_stats(det, torch.from_numpy(load_images(val, det.channels, det.image_size)))
+    stats = score_stats(det, x)
     det.config = apply_held_out(det.config, stats)
     return det
 

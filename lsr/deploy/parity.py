@@ -318,7 +318,7 @@ def check_bundle(bundle: str | os.PathLike | Bundle, run: str | os.PathLike | No
     # the bundle's held-out statistics (set for its settings at export) on the PyTorch side too
     det.config = dataclasses.replace(det.config, detect=dataclasses.replace(
         det.config.detect, **{k: b.detect.get(k) for k in HELD_OUT_STATS},
-        **({"posterior_scale": b.detect["posterior_scale"]} if b.detect.get("posterior_scale") is not None else {})))
+        posterior_scale=b.detect.get("posterior_scale") or det.config.detect.posterior_scale))
     if (det.image_size, det.channels) != (b.image_size, b.channels):
         raise BundleError(f"{b.root / 'bundle.json'}: bundle is for ({b.channels}, {b.image_size}) images, "
                           f"run {run} for ({det.channels}, {det.image_size})")

@@ -193,7 +193,7 @@ class TorchScriptRunner:
         self.providers = [f"torch.jit ({self.device})"]
         self.active_providers = self.providers
         self.modules: dict[str, Any] = {}
-        for name in GRAPHS + tuple(g for g in ("code_distances",) if g in bundle.graphs):
+        for name in GRAPHS + (("code_distances",) if "code_distances" in bundle.graphs else ()):
             self.modules[name] = self._load(bundle.graphs[name])
         self._prefer_native_prior()
 
