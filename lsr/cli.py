@@ -422,7 +422,8 @@ def build_export_parser() -> argparse.ArgumentParser:
     g.add_argument("--pool", type=int)
     g.add_argument("--gate-dilate", type=int)
     g.add_argument("--weighting", choices=WEIGHTINGS)
-    g.add_argument("--posterior", type=float, help="only 0 exports (a bundle draws from the prior alone)")
+    g.add_argument("--posterior", type=float, help="the posterior draw's strength (> 0 writes a version-4 bundle "
+                   "with a code_distances graph; 0 draws from the prior alone)")
     return p
 
 
