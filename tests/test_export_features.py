@@ -44,7 +44,9 @@ def test_feature_bundle_metadata(feature_bundles, tiny_feature_run):
         m = b.meta["model"]
         assert m["space"] == "features" and m["backbone"] == "efficientnet_lite0"
         assert (m["seen_channels"], m["seen_size"]) == (152, cfg["vqvae"]["image_size"] // 8)
-        assert b.meta["detect"]["score"] == cfg["detect"]["score"] == "fused"
+        assert b.meta["detect"]["score"] == cfg["detect"]["score"] == "pooled_max"
+        assert b.meta["detect"]["posterior"] == cfg["detect"]["posterior"] == 2.0      # the preset's draw
+        assert b.meta["bundle_version"] == 4 and "code_distances" in b.meta["graphs"]
         for k in ("score_mean", "score_std", "nll_mean", "nll_std"):
             assert b.meta["detect"][k] == cfg["detect"][k] is not None, k
         assert b.meta["parity"]["passed"] and b.meta["parity"]["n_resampled"] + b.meta["parity"]["n_resampled_loop"] > 0

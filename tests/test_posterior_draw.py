@@ -58,7 +58,7 @@ def test_training_sets_the_scale_and_old_runs_get_it_from_split(tiny_feature_run
     cfg = json.loads((tiny_feature_run / "config.json").read_text())
     calib = json.loads((tiny_feature_run / "calibration.json").read_text())
     s = cfg["detect"]["posterior_scale"]
-    assert s > 0 and s == calib["posterior_scale"] and cfg["detect"]["posterior"] == 0.0
+    assert s > 0 and s == calib["posterior_scale"] and cfg["detect"]["posterior"] == 2.0     # the preset's
     det = lsr.Detector.load(tiny_feature_run, "cpu")
     val = [p for p in json.loads((tiny_feature_run / "split.json").read_text())["val"]]
     x = torch.from_numpy(lsr.data.load_images(val, det.channels, det.image_size))
@@ -79,7 +79,7 @@ def test_training_sets_the_scale_and_old_runs_get_it_from_split(tiny_feature_run
 
 @needs_backbone
 def test_loops_identical_with_the_posterior_draw_and_its_limits(tiny_feature_run, tiny_dataset):
-    base = lsr.Detector.load(tiny_feature_run, "cpu").with_options(tau=0.3)      # many codes flagged
+    base = lsr.Detector.load(tiny_feature_run, "cpu").with_options(tau=0.3, posterior=0.0)  # many codes flagged
     x, _ = base.load_batch([s.path for s in lsr.data.scan_mvtec(tiny_dataset).test[:4]])
     det = base.with_options(posterior=1.0)
     res = {r: det.with_options(resampler=r).detect(x) for r in ("naive", "fast", "native")}
@@ -102,11 +102,12 @@ def test_loops_identical_with_the_posterior_draw_and_its_limits(tiny_feature_run
 @needs_backbone
 def test_posterior_drops_held_out_stats_and_cli_checks_it(tiny_feature_run, tiny_dataset, tmp_path, capsys):
     det = lsr.Detector.load(tiny_feature_run, "cpu")
-    assert det.with_options(posterior=2.0).config.detect.score_mean is None       # the score changes
-    assert det.with_options(posterior=2.0).config.detect.posterior_scale == det.config.detect.posterior_scale
+    assert det.config.detect.posterior == 2.0 and det.config.detect.score_mean is not None
+    assert det.with_options(posterior=1.0).config.detect.score_mean is None       # the score changes
+    assert det.with_options(posterior=1.0).config.detect.posterior_scale == det.config.detect.posterior_scale
     imgs = sorted((tiny_dataset / "test" / "hole").glob("*.png"))
     assert main(["detect", str(tiny_feature_run), *map(str, imgs), "--out", str(tmp_path / "d"), "--no-progress",
-                 "--posterior", "2"]) == 0
+                 "--posterior", "1"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "d" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len(imgs) and isinstance(rows[0]["fused_score"], float)
     assert main(["detect", str(tiny_feature_run), str(imgs[0]), "--out", str(tmp_path / "e"), "--posterior", "-1"]) == 2
@@ -151,7 +152,8 @@ def test_bundles_draw_from_the_posterior_like_the_run(tiny_feature_run, tiny_dat
 @needs_backbone
 def test_a_prior_draw_bundle_stays_version_3(tiny_feature_run, tmp_path):
     pytest.importorskip("onnxruntime")
-    assert export_main([str(tiny_feature_run), "--format", "onnx", "--out", str(tmp_path / "b"), "--no-check"]) == 0
+    assert export_main([str(tiny_feature_run), "--format", "onnx", "--out", str(tmp_path / "b"), "--no-check",
+                        "--posterior", "0"]) == 0
     meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
     assert meta["bundle_version"] == 3 and meta["detect"]["posterior"] == 0.0 and "code_distances" not in meta["graphs"]
     # a bundle written before the posterior draw (no such key) draws from the prior
