@@ -23,42 +23,47 @@ def _load():
     return mod
 
 
-def _met(aupro, auroc_max):
+def _met(aupro, auroc_max, direct_best="topk_mean"):
     methods = {m: {"aupro": aupro.get(m, 0.1), "image_auroc": 0.5} for m in ("restored_vs_input",
                                                                               "restored_vs_direct", "gated")}
     methods["nll"] = {"image_auroc": 0.4}
     kinds = {m: {k: {"image_auroc": auroc_max if (m, k) == ("gated", "pooled_max") else 0.5} for k in
                  ("max", "topk_mean", "pooled_max")} for m in ("restored_vs_input", "restored_vs_direct", "gated")}
+    kinds["direct"] = {k: {"image_auroc": 0.8 if k == direct_best else 0.6} for k in ("max", "topk_mean", "pooled_max")}
     return {"methods": methods, "image_score_kinds": kinds}
 
 
 def test_choice_reads_the_validation_split_only():
     run = _load()
     # val says gated / pooled_max; test would say otherwise: the choice must follow val
-    results = {c: {"features": {"val": _met({"gated": 0.9}, 0.9), "test": _met({"restored_vs_input": 0.99}, 0.1)}}
+    results = {c: {"features": {"val": _met({"gated": 0.9}, 0.9),
+                                "test": _met({"restored_vs_input": 0.99}, 0.1, direct_best="max")}}
                for c in ("a", "b")}
+    # the direct baseline's image score is chosen on val too (the same freedom as lsr's)
     assert run.choose_on_val(results, "features") == {"map": "gated", "score_map": "gated",
-                                                      "score_kind": "pooled_max"}
+                                                      "score_kind": "pooled_max", "direct_score_kind": "topk_mean"}
 
 
 def test_smoke_run_writes_every_row(tmp_path):
     run = _load()
     assert run.main(["--out", str(tmp_path), "--smoke", "--categories", "weave", "--lsr-taps", "4",
-                     "--lsr-margin", "16", "--lsr-posterior", "2"]) == 0
+                     "--lsr-margin", "16", "--lsr-posterior", "0", "2"]) == 0
     q = json.loads((tmp_path / "quality.json").read_text())
     assert q["smoke"] and q["categories"] == ["weave"]
     for split in ("val", "test"):
         rows = q[split]["mean"]
         for name in ("lsr-features gated", "lsr-pixels restored_vs_input", "direct (features)", "direct (pixels)",
-                     "patchcore", "lsr-features (chosen on val)",
+                     "patchcore", "lsr-features (chosen on val)", "direct (features) (score chosen on val)",
+                     "direct (pixels) (score chosen on val)",
                      # other backbone taps, side by side (the feature presets use 8+16)
                      "lsr-features-taps4 restored_vs_input", "direct (features-taps4)", "patchcore-taps8",
                      "patchcore-taps4", "patchcore-taps4+8", "lsr-features-taps4 (chosen on val)",
                          # a reflected backbone border, lsr and the peer
                          "lsr-features-margin16 restored_vs_input", "patchcore-margin16",
-                         # the posterior draw: the same runs, another detect option
-                         "lsr-features-posterior2 restored_vs_input", "lsr-pixels-posterior2 gated",
-                         "lsr-features-posterior2 (chosen on val)"):
+                         # the draw: the same runs, another detect option (each mode's preset's own
+                         # strength has no extra row: features draw at 2, pixels at 0)
+                         "lsr-features-posterior0 restored_vs_input", "lsr-pixels-posterior2 gated",
+                         "lsr-features-posterior0 (chosen on val)"):
             assert 0.0 <= rows[name]["pixel_auroc"] <= 1.0, (split, name)
     raw = q["raw"]["weave"]
     assert raw["features"]["preset"] == raw["features-taps4"]["preset"] == "tiny-features"
@@ -67,11 +72,17 @@ def test_smoke_run_writes_every_row(tmp_path):
     kinds = q["test_per_defect_kind"]
     assert set(kinds) == {"lsr features (default)", "direct (features)", "lsr features taps 4",
                           "direct (features taps 4)", "lsr pixels", "patchcore", "patchcore-taps8", "patchcore-taps4",
-                          "lsr features posterior 2", "lsr pixels posterior 2"}
-    post = raw["features-posterior2"]
-    assert post["options"] == {"posterior": 2.0} and post["train_s"] == raw["features"]["train_s"]
+                          "lsr features posterior 0", "lsr pixels posterior 2"}
+    assert "features-posterior2" not in raw and "pixels-posterior0" not in raw
+    post = raw["features-posterior0"]
+    assert post["options"] == {"posterior": 0.0} and post["train_s"] == raw["features"]["train_s"]
     # the direct baseline does not depend on the draw
     assert post["test"]["methods"]["direct"] == raw["features"]["test"]["methods"]["direct"]
+    # its row with the val-chosen score kind: the map's columns of the direct row, that kind's image AUROC
+    k = q["chosen_on_val"]["features"]["direct_score_kind"]
+    chosen = q["test"]["per_category"]["direct (features) (score chosen on val)"]["weave"]
+    assert chosen["image_auroc"] == raw["features"]["test"]["image_score_kinds"]["direct"][k]["image_auroc"]
+    assert chosen["aupro"] == raw["features"]["test"]["methods"]["direct"]["aupro"]
     assert all(set(t) == {"hole", "smudge"} for t in kinds.values())
     assert kinds["direct (features)"]["hole"] == {
         c: raw["features"]["test"]["methods"]["direct"]["per_defect"]["hole"][c]

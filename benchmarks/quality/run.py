@@ -22,7 +22,9 @@ taps and with each other backbone taps setting (``patchcore-taps8``, ``-taps4``,
 with that reflected backbone margin (and fits PatchCore with it, ``patchcore-margin32``);
 ``--lsr-posterior 1 2 ...`` evaluates the trained ``features`` and ``pixels`` runs again with
 the posterior draw at each strength (``detect.posterior``; rows ``features-posterior<B>``,
-``pixels-posterior<B>``: detection options only, no training of their own). ``--reuse`` takes
+``pixels-posterior<B>``: detection options only, no training of their own; none where the
+mode's preset draws at B already, so ``--lsr-posterior 0`` is the feature runs' prior draw;
+the direct baseline's image score kind is chosen on validation as ``lsr``'s is). ``--reuse`` takes
 finished run folders of an earlier benchmark in OUT as they are (same configuration and
 images; their training seconds from that run's ``partial.json``) instead of training again.
 A table per defect kind shows which defects each method finds. Metrics: image
@@ -168,9 +170,12 @@ def modes(presets: dict[str, str], lsr_taps: tuple[str, ...] = (),
     return out
 
 
-def posterior_rows(strengths: tuple[float, ...]) -> dict[str, tuple[str, float]]:
-    """The rows of ``--lsr-posterior``: name -> (the trained mode it re-evaluates, strength)."""
-    return {f"{mode}-posterior{b:g}": (mode, float(b)) for b in strengths if b > 0 for mode in ("features", "pixels")}
+def posterior_rows(strengths: tuple[float, ...], presets: dict[str, str] = PRESETS) -> dict[str, tuple[str, float]]:
+    """The rows of ``--lsr-posterior``: name -> (the trained mode it re-evaluates, strength),
+    for each strength other than the mode's preset's own (0 gives the feature runs' prior-draw
+    row since the feature presets draw from the posterior)."""
+    return {f"{mode}-posterior{b:g}": (mode, float(b)) for b in strengths for mode in ("features", "pixels")
+            if float(b) != lsr.preset(presets[mode]).detect.posterior}
 
 
 def reusable(run: Path, cfg, data: Path) -> bool:
@@ -200,7 +205,7 @@ def run_category(cat: str, folders: dict[str, Path], out: Path, log, presets: di
     (``--reuse``), or None to train every run folder afresh."""
     result: dict[str, Any] = {}
     paths = [s.path for s in scan_mvtec(folders["test"]).test]
-    variants = posterior_rows(posteriors)
+    variants = posterior_rows(posteriors, presets)
     for mode, (preset, overrides) in modes(presets, lsr_taps, lsr_margins).items():
         run = out / "runs" / mode / cat
         cfg = lsr.preset(preset, in_channels=1).with_overrides(overrides)
@@ -247,7 +252,10 @@ def mean_rows(rows: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def choose_on_val(results: dict[str, Any], mode: str) -> dict[str, str]:
     """Map and image score of ``mode`` with the best mean over categories on the
-    validation split: the map by AUPRO, the image score by image AUROC."""
+    validation split: the map by AUPRO, the image score by image AUROC; and the direct
+    baseline's image score kind, chosen the same way, so that the two rows compare the
+    maps under equal freedom (until 2026-12-06 the direct row kept the run's configured
+    score, which favoured ``lsr`` on image AUROC)."""
     cats = list(results)
     best_map = max(MAPS, key=lambda m: np.mean([results[c][mode]["val"]["methods"][m]["aupro"] for c in cats]))
     cands = [(m, k) for m in MAPS for k in SCORES] + [("nll", None), ("fused", None)]
@@ -264,7 +272,10 @@ def choose_on_val(results: dict[str, Any], mode: str) -> dict[str, str]:
         return float(np.nanmean(vals))
 
     best_score = max(cands, key=val_auroc)
-    return {"map": best_map, "score_map": best_score[0], "score_kind": best_score[1] or best_score[0]}
+    # the direct baseline gets the same freedom for its image score (its map is fixed)
+    direct_kind = max(SCORES, key=lambda k: val_auroc(("direct", k)))
+    return {"map": best_map, "score_map": best_score[0], "score_kind": best_score[1] or best_score[0],
+            "direct_score_kind": direct_kind}
 
 
 def tables(results: dict[str, Any], split: str, chosen: dict[str, dict[str, str]]) -> dict[str, Any]:
@@ -288,6 +299,9 @@ def tables(results: dict[str, Any], split: str, chosen: dict[str, dict[str, str]
             else:
                 best.update(image_metrics_of(met, ch["score_map"]))
             per.setdefault(f"lsr-{mode} (chosen on val)", {})[c] = best
+            if "direct_score_kind" in ch:
+                per.setdefault(f"direct ({mode}) (score chosen on val)", {})[c] = row(met, "direct",
+                                                                                       ch["direct_score_kind"])
         for name in (m for m in r if m.startswith("patchcore")):
             per.setdefault(name, {})[c] = r[name][split]
     return {"mean": {k: mean_rows(v) for k, v in per.items()}, "per_category": per}
@@ -370,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(choices {', '.join(BACKBONE_TAPS)})")
     p.add_argument("--lsr-posterior", nargs="+", default=[], type=float, metavar="B",
                    help="also evaluate the features and pixels runs with the posterior draw of this strength "
-                        "(detect.posterior), rows features-posterior<B> and pixels-posterior<B> (no training)")
+                        "(detect.posterior), rows features-posterior<B> and pixels-posterior<B> (no training; "
+                        "none for a mode whose preset draws at B already: 0 gives the features' prior draw)")
     p.add_argument("--reuse", action="store_true", help="take the finished run folders of an earlier benchmark "
                    "in --out as they are (same configuration and images) instead of training them again")
     p.add_argument("--lsr-margin", nargs="+", default=[], type=int, metavar="PX",
