@@ -50,7 +50,8 @@ def _add_detect_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate-dilate", type=int, help="cells the resampled-code mask of --map gated is dilated by")
     g.add_argument("--weighting", choices=WEIGHTINGS, help="how --restorations are combined")
     g.add_argument("--posterior", type=float, help="draw resampled codes from the prior times "
-                   "exp(-POSTERIOR * distance to the encoder's output / scale): 0 is the prior alone (the paper)")
+                   "exp(-POSTERIOR * distance to the encoder's output / scale): 0 is the prior alone (the paper); "
+                   "default: the run's (2 for the feature presets, 0 for the pixel ones)")
     g.add_argument("--false-alarm-rate", type=float, help="image threshold for this rate of good images "
                    "flagged (set again on the run's held-out normal images; default: the run's, 0.01)")
     g.add_argument("--pixel-fpr", type=float, help="pixel threshold for this per-pixel false-positive rate "
@@ -423,7 +424,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     g.add_argument("--gate-dilate", type=int)
     g.add_argument("--weighting", choices=WEIGHTINGS)
     g.add_argument("--posterior", type=float, help="the posterior draw's strength (> 0 writes a version-4 bundle "
-                   "with a code_distances graph; 0 draws from the prior alone)")
+                   "with a code_distances graph; 0 draws from the prior alone; default: the run's)")
     return p
 
 
