@@ -19,7 +19,10 @@ Definition. x is the test image, r the reference, both (C, S, S) at the model's 
    resampling chains of both use the *test image's* noise ids (``chain_seed(seed, id, k)``
    for restoration k), so where x and r' have the same codes and the same likelihoods they
    draw the same codes: what the VQ-VAE and the prior do to a normal image happens to both
-   and cancels.
+   and cancels. With the posterior draw (``detect.posterior`` > 0, the feature presets'
+   default) each side adds its own closeness term (its own encoder output), so the two
+   draws agree only where the encoder outputs are close too: the cancellation is no longer
+   exact.
 3. **Map**: D = mean over the n restorations of smooth(d(x_r, r'_r)), where x_r and r'_r are
    what is decoded from each one's resampled codes in the run's space (pixels, or normalised
    features bilinearly upsampled from stride 8 as every map in feature space), d is the run's

@@ -77,9 +77,10 @@ def test_feature_bundle_equals_pytorch(feature_bundles, tiny_feature_run, tiny_d
                       "direct_score", "direct", "restored", "likelihood"):
                 np.testing.assert_allclose(getattr(got, f), getattr(want, f).numpy(), atol=2e-4, err_msg=f)
             np.testing.assert_allclose(got.nll_score, want.nll_score.numpy(), rtol=1e-4)
+            # the configured score (the preset's pooled max of the map) needs no statistics
+            assert np.isfinite(got.score).all()
+            np.testing.assert_allclose(got.score, want.score.numpy(), atol=2e-4)
             if tau is None:               # the exported held-out statistics: the fused score
-                assert np.isfinite(got.score).all()
-                np.testing.assert_allclose(got.score, want.score.numpy(), atol=2e-3)
                 np.testing.assert_allclose(got.fused_score, want.fused_score.numpy(), atol=2e-3)
             else:                         # another tau: no statistics on either side (as Detector.with_options)
                 assert np.isnan(got.fused_score).all() and torch.isnan(want.fused_score).all()

@@ -101,6 +101,13 @@ def test_smoke_run_writes_every_row(tmp_path):
     assert again["reused_runs"] and again["raw"]["weave"]["features"]["train_s"] == raw["features"]["train_s"]
     assert (again["raw"]["weave"]["features"]["test"]["methods"]["lsr"]
             == raw["features"]["test"]["methods"]["lsr"])
+    # a run trained under other detection defaults (say, the prior draw) is not reused
+    import lsr as _lsr
+    folder, data = tmp_path / "runs" / "features" / "weave", tmp_path / "data" / "test" / "weave"
+    cfg = _lsr.preset("tiny-features", in_channels=1)
+    assert run.reusable(folder, cfg, data)
+    assert not run.reusable(folder, cfg.with_overrides({"detect.posterior": 0.0}), data)
+    assert not run.reusable(folder, cfg.with_overrides({"detect.score": "fused"}), data)
     # the likelihood-map ablation reads the same runs; its map A is the evaluation's lsr map
     spec = importlib.util.spec_from_file_location("quality_likelihood_map", HERE / "likelihood_map.py")
     lm = importlib.util.module_from_spec(spec)

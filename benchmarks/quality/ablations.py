@@ -44,7 +44,8 @@ SETTINGS = (
     ("pixels", "msgms distance", {"distance": "msgms"}),
     ("pixels", "ssim distance", {"distance": "ssim"}),
 )
-#: "lsr": the configured map and image score (the preset's: ``fused``), then each map's own max
+#: "lsr": the configured map and image score (the preset's: ``fused`` until 2026-12-06, then the
+#: pooled max of the map), then each map's own max
 MAPS = ("lsr", "restored_vs_input", "restored_vs_direct", "gated", "direct")
 
 

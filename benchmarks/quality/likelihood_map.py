@@ -14,7 +14,7 @@ its 21 x 21 pooled max, pixel AUROC, AUPRO, pixel F1-max):
   deviation of the held-out normal training images' maps (split.json), then summed;
 * ``B gated d``: the direct map where codes were resampled (mask dilated by d cells).
 
-Image scores beside them: the configured ``fused`` score and ``z(max B) + z(NLL)`` (each
+Image scores beside them: the ``fused`` score and ``z(max B) + z(NLL)`` (each
 standardised on the held-out normal images). Writes ``OUT/likelihood_map_<split>_<mode>.json``.
 """
 from __future__ import annotations

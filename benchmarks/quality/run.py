@@ -34,6 +34,7 @@ image (batch 1, measured separately). Writes ``OUT/quality.json`` and prints the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -187,8 +188,14 @@ def reusable(run: Path, cfg, data: Path) -> bool:
 
     try:
         manifest = read_manifest(run)
+        saved = read_json(run / "config.json")
+        # the detection settings too (not the values calibration sets): a run trained under
+        # another preset default (say, the prior draw and the fused score) would give its rows
+        # under another name
+        want = {k: v for k, v in dataclasses.asdict(cfg.detect).items() if v is not None}
+        same_detect = all(saved.get("detect", {}).get(k) == v for k, v in want.items())
         return (bool(manifest and manifest.get("finished"))
-                and config_matches(read_json(run / "config.json"), cfg)
+                and config_matches(saved, cfg) and same_detect
                 and manifest.get("data", {}).get("sha256") == data_fingerprint(train_images(data))["sha256"])
     except (OSError, ValueError):
         return False
@@ -254,8 +261,8 @@ def choose_on_val(results: dict[str, Any], mode: str) -> dict[str, str]:
     """Map and image score of ``mode`` with the best mean over categories on the
     validation split: the map by AUPRO, the image score by image AUROC; and the direct
     baseline's image score kind, chosen the same way, so that the two rows compare the
-    maps under equal freedom (until 2026-12-06 the direct row kept the run's configured
-    score, which favoured ``lsr`` on image AUROC)."""
+    maps under equal freedom (the row ``direct (<mode>)`` keeps the run's configured score;
+    until 2026-12-06 it was the only direct row, which favoured ``lsr`` on image AUROC)."""
     cats = list(results)
     best_map = max(MAPS, key=lambda m: np.mean([results[c][mode]["val"]["methods"][m]["aupro"] for c in cats]))
     cands = [(m, k) for m in MAPS for k in SCORES] + [("nll", None), ("fused", None)]
