@@ -150,3 +150,11 @@ def test_training_size_run_shares_images_and_reports_each_size(tmp_path):
     assert ev[0] == ev[1] and ev[0]
     for rel in ev[0]:
         assert (tmp_path / "data-8" / rel).read_bytes() == (tmp_path / "data-12" / rel).read_bytes()
+
+
+def test_a_bad_posterior_strength_is_refused_before_any_work(tmp_path, capsys):
+    run = _load()
+    with pytest.raises(SystemExit) as e:
+        run.main(["--out", str(tmp_path / "q"), "--smoke", "--lsr-posterior", "-1"])
+    assert e.value.code == 2 and "--lsr-posterior" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

@@ -306,9 +306,7 @@ def tables(results: dict[str, Any], split: str, chosen: dict[str, dict[str, str]
             else:
                 best.update(image_metrics_of(met, ch["score_map"]))
             per.setdefault(f"lsr-{mode} (chosen on val)", {})[c] = best
-            if "direct_score_kind" in ch:
-                per.setdefault(f"direct ({mode}) (score chosen on val)", {})[c] = row(met, "direct",
-                                                                                       ch["direct_score_kind"])
+            per.setdefault(f"direct ({mode}) (score chosen on val)", {})[c] = row(met, "direct", ch["direct_score_kind"])
         for name in (m for m in r if m.startswith("patchcore")):
             per.setdefault(name, {})[c] = r[name][split]
     return {"mean": {k: mean_rows(v) for k, v in per.items()}, "per_category": per}
@@ -399,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train lsr (features) with these backbone margins (vqvae.backbone_margin), rows "
                         "features-margin<M>, and fit PatchCore with them, rows patchcore-margin<M>")
     a = p.parse_args(argv)
+    from lsr.config import ConfigError, check_value
+    try:                                                 # before any data is built or run trained
+        a.lsr_posterior = [check_value("detect.posterior", b, "--lsr-posterior") for b in a.lsr_posterior]
+    except ConfigError as e:
+        p.error(str(e))
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
